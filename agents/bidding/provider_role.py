@@ -1,0 +1,208 @@
+"""The bidding-provider role: answers calls for proposals with honest, binding offers.
+
+Decision steps, in order: capability check (the asset offers it), feasibility
+(the asset can do it now: a full warehouse cannot store), schedule (earliest
+start from product arrival, transport, setup and the timeline of holds and
+bookings), price (work time x cost rate). The offer holds its slot until it is
+accepted, rejected or expires; the protocol machine enforces the rest.
+
+On a virtual clock, calls that arrive at the same instant are answered in a
+fixed order (priority, product, step) once the plant is quiet, so a seeded run
+gives the same schedule every time.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Protocol
+
+from sqlmodel import select
+
+from agents.persistence.tables import ConversationRecord
+from agents.resource.timeline import Slot, Timeline
+from agents.runtime.role import Role
+from protocol.bidding.effects import Book, Evaluate, Release
+from protocol.bidding.provider import Provider, ProviderRounds, PState
+from protocol.elements import Bid
+from protocol.frame import Message, MessageType
+from protocol.topics import Channel, Topic, cfp_filter
+from shopfloor.asset import Asset, Job
+from shopfloor.transport import Distances
+
+
+class WorkOrders(Protocol):
+    """Where the provider reports holds and bookings (the resource's work queue)."""
+
+    def held(self, p: Provider, slot: Slot, bid: Bid) -> None: ...
+    def booked(self, p: Provider, slot: Slot) -> None: ...
+    def released(self, p: Provider, slot: Slot | None, *, booked: bool) -> None: ...
+
+
+def job_id(product: str, step: int) -> str:
+    return f"{product}/{step}"
+
+
+class BiddingProvider(Role):
+    def __init__(
+        self,
+        asset: Asset,
+        timeline: Timeline,
+        *,
+        distances: Distances,
+        cost_rates: dict[str, float] | None = None,
+        validity: float = 10.0,
+        orders: WorkOrders,
+    ) -> None:
+        self.asset = asset
+        self.timeline = timeline
+        self.distances = distances
+        self.cost_rates = cost_rates or {}
+        self.validity = validity
+        self.rounds = ProviderRounds()
+        self.orders = orders
+
+    def topic_filters(self) -> list[str]:
+        return [cfp_filter(self.agent.node.ns, c) for c in sorted(self.asset.capabilities())]
+
+    def accepts(self, msg: Message, topic: Topic) -> bool:
+        return topic.channel is Channel.CFP or self.rounds.route(msg) is not None
+
+    async def handle(self, msg: Message, topic: Topic) -> None:
+        now_ms = self.agent.now_ms()
+        existing = self.rounds.route(msg)
+        if existing is not None:
+            await self._apply(existing, existing.receive(msg, now_ms))
+            return
+        if msg.type is not MessageType.CALL_FOR_PROPOSAL:
+            return
+        p, effects = Provider.on_call(self.agent.aas_id, msg, now_ms)
+        if p is None:
+            await self.agent.carry_out(effects)
+            return
+        self.rounds.add(p)
+        if not any(isinstance(e, Evaluate) for e in effects):
+            await self._apply(p, effects)
+            return
+        await self._apply(p, [e for e in effects if not isinstance(e, Evaluate)])
+        if self.agent.clock.kind == "virtual":
+            c = p.call
+            self.agent.clock.call_at(
+                self.agent.now(),
+                lambda: self._evaluate(p),
+                order=("eval", c.priority, c.product, c.step, p.cfp_id),
+            )
+        else:
+            await self._evaluate(p)
+
+    async def _evaluate(self, p: Provider) -> None:
+        if p.state is not PState.EVALUATING:
+            return
+        now, now_ms = self.agent.now(), self.agent.now_ms()
+        call = p.call
+        capability = next((c for c in call.capabilities if c in self.asset.capabilities()), None)
+        if capability is None:
+            text = f"none of {call.capabilities} is offered here"
+            return await self._apply(p, p.refuse("capability", text, now_ms))
+        job = Job(job_id(call.product, call.step), capability, dict(call.parameters), call.product)
+        transport = self.distances.travel_time(call.location, self.asset.location)
+        ready = max(now, call.release + transport, self.asset.available_from(now))
+        last = self.timeline.last()
+        previous = last.capability if last else self.asset.last_capability
+        estimate = self.asset.estimate(job, previous_capability=previous)
+        if estimate is None:
+            return await self._apply(
+                p, p.refuse("infeasible", f"{self.asset.name} cannot do {job.job_id} now", now_ms)
+            )
+        start, setup = self.timeline.append_start(ready), estimate.setup
+        # A job with no setup may fill an earlier gap without moving anyone.
+        no_setup = self.asset.estimate(job, previous_capability=capability)
+        if no_setup is not None and no_setup.setup == 0 and setup == 0:
+            gap = self.timeline.gap_start(ready, estimate.duration)
+            if gap is not None and gap < start:
+                start = gap
+        duration = estimate.duration
+        end = start + setup + duration
+        if not self.asset.reserve(job):
+            return await self._apply(
+                p, p.refuse("capacity", f"{self.asset.name} has no room for {job.job_id}", now_ms)
+            )
+        rate = self.cost_rates.get(capability, self.asset.cost_rate)
+        valid_until = now + self.validity
+        if p.reply_by is not None:
+            valid_until = max(valid_until, self.agent.clock.from_epoch_ms(p.reply_by) + self.validity)
+        bid = Bid(
+            resource=self.agent.name,
+            capability=capability,
+            earliest_start=start,
+            completion=end,
+            duration=duration,
+            setup=setup,
+            transport=transport,
+            price=round((setup + duration) * rate, 6),
+            valid_until=valid_until,
+            location=self.asset.location,
+        )
+        slot = Slot(p.cfp_id, job.job_id, capability, ready, start, end, setup)
+        self.timeline.hold(slot)
+        self.orders.held(p, slot, bid)
+        await self._apply(p, p.propose(bid, self.agent.clock.epoch_ms(valid_until), now_ms))
+
+    async def _apply(self, p: Provider, effects: list[object]) -> None:
+        for e in effects:
+            if isinstance(e, Book):
+                slot = self.timeline.book(p.cfp_id)
+                if slot:
+                    self.orders.booked(p, slot)
+            elif isinstance(e, Release):
+                slot = self.timeline.release(p.cfp_id)
+                cap = slot.capability if slot else p.call.capability
+                self.asset.release(Job(job_id(p.call.product, p.call.step), cap, {}, p.call.product))
+                self.orders.released(p, slot, booked=e.booked)
+        self.persist(p)
+        await self.agent.carry_out(effects)
+        self.rounds.index(p)
+        key = p.cfp_id
+        self.agent.set_timer_ms(f"offer:{key}", p.deadline, lambda: self._tick(key))
+
+    async def _tick(self, key: str) -> None:
+        p = self.rounds.by_cfp.get(key)
+        if p is not None:
+            await self._apply(p, p.tick(self.agent.now_ms()))
+
+    async def complete_or_fail(self, p: Provider, effects: list[object]) -> None:
+        """Send the result of a booked step (called by the work queue)."""
+        await self._apply(p, effects)
+
+    def persist(self, p: Provider) -> None:
+        self.agent.node.journal.put(
+            ConversationRecord,
+            {
+                "agent": self.agent.name,
+                "key": p.cfp_id,
+                "role": "provider",
+                "conversation_id": p.conversation_id,
+                "state": p.state.value,
+                "terminal": p.done,
+                "snapshot": json.dumps(p.snapshot()),
+                "updated_sim": self.agent.now(),
+            },
+        )
+
+    async def recover(self) -> None:
+        with self.agent.node.db.session() as s:
+            rows = s.exec(
+                select(ConversationRecord).where(
+                    ConversationRecord.agent == self.agent.name, ConversationRecord.role == "provider"
+                )
+            ).all()
+        for row in rows:
+            self.rounds.add(Provider.restore(json.loads(row.snapshot)))
+
+    async def on_start(self) -> None:
+        """Re-arm the deadlines of open offers; an offer that lapsed while we were down is released."""
+        for p in self.rounds:
+            if p.state is PState.EVALUATING:
+                await self._evaluate(p)  # the call arrived but was not answered before the crash
+            elif p.deadline is not None:
+                key = p.cfp_id
+                self.agent.set_timer_ms(f"offer:{key}", p.deadline, lambda key=key: self._tick(key))

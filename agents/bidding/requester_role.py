@@ -1,0 +1,121 @@
+"""The bidding-request role: one `Requester` machine per step, persisted at every transition.
+
+The role owns the machines' lifecycle (start, feed, time out, persist, recover);
+what an outcome means for the product (document it, go on to the next step) is
+the listener's business.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Protocol
+
+from sqlmodel import select
+
+from agents.persistence.tables import ConversationRecord
+from agents.runtime.role import Role
+from protocol.bidding.requester import Requester, RequesterConfig, RState
+from protocol.elements import StepCall
+from protocol.frame import Message, new_id
+from protocol.selection import PriorityWeighted, SelectionPolicy
+from protocol.topics import Topic
+
+
+class OutcomeListener(Protocol):
+    async def on_outcome(self, requester: Requester, outcome: object) -> None: ...
+
+
+class BiddingRequester(Role):
+    def __init__(
+        self, config: RequesterConfig, listener: OutcomeListener, policy: SelectionPolicy | None = None
+    ) -> None:
+        self.config = config
+        self.listener = listener
+        self.policy = policy or PriorityWeighted()
+        self.machines: dict[str, Requester] = {}
+        self._recovered: list[str] = []  # conversations reloaded after a restart, resumed on start
+
+    def accepts(self, msg: Message, topic: Topic) -> bool:
+        return msg.conversation in self.machines
+
+    async def handle(self, msg: Message, topic: Topic) -> None:
+        r = self.machines[msg.conversation]
+        await self._step(r, r.receive(msg, self.agent.now_ms()))
+
+    async def request(self, call: StepCall) -> Requester:
+        """Start the bidding procedure for one step."""
+        expected = await self._bidders(call)
+        r = Requester(self.agent.aas_id, new_id(), call, expected, self.config, self.policy)
+        self.machines[r.conversation_id] = r
+        await self._step(r, r.start(self.agent.now_ms()))
+        return r
+
+    async def _step(self, r: Requester, effects: list[object]) -> None:
+        self._persist(r)  # staged before anything it implies is published
+        for outcome in await self.agent.carry_out(effects):
+            await self.listener.on_outcome(r, outcome)
+        conv = r.conversation_id
+        self.agent.set_timer_ms(f"req:{conv}", r.deadline, lambda: self._tick(conv))
+
+    async def _tick(self, conversation_id: str) -> None:
+        r = self.machines.get(conversation_id)
+        if r is None:
+            return
+        if r.state is RState.BACKOFF:
+            r.set_expected(await self._bidders(r.call))
+        effects = r.tick(self.agent.now_ms())
+        if effects:
+            await self._step(r, effects)
+        else:
+            self.agent.set_timer_ms(f"req:{conversation_id}", r.deadline, lambda: self._tick(conversation_id))
+
+    async def _bidders(self, call: StepCall) -> frozenset[str]:
+        found: frozenset[str] = frozenset()
+        for capability in call.capabilities:
+            found |= await self.agent.node.directory.bidders(capability)
+        return found
+
+    def _persist(self, r: Requester) -> None:
+        self.agent.node.journal.put(
+            ConversationRecord,
+            {
+                "agent": self.agent.name,
+                "key": r.conversation_id,
+                "role": "requester",
+                "conversation_id": r.conversation_id,
+                "state": r.state.value,
+                "terminal": r.done,
+                "snapshot": json.dumps(r.snapshot()),
+                "updated_sim": self.agent.now(),
+            },
+        )
+
+    async def recover(self) -> None:
+        with self.agent.node.db.session() as s:
+            rows = s.exec(
+                select(ConversationRecord).where(
+                    ConversationRecord.agent == self.agent.name, ConversationRecord.role == "requester"
+                )
+            ).all()
+        for row in rows:
+            r = Requester.restore(json.loads(row.snapshot), self.policy)
+            self.machines[r.conversation_id] = r
+            self._recovered.append(r.conversation_id)
+
+    async def on_start(self) -> None:
+        """Resume every open procedure at once: a due deadline re-bids, asks the winner, or calls again."""
+        now = self.agent.now_ms()
+        recovered, self._recovered = self._recovered, []
+        for r in (self.machines[c] for c in recovered):
+            if not r.done:
+                if r.state in (RState.AWARDING, RState.CONFIRMED):
+                    r.retries = 0  # a restart is not the provider's fault
+                r.deadline = now
+                conv = r.conversation_id
+                self.agent.set_timer_ms(f"req:{conv}", now, lambda conv=conv: self._tick(conv))
+
+    def open_for_step(self, step: int) -> Requester | None:
+        for r in self.machines.values():
+            if r.call.step == step and not r.done:
+                return r
+        return None

@@ -1,0 +1,98 @@
+"""Opening the run database and bringing its schema to the current version.
+
+SQLite by default (WAL mode: readers never block the single writer, and a
+commit is one fsync of the log), PostgreSQL by URL. The schema is created and
+upgraded by numbered steps recorded in `tb_schema_version`, so a database left by
+an older twinbid is upgraded in place and a newer one is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlmodel import Session, SQLModel, create_engine, select
+
+from agents.persistence import tables
+from agents.persistence.tables import SCHEMA_VERSION, SchemaVersion
+
+#: version -> upgrade step from the version before. Version 1 is the initial schema.
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {
+    1: lambda conn: SQLModel.metadata.create_all(conn),
+}
+
+
+class SchemaError(RuntimeError):
+    """The database was written by a newer twinbid."""
+
+
+@dataclass
+class Database:
+    url: str
+    engine: Engine
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.engine.dialect.name == "sqlite"
+
+    def session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def open_database(url: str, *, create: bool = True) -> Database:
+    """Open (and create or upgrade) the run database at `url`."""
+    _ = tables  # the table classes must be imported before create_all
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+    else:
+        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    db = Database(url, engine)
+    if create:
+        upgrade(db)
+    return db
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")  # durable at each checkpoint; WAL keeps commits atomic
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def schema_version(db: Database) -> int:
+    with db.session() as s:
+        try:
+            row = s.exec(select(SchemaVersion)).first()
+        except Exception:
+            return 0
+        return row.version if row else 0
+
+
+def upgrade(db: Database) -> int:
+    """Apply the missing schema steps; return the version now in force."""
+    SchemaVersion.__table__.create(db.engine, checkfirst=True)
+    current = schema_version(db)
+    if current > SCHEMA_VERSION:
+        raise SchemaError(f"database schema v{current} is newer than this twinbid (v{SCHEMA_VERSION})")
+    with db.engine.begin() as conn:
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            MIGRATIONS[version](conn)
+    if current != SCHEMA_VERSION:
+        with db.session() as s:
+            row = s.get(SchemaVersion, 1) or SchemaVersion(id=1, version=SCHEMA_VERSION)
+            row.version = SCHEMA_VERSION
+            s.add(row)
+            s.commit()
+    return SCHEMA_VERSION

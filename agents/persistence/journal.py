@@ -1,0 +1,169 @@
+"""Group commit: many agents' writes, one transaction, then their messages.
+
+The write-ahead rule (persist the state change before publishing the message
+that announces it) would cost one fsync per message if done naively. Instead,
+handlers stage rows here and hand over the messages to publish; a single
+writer thread commits everything staged so far in one transaction, and only
+then are that batch's messages released, in the order they were staged. While
+one batch is being written the next one fills, so durability costs latency of
+one commit, not throughput.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlmodel import SQLModel
+
+from agents.persistence.database import Database
+
+log = logging.getLogger(__name__)
+
+AfterCommit = Callable[[], Any]
+
+
+class Journal:
+    def __init__(self, db: Database, *, threaded: bool | None = None) -> None:
+        self.db = db
+        # A writer thread only pays off when the database is across a network: with SQLite the
+        # commit is sub-millisecond, and a thread would wait up to the GIL switch interval (5 ms)
+        # behind a busy event loop for every batch.
+        self.threaded = (not db.is_sqlite) if threaded is None else threaded
+        self._statements: dict[tuple, Any] = {}
+        self._upserts: dict[type[SQLModel], dict[tuple, dict[str, Any]]] = {}
+        self._inserts: dict[type[SQLModel], list[dict[str, Any]]] = {}
+        self._after: list[AfterCommit] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="journal")
+        self._waiters: list[asyncio.Future] = []
+        self.batches = 0
+        self.rows = 0
+        self.commit_seconds = 0.0
+        self.failed: BaseException | None = None
+
+    # --- staging (synchronous, from the event loop) ---------------------------------------------
+
+    def put(self, table: type[SQLModel], row: dict[str, Any]) -> None:
+        """Insert or replace the row with this primary key (the last put in a batch wins)."""
+        key = tuple(row[c.name] for c in table.__table__.primary_key.columns)
+        self._upserts.setdefault(table, {})[key] = row
+        self._kick()
+
+    def add(self, table: type[SQLModel], row: dict[str, Any]) -> None:
+        """Append a row (autoincrement keys, logs)."""
+        self._inserts.setdefault(table, []).append(row)
+        self._kick()
+
+    def after_commit(self, callback: AfterCommit) -> None:
+        """Run `callback` once everything staged so far is durable (publishing goes here)."""
+        self._after.append(callback)
+        self._kick()
+
+    async def commit(self) -> None:
+        """Wait until everything staged so far is durable."""
+        if not self._pending() and self._idle.is_set():
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        self._kick()
+        await fut
+
+    # --- the writer ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="journal")
+
+    async def close(self) -> None:
+        await self.commit()
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        self._executor.shutdown(wait=True)
+
+    def _pending(self) -> bool:
+        return bool(self._upserts or self._inserts or self._after or self._waiters)
+
+    def _kick(self) -> None:
+        self._idle.clear()
+        self._wake.set()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._pending():
+                self._idle.set()
+                continue
+            upserts, inserts, after, waiters = self._upserts, self._inserts, self._after, self._waiters
+            self._upserts, self._inserts, self._after, self._waiters = {}, {}, [], []
+            t0 = time.perf_counter()
+            try:
+                if self.threaded:
+                    await loop.run_in_executor(self._executor, self._write, upserts, inserts)
+                else:
+                    self._write(upserts, inserts)
+            except Exception as exc:
+                self.failed = exc
+                log.exception("journal commit failed; %d messages withheld", len(after))
+                for w in waiters:
+                    if not w.done():
+                        w.set_exception(exc)
+                continue
+            self.commit_seconds += time.perf_counter() - t0
+            self.batches += 1
+            for cb in after:
+                try:
+                    cb()
+                except Exception:
+                    log.exception("after-commit callback failed")
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+            if self._pending():
+                self._wake.set()
+            else:
+                self._idle.set()
+
+    def _upsert(self, table: type[SQLModel], columns: tuple[str, ...], ins: Any) -> Any:
+        """INSERT ... ON CONFLICT DO UPDATE for these columns, built once (SQLAlchemy compiles it once too)."""
+        key = (table, columns)
+        stmt = self._statements.get(key)
+        if stmt is None:
+            t = table.__table__
+            keys = [c.name for c in t.primary_key.columns]
+            stmt = ins(t)
+            cols = {c: stmt.excluded[c] for c in columns if c not in keys}
+            stmt = (
+                stmt.on_conflict_do_update(index_elements=keys, set_=cols)
+                if cols
+                else stmt.on_conflict_do_nothing()
+            )
+            self._statements[key] = stmt
+        return stmt
+
+    def _write(self, upserts: dict, inserts: dict) -> None:
+        dialect = self.db.engine.dialect.name
+        ins = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        with self.db.engine.begin() as conn:
+            for table, rows in upserts.items():
+                values = list(rows.values())
+                conn.execute(self._upsert(table, tuple(values[0]), ins), values)
+                self.rows += len(values)
+            for table, rows in inserts.items():
+                conn.execute(table.__table__.insert(), rows)
+                self.rows += len(rows)

@@ -1,0 +1,180 @@
+"""The run database: one table per kind of state, each row owned by one agent.
+
+Rows are keyed by the owning agent's short name first, so agents never write each
+other's rows and a restarted agent loads exactly what is its own. Snapshots of the
+bidding machines are stored as JSON: the machines define their own state.
+"""
+
+from __future__ import annotations
+
+from sqlmodel import Field, SQLModel
+
+SCHEMA_VERSION = 1
+
+
+class SchemaVersion(SQLModel, table=True):
+    __tablename__ = "tb_schema_version"
+    id: int = Field(default=1, primary_key=True)
+    version: int
+
+
+class InboxRecord(SQLModel, table=True):
+    """Every message an agent received, recorded before it is acted on (idempotency by messageId)."""
+
+    __tablename__ = "tb_inbox"
+    agent: str = Field(primary_key=True)
+    message_id: str = Field(primary_key=True)
+    conversation_id: str = Field(index=True)
+    type: str
+    sender: str
+    topic: str
+    received_wall_ms: int
+    received_sim: float
+    payload: str
+
+
+class OutboxRecord(SQLModel, table=True):
+    """Every message an agent decided to send, written before it is published."""
+
+    __tablename__ = "tb_outbox"
+    agent: str = Field(primary_key=True)
+    message_id: str = Field(primary_key=True)
+    seq: int = Field(index=True)  # publication order within the agent
+    conversation_id: str = Field(index=True)
+    type: str
+    topic: str
+    created_wall_ms: int
+    created_sim: float
+    payload: str
+    published: bool = False
+
+
+class ConversationRecord(SQLModel, table=True):
+    """The snapshot of one bidding state machine (requester per step, provider per call)."""
+
+    __tablename__ = "tb_conversation"
+    agent: str = Field(primary_key=True)
+    key: str = Field(primary_key=True)  # requester: conversation id; provider: call (cfp) id
+    role: str  # "requester" | "provider"
+    conversation_id: str = Field(index=True)
+    state: str
+    terminal: bool = False
+    snapshot: str
+    updated_sim: float
+
+
+class ProductRecord(SQLModel, table=True):
+    """A product instance: its order, where it stands, and its AAS (JSON) for recovery."""
+
+    __tablename__ = "tb_product"
+    product: str = Field(primary_key=True)
+    aas_id: str
+    product_type: str
+    priority: int
+    release: float
+    due: float | None = None
+    vendor: str | None = None
+    location: str
+    status: str  # accepted | running | completed | failed
+    reason: str = ""
+    accepted_sim: float
+    completed_sim: float | None = None
+    ready_at: float = 0.0  # when the product is free for its next step (last step's end)
+    shell: str  # the product's AAS environment as AAS JSON
+
+
+class StepRecord(SQLModel, table=True):
+    """One manufacturing step of one product, as the product twin sees it."""
+
+    __tablename__ = "tb_step"
+    product: str = Field(primary_key=True)
+    step: int = Field(primary_key=True)
+    capability: str
+    status: str  # pending | negotiating | scheduled | done | failed
+    conversation_id: str | None = None
+    resource: str | None = None
+    rounds: int = 0
+    cfp_sim: float | None = None
+    scheduled_start: float | None = None
+    scheduled_end: float | None = None
+    started: float | None = None
+    finished: float | None = None
+    price: float | None = None
+    reason: str = ""
+
+
+class DocumentationRecord(SQLModel, table=True):
+    """Mirror of one step's entry in the product's ProcessDocumentation submodel (AAS JSON)."""
+
+    __tablename__ = "tb_documentation"
+    product: str = Field(primary_key=True)
+    step: int = Field(primary_key=True)
+    part: str = Field(primary_key=True)  # "bidding" (by the product) | "execution" (by the resource)
+    author: str
+    element: str  # the SubmodelElementCollection as AAS JSON
+    writes: int = 1  # how many writes reached it (idempotent PUTs may repeat)
+
+
+class WorkOrderRecord(SQLModel, table=True):
+    """A resource's hold or work order for one step."""
+
+    __tablename__ = "tb_work_order"
+    resource: str = Field(primary_key=True)
+    job_id: str = Field(primary_key=True)  # "<product>/<step>/<cfp id>"
+    product: str = Field(index=True)
+    step: int
+    conversation_id: str
+    cfp_id: str
+    capability: str
+    state: str  # held | booked | running | done | failed | released
+    ready: float  # earliest instant the product can be here
+    start: float
+    end: float
+    setup: float
+    duration: float
+    transport: float
+    price: float
+    product_aas: str
+    priority: int
+    params: str = "{}"
+    started: float | None = None
+    finished: float | None = None
+
+
+class EventRecord(SQLModel, table=True):
+    """Progress events (accepted, step scheduled/completed, completed, failed)."""
+
+    __tablename__ = "tb_event"
+    id: int | None = Field(default=None, primary_key=True)
+    agent: str = Field(index=True)
+    kind: str
+    product: str | None = Field(default=None, index=True)
+    step: int | None = None
+    sim: float
+    wall_ms: int
+    data: str = "{}"
+
+
+class NoteRecord(SQLModel, table=True):
+    """Protocol notes for researchers: late, duplicate, rejected, not understood, expired..."""
+
+    __tablename__ = "tb_note"
+    id: int | None = Field(default=None, primary_key=True)
+    agent: str = Field(index=True)
+    kind: str = Field(index=True)
+    detail: str
+    message_id: str | None = None
+    sim: float
+    wall_ms: int
+
+
+class AgentRecord(SQLModel, table=True):
+    """Which agents exist in the run, of which kind, and whether they finished."""
+
+    __tablename__ = "tb_agent"
+    name: str = Field(primary_key=True)
+    kind: str
+    aas_id: str
+    status: str = "running"
+    started_wall_ms: int = 0
+    restarts: int = 0

@@ -1,0 +1,1 @@
+"""The product-instance twin: order taking, manufacturing driving, bidding request, recording."""

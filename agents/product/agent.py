@@ -1,0 +1,130 @@
+"""Assembling a product twin: its AAS, its roles, and its state after a restart.
+
+Order taking happens here: the vendor's shell (or one built from the order) is
+extended with the Order, ProcessPlan and ProcessDocumentation submodels, put on
+the process's AAS server and registered. A restarted product reloads the same
+shell from the run database and replays its documentation into it.
+"""
+
+from __future__ import annotations
+
+from basyx.aas import model
+from sqlmodel import select
+
+from agents.aas import build
+from agents.aas.ids import asset_id, shell_id, submodel_id
+from agents.aas.io import environment_json, read_json
+from agents.aas.store import WriteKind, WriteRejected, WriteRequest
+from agents.bidding.requester_role import BiddingRequester
+from agents.persistence.tables import ProductRecord, StepRecord
+from agents.product import documentation
+from agents.product.driver import ManufacturingDriver
+from agents.product.notifier import Notifier
+from agents.product.order import ProductOrder
+from agents.runtime.agent import Agent
+from agents.runtime.node import Node
+from protocol.bidding.requester import RequesterConfig
+from protocol.selection import SelectionPolicy
+
+
+class ProductAgent(Agent):
+    kind = "product"
+
+
+def build_shell(order: ProductOrder, ns: str) -> list[model.Identifiable]:
+    name = order.name
+    order_sm = build.order(
+        submodel_id(name, "Order", ns),
+        order_id=name,
+        product_type=order.product_type,
+        priority=order.priority,
+        notification_endpoint=order.notify_url,
+        due_date=order.due,
+        release_time=order.release,
+        customization=order.customization or None,
+        vendor=order.vendor,
+    )
+    plan_sm = build.process_plan(
+        submodel_id(name, "ProcessPlan", ns),
+        [build.PlanStep(s.index, s.capability, s.alternatives, s.parameters) for s in order.steps],
+    )
+    doc_sm = build.process_documentation(submodel_id(name, "ProcessDocumentation", ns))
+    shell = build.shell(
+        order.aas_id or shell_id(name, ns),
+        name.replace("-", "_") if name[0].isalpha() else "P_" + name.replace("-", "_"),
+        global_asset_id=asset_id(name, ns),
+        asset_type=order.product_type,
+        submodels=[order_sm, plan_sm, doc_sm],
+    )
+    return [shell, order_sm, plan_sm, doc_sm]
+
+
+async def start_product(
+    node: Node, order: ProductOrder, *, config: RequesterConfig, policy: SelectionPolicy | None = None
+) -> ProductAgent:
+    ns = node.ns
+    with node.db.session() as s:
+        row = s.get(ProductRecord, order.name)
+        steps = s.exec(select(StepRecord).where(StepRecord.product == order.name)).all()
+    if row is None:
+        objects = build_shell(order, ns)
+        record = {
+            "product": order.name,
+            "aas_id": objects[0].id,
+            "product_type": order.product_type,
+            "priority": order.priority,
+            "release": order.release,
+            "due": order.due,
+            "vendor": order.vendor,
+            "location": order.location,
+            "status": "new",
+            "reason": "",
+            "accepted_sim": node.clock.now(),
+            "completed_sim": None,
+            "ready_at": 0.0,
+            "shell": environment_json(objects),
+        }
+        node.journal.put(ProductRecord, record)
+    else:
+        record = row.model_dump()
+        objects = list(read_json(record["shell"].encode()).objects)
+    agent = ProductAgent(node, order.name, record["aas_id"])
+    for obj in objects:
+        if isinstance(obj, model.AssetAdministrationShell):
+            node.store.put_shell(obj, owner=agent.name)
+        else:
+            node.store.put_submodel(obj, owner=agent.name)
+    doc = node.store.get_submodel(submodel_id(order.name, "ProcessDocumentation", ns))
+    documentation.restore(node.db, order.name, doc)
+    node.store.set_write_hook(agent.name, _documentation_hook(agent, doc.id))
+    driver = ManufacturingDriver(order, record)
+    driver.steps = {r.step: r.model_dump() for r in steps}
+    agent.add_role(Notifier())
+    agent.add_role(driver)
+    agent.add_role(BiddingRequester(config, driver, policy))
+    submodels = [{"id": o.id, "idShort": o.id_short} for o in objects if isinstance(o, model.Submodel)]
+    await node.add_agent(agent, submodels=submodels)
+    return agent
+
+
+def _documentation_hook(agent: Agent, doc_id: str):
+    """Resources document their step here: only step records of our documentation, merged, then made durable."""
+
+    async def hook(op: WriteRequest) -> None:
+        if op.submodel_id != doc_id:
+            raise WriteRejected("only the ProcessDocumentation submodel of a product accepts writes", 403)
+        if op.kind not in (WriteKind.PATCH, WriteKind.PUT) or not op.path or "." in op.path:
+            raise WriteRejected("document a step with PUT or PATCH on its StepNNN record", 400)
+        if not isinstance(op.element, model.SubmodelElementCollection) or op.element.id_short != op.path:
+            raise WriteRejected(f"the body must be the {op.path} collection", 400)
+        try:
+            step = int(op.path.removeprefix("Step"))
+        except ValueError:
+            raise WriteRejected(f"{op.path!r} is not a step record (StepNNN)", 400) from None
+        doc = agent.node.store.get_submodel(doc_id)
+        merged = documentation.merge_record(doc, op.element)
+        documentation.mirror(agent.node.journal, agent.name, step, merged, "resource")
+        agent.node.store.changed(doc_id)
+        await agent.node.journal.commit()  # durable before the resource hears "done"
+
+    return hook

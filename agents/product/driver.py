@@ -1,0 +1,204 @@
+"""The manufacturing driver: decides the next step from the product's own documentation.
+
+Like the reference platform's MDS, it reads which plan steps the process
+documentation shows as completed, calls for proposals for the first one that is
+not, and hands control to the bidding requester; when every step is documented
+as completed it adds the Digital Nameplate and ends. Because the decision reads
+only the documentation, a restarted product continues at the right step.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from agents.aas import build
+from agents.aas.ids import submodel_id
+from agents.bidding.requester_role import BiddingRequester
+from agents.persistence.tables import ProductRecord, StepRecord
+from agents.product import documentation
+from agents.product.notifier import Notifier
+from agents.product.order import PlannedStep, ProductOrder
+from agents.runtime.role import Role
+from protocol.bidding.effects import Awarded, CallIssued, Completed, Failed, Rebid, Scheduled
+from protocol.bidding.requester import Requester
+from protocol.elements import StepCall
+
+
+class ManufacturingDriver(Role):
+    def __init__(self, order: ProductOrder, record: dict) -> None:
+        self.order = order
+        self.record = record  # the ProductRecord row (status, location)
+        self.steps: dict[int, dict] = {}  # StepRecord rows by index
+
+    # --- helpers ----------------------------------------------------------------------------------
+
+    @property
+    def doc(self):
+        return self.agent.node.store.get_submodel(
+            submodel_id(self.agent.name, "ProcessDocumentation", self.agent.node.ns)
+        )
+
+    @property
+    def requester(self) -> BiddingRequester:
+        return self.agent.role(BiddingRequester)
+
+    @property
+    def notifier(self) -> Notifier:
+        return self.agent.role(Notifier)
+
+    def next_step(self) -> PlannedStep | None:
+        done = {r.index for r in build.read_step_records(self.doc) if r.outcome == "completed"}
+        return next((s for s in self.order.steps if s.index not in done), None)
+
+    def _save_product(self, **changes: object) -> None:
+        self.record.update(changes)
+        self.agent.node.journal.put(ProductRecord, self.record)
+
+    def _save_step(self, step: int, **changes: object) -> None:
+        row = self.steps.get(step)
+        if row is None:
+            plan = next(s for s in self.order.steps if s.index == step)
+            row = {"product": self.agent.name, "step": step, "capability": plan.capability, "status": "pending",
+                   "conversation_id": None, "resource": None, "rounds": 0, "cfp_sim": None,
+                   "scheduled_start": None, "scheduled_end": None, "started": None, "finished": None,
+                   "price": None, "reason": ""}  # fmt: skip
+            self.steps[step] = row
+        row.update(changes)
+        self.agent.node.journal.put(StepRecord, row)
+
+    def _document(self, step: int, **fields: object) -> None:
+        plan = next(s for s in self.order.steps if s.index == step)
+        record = build.StepRecord(index=step, capability=plan.capability, **fields)  # type: ignore[arg-type]
+        element = build.step_record_element(record)
+        merged = documentation.merge_record(self.doc, element)
+        documentation.mirror(self.agent.node.journal, self.agent.name, step, merged, self.agent.name)
+        self.agent.node.store.changed(self.doc.id)
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    async def on_start(self) -> None:
+        if self.record["status"] in ("completed", "failed"):
+            self.agent.finish()
+            return
+        if self.record["status"] == "new":
+            self._save_product(status="accepted", accepted_sim=self.agent.now())
+            self.notifier.notify("manufacturing-accepted", priority=self.order.priority)
+        await self.advance()
+
+    async def advance(self) -> None:
+        """Start the next step if none is under way (idempotent: safe to call again)."""
+        if self.agent.finished:
+            return
+        step = self.next_step()
+        if step is None:
+            return await self._complete()
+        if self.requester.open_for_step(step.index) is not None:
+            return None
+        release = max(self.order.release, self.record.get("ready_at") or 0.0)
+        if release > self.agent.now():
+            self.agent.set_timer("release", release, self.advance)
+            return None
+        self._save_product(status="running")
+        call = StepCall(
+            product=self.agent.name,
+            step=step.index,
+            capability=step.capability,
+            location=self.record["location"],
+            release=max(release, self.agent.now()),
+            priority=self.order.priority,
+            due=self.order.due,
+            remaining_work=self.order.remaining_work(step.index),
+            alternatives=" ".join(step.alternatives),
+            parameters=dict(step.parameters),
+        )
+        self._save_step(step.index, status="negotiating", cfp_sim=self.agent.now())
+        self._document(step.index, outcome="negotiating")
+        r = await self.requester.request(call)
+        self._save_step(step.index, conversation_id=r.conversation_id)
+        return None
+
+    async def _complete(self) -> None:
+        ns = self.agent.node.ns
+        sm = build.nameplate(
+            submodel_id(self.agent.name, "Nameplate", ns),
+            manufacturer_name="twinbid plant " + ns,
+            product_designation=self.order.product_type,
+            uri_of_product=self.agent.aas_id,
+            order_code=self.agent.name,
+            address=build.Address(street="Factory Road 1", zipcode="00000", city="Plant", national_code="DE"),
+            serial_number=self.agent.name,
+            year_of_construction=str(dt.datetime.now(dt.UTC).year),
+            date_of_manufacture=dt.datetime.now(dt.UTC).date(),
+            product_type=self.order.product_type,
+        )
+        store = self.agent.node.store
+        if store.get_submodel(sm.id) is None:
+            store.put_submodel(sm, owner=self.agent.name)
+            shell = store.get_shell(self.agent.aas_id)
+            build.link(shell, sm)
+            store.changed(shell.id)
+        self._save_product(status="completed", completed_sim=self.agent.now())
+        self.notifier.notify("manufacturing-completed", flow_time=self.agent.now() - self.order.release)
+        self.agent.finish()
+
+    # --- bidding outcomes -------------------------------------------------------------------------
+
+    async def on_outcome(self, r: Requester, outcome: object) -> None:
+        step = r.call.step
+        if isinstance(outcome, CallIssued):
+            self._save_step(step, rounds=outcome.round)
+            self._document(step, call_for_proposal_id=outcome.cfp_id, outcome="negotiating")
+        elif isinstance(outcome, Awarded):
+            bids = [
+                build.BidRecord(
+                    resource=x.offer.bid.resource,
+                    start=x.offer.bid.earliest_start,
+                    completion=x.offer.bid.completion,
+                    price=x.offer.bid.price,
+                    score=x.score,
+                    proposal_id=x.offer.proposal_id,
+                )
+                for x in outcome.ranking
+            ]
+            winner = outcome.winner.bid
+            self._document(step, bids=bids, winner=winner.resource, reason=outcome.ranking[0].reason)
+            self._save_step(step, resource=winner.resource, price=winner.price)
+        elif isinstance(outcome, Scheduled):
+            b = outcome.booking
+            self._document(
+                step,
+                resource=b.resource,
+                scheduled_start=b.start,
+                scheduled_end=b.completion,
+                outcome="scheduled",
+            )
+            self._save_step(
+                step,
+                status="scheduled",
+                resource=b.resource,
+                scheduled_start=b.start,
+                scheduled_end=b.completion,
+            )
+            r.expect_completion(self.agent.clock.epoch_ms(b.completion))
+            self.notifier.notify(
+                "step-scheduled", step=step, resource=b.resource, start=b.start, end=b.completion
+            )
+        elif isinstance(outcome, Completed):
+            res = outcome.result
+            self._save_step(
+                step, status="done", started=res.started, finished=res.finished, resource=res.resource
+            )
+            self._save_product(location=res.location, ready_at=res.finished)
+            self.notifier.notify("step-completed", step=step, resource=res.resource, finished=res.finished)
+            await self.advance()
+        elif isinstance(outcome, Rebid):
+            self.notifier.notify("step-rebid", step=step, reason=outcome.reason)
+        elif isinstance(outcome, Failed):
+            self._document(step, outcome="failed", outcome_text=outcome.reason)
+            self._save_step(step, status="failed", reason=outcome.reason)
+            self._save_product(
+                status="failed", reason=f"step {step}: {outcome.reason}", completed_sim=self.agent.now()
+            )
+            self.notifier.notify("step-failed", step=step, reason=outcome.reason)
+            self.notifier.notify("manufacturing-failed", reason=outcome.reason)
+            self.agent.finish()

@@ -1,0 +1,1 @@
+"""Resource agents (workstations, warehouses): they bid, queue, execute and document."""

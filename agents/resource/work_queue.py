@@ -1,0 +1,229 @@
+"""The work queue: booked steps, executed one after another through the asset.
+
+Steps run in the order of their booked start times, each as soon as the machine
+is free and the product has arrived, so a promised completion time is kept
+unless the asset breaks down. When a step ends the resource documents it in the
+product's AAS (over HTTP, at the address the registry gives) *before* it tells
+the product, so a product that hears `inform` finds the documentation there.
+
+Every work order is a row in the run database; the asset's own execution log
+is the physical truth a restarted resource consults about a step it was running.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from sqlmodel import select
+
+from agents.aas import build
+from agents.aas.ids import submodel_id
+from agents.persistence.tables import WorkOrderRecord
+from agents.resource.timeline import Slot, Timeline
+from agents.runtime.role import Role
+from protocol.bidding.provider import Provider, PState
+from protocol.elements import Bid, StepResult
+from shopfloor.asset import Asset, ExecutionRecord, Job
+
+log = logging.getLogger(__name__)
+
+BREAKDOWN_POLICIES = ("finish_late", "inform_failure")
+
+
+class WorkQueue(Role):
+    def __init__(self, asset: Asset, timeline: Timeline, *, breakdown_policy: str = "finish_late") -> None:
+        if breakdown_policy not in BREAKDOWN_POLICIES:
+            raise ValueError(f"breakdown_policy must be one of {BREAKDOWN_POLICIES}")
+        self.asset = asset
+        self.timeline = timeline
+        self.breakdown_policy = breakdown_policy
+        self.orders: dict[str, dict] = {}  # cfp id -> work order row
+        self.running: str | None = None
+        self.executed = 0
+        self.busy_time = 0.0
+
+    @property
+    def provider(self):
+        from agents.bidding.provider_role import BiddingProvider
+
+        return self.agent.role(BiddingProvider)
+
+    # --- reports from the provider ----------------------------------------------------------------
+
+    def held(self, p: Provider, slot: Slot, bid: Bid) -> None:
+        row = {
+            "resource": self.agent.name,
+            "job_id": f"{slot.job_id}/{p.cfp_id}",
+            "product": p.call.product,
+            "step": p.call.step,
+            "conversation_id": p.conversation_id,
+            "cfp_id": p.cfp_id,
+            "capability": slot.capability,
+            "state": "held",
+            "ready": slot.ready,
+            "start": slot.start,
+            "end": slot.end,
+            "setup": slot.setup,
+            "duration": bid.duration,
+            "transport": bid.transport,
+            "price": bid.price,
+            "product_aas": p.requester,
+            "priority": p.call.priority,
+            "params": json.dumps(p.call.parameters, sort_keys=True),
+            "started": None,
+            "finished": None,
+        }
+        self._save(p.cfp_id, row)
+
+    def booked(self, p: Provider, slot: Slot) -> None:
+        self._save(p.cfp_id, {**self.orders[p.cfp_id], "state": "booked"})
+        self._status()
+        self.schedule_dispatch()
+
+    def released(self, p: Provider, slot: Slot | None, *, booked: bool) -> None:
+        row = self.orders.pop(p.cfp_id, None)
+        if row is not None:
+            self._save(p.cfp_id, {**row, "state": "released"}, keep=False)
+        if booked:
+            self._status()
+            self.schedule_dispatch()
+
+    def _save(self, key: str, row: dict, keep: bool = True) -> None:
+        if keep:
+            self.orders[key] = row
+        self.agent.node.journal.put(WorkOrderRecord, row)
+
+    # --- execution --------------------------------------------------------------------------------
+
+    def schedule_dispatch(self, at: float | None = None) -> None:
+        self.agent.set_timer("dispatch", self.agent.now() if at is None else at, self._dispatch)
+
+    async def _dispatch(self) -> None:
+        if self.running is not None:
+            return
+        slots = self.timeline.booked()
+        if not slots:
+            return
+        slot = slots[0]
+        now = self.agent.now()
+        if slot.ready > now:
+            self.schedule_dispatch(slot.ready)
+            return
+        self.running = slot.key
+        try:
+            await self._execute(slot)
+        finally:
+            self.running = None
+        self.schedule_dispatch()
+
+    async def _execute(self, slot: Slot) -> None:
+        p = self.provider.rounds.by_cfp.get(slot.key)
+        row = self.orders.get(slot.key)
+        if p is None or row is None or p.state is not PState.BOOKED:
+            self.timeline.release(slot.key)
+            return
+        job = Job(slot.job_id, slot.capability, json.loads(row["params"]), row["product"])
+        self._save(slot.key, {**row, "state": "running", "started": self.agent.now()})
+        self._status(current=job.job_id, product=row["product"])
+        record = await self.asset.execute(job, self.agent.clock, previous_capability=self._previous())
+        self.executed += 1
+        self.busy_time += record.end - record.start
+        self.timeline.release(slot.key)
+        row = self.orders.get(slot.key, row)
+        if record.outcome != "done" or (
+            record.breakdown_delay > 0 and self.breakdown_policy == "inform_failure"
+        ):
+            reason = record.reason or f"breakdown delayed the step by {record.breakdown_delay:g}"
+            self._save(slot.key, {**row, "state": "failed", "finished": record.end}, keep=False)
+            self.orders.pop(slot.key, None)
+            await self.provider.complete_or_fail(p, p.fail("execution", reason, self.agent.now_ms()))
+        else:
+            await self._document(row, record)
+            self._save(slot.key, {**row, "state": "done", "finished": record.end}, keep=False)
+            self.orders.pop(slot.key, None)
+            result = StepResult(
+                resource=self.agent.name,
+                started=record.start,
+                finished=record.end,
+                location=self.asset.location,
+                breakdown_delay=record.breakdown_delay,
+            )
+            await self.provider.complete_or_fail(p, p.complete(result, self.agent.now_ms()))
+        self._status()
+
+    def _previous(self) -> str | None:
+        return self.asset.last_capability
+
+    async def _document(self, row: dict, record: ExecutionRecord) -> None:
+        """PATCH the step's record in the product's ProcessDocumentation: who did it, when, outcome."""
+        product = row["product"]
+        entry = await self.agent.node.directory.by_id(row["product_aas"])
+        if entry is None or entry.base_url is None:
+            self.agent.reject(
+                "no-endpoint", f"cannot document {product} step {row['step']}: product not registered"
+            )
+            return
+        element = build.smc(
+            build.step_id_short(row["step"]),
+            [
+                build.time_prop("Started", record.start),
+                build.time_prop("Finished", record.end),
+                build.prop("Resource", self.agent.name),
+                build.prop("Outcome", "completed"),
+            ],
+        )
+        doc_id = submodel_id(product, "ProcessDocumentation", self.agent.node.ns)
+        client = self.agent.node.aas_client(entry.base_url)
+        await client.patch_element(doc_id, build.step_id_short(row["step"]), element)
+
+    def _status(self, current: str | None = None, product: str | None = None) -> None:
+        sm_id = submodel_id(self.agent.name, "Status", self.agent.node.ns)
+        store = self.agent.node.store
+        sm = store.get_submodel(sm_id)
+        if sm is None:
+            return
+        queue = sum(1 for r in self.orders.values() if r["state"] in ("booked", "running"))
+        build.update_status(
+            sm,
+            state="busy" if current else ("waiting" if queue else "idle"),
+            queue_length=queue,
+            current_step=current or "",
+            current_product=product or "",
+            updated_at=self.agent.now(),
+        )
+        store.changed(sm_id)
+
+    # --- recovery ---------------------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        with self.agent.node.db.session() as s:
+            rows = s.exec(
+                select(WorkOrderRecord).where(
+                    WorkOrderRecord.resource == self.agent.name,
+                    WorkOrderRecord.state.in_(("held", "booked", "running")),  # type: ignore[attr-defined]
+                )
+            ).all()
+        for r in rows:
+            row = r.model_dump()
+            self.orders[row["cfp_id"]] = row
+            slot = Slot(
+                row["cfp_id"],
+                f"{row['product']}/{row['step']}",
+                row["capability"],
+                row["ready"],
+                row["start"],
+                row["end"],
+                row["setup"],
+                booked=row["state"] != "held",
+            )
+            self.timeline.hold(slot)
+            if row["state"] != "held":
+                self.asset.reserve(
+                    Job(slot.job_id, slot.capability, json.loads(row["params"]), row["product"])
+                )
+
+    async def on_start(self) -> None:
+        """Work orders that were running resume (the asset knows how far they got); then the queue goes on."""
+        self._status()
+        self.schedule_dispatch()

@@ -1,0 +1,1 @@
+"""The shared agent runtime: every agent kind is a set of roles on top of it."""

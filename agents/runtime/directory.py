@@ -1,0 +1,91 @@
+"""Who is who: short names, AAS ids, AAS endpoints and who offers a capability.
+
+The registry is the source of truth; this cache keeps the hot path off HTTP.
+Agents of the same process are known without asking. Capability lookups are
+cached for a short time, so newly registered resources are seen in later rounds.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from protocol.elements import capability_semantic_id
+from registry.client import RegistryClient
+from registry.descriptors import aas_server_base, capabilities_of, short_name_of
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    name: str
+    aas_id: str
+    base_url: str | None  # the AAS server that hosts the shell
+    capabilities: tuple[str, ...] = ()  # capability short names
+
+
+class Directory:
+    def __init__(self, registry: RegistryClient | None, *, capability_ttl: float = 2.0) -> None:
+        self.registry = registry
+        self.capability_ttl = capability_ttl
+        self._by_id: dict[str, Entry] = {}
+        self._by_name: dict[str, Entry] = {}
+        self._bidders: dict[str, tuple[float, frozenset[str]]] = {}
+
+    def add(self, entry: Entry) -> None:
+        self._by_id[entry.aas_id] = entry
+        self._by_name[entry.name] = entry
+
+    def local(self, aas_id: str) -> Entry | None:
+        return self._by_id.get(aas_id)
+
+    async def by_id(self, aas_id: str) -> Entry | None:
+        entry = self._by_id.get(aas_id)
+        if entry is None and self.registry is not None:
+            descriptor = await self.registry.get(aas_id)
+            if descriptor:
+                entry = _entry(descriptor)
+                if entry:
+                    self.add(entry)
+        return entry
+
+    async def by_name(self, name: str) -> Entry | None:
+        entry = self._by_name.get(name)
+        if entry is None and self.registry is not None:
+            descriptor = await self.registry.find_by_short_name(name)
+            if descriptor:
+                entry = _entry(descriptor)
+                if entry:
+                    self.add(entry)
+        return entry
+
+    async def bidders(self, capability: str) -> frozenset[str]:
+        """AAS ids of the shells registered as offering `capability`."""
+        cached = self._bidders.get(capability)
+        now = time.monotonic()
+        if cached and now - cached[0] < self.capability_ttl:
+            return cached[1]
+        if self.registry is None:
+            ids = frozenset(e.aas_id for e in self._by_id.values() if capability in e.capabilities)
+        else:
+            found = await self.registry.find_by_capability(capability_semantic_id(capability))
+            ids = frozenset()
+            for descriptor in found:
+                entry = _entry(descriptor)
+                if entry:
+                    self.add(entry)
+                    ids |= {entry.aas_id}
+        self._bidders[capability] = (now, ids)
+        return ids
+
+    def forget(self, aas_id: str) -> None:
+        entry = self._by_id.pop(aas_id, None)
+        if entry:
+            self._by_name.pop(entry.name, None)
+
+
+def _entry(descriptor: dict) -> Entry | None:
+    name = short_name_of(descriptor)
+    if not name:
+        return None
+    caps = tuple(c.rsplit("/", 1)[-1] for c in capabilities_of(descriptor))
+    return Entry(name, descriptor["id"], aas_server_base(descriptor), caps)

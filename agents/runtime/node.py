@@ -1,0 +1,260 @@
+"""One agent process: the services every agent in it shares.
+
+A node owns the clock, the journal (group commit to the run database), the AAS
+server hosting the shells of all its agents, the directory (registry cache),
+and one MQTT connection per agent. It also does the virtual clock's bookkeeping:
+a message counts as in flight from the moment it is staged until the local
+agent it was sent to has handled it, so simulated time never jumps while the
+plant is still talking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from sqlmodel import select
+
+from agents.aas.client import AasClient
+from agents.aas.server import AasServer
+from agents.aas.store import AasStore
+from agents.persistence import Database, Journal
+from agents.persistence.tables import AgentRecord, OutboxRecord
+from agents.runtime.agent import Agent
+from agents.runtime.directory import Directory, Entry
+from protocol.elements import capability_semantic_id
+from protocol.frame import DEFAULT_MAX_MESSAGE_BYTES
+from protocol.topics import matches
+from protocol.transport import BrokerAddress, MqttTransport
+from registry.client import RegistryClient
+from registry.descriptors import shell_descriptor
+from shopfloor.clock import Clock
+
+log = logging.getLogger(__name__)
+
+EventHook = Callable[[Agent, str, str | None, int | None, dict[str, Any]], None]
+
+
+@dataclass
+class NodeConfig:
+    ns: str
+    broker: BrokerAddress
+    registry_url: str | None = None
+    passwords: dict[str, str] = field(default_factory=dict)  # agent name -> MQTT password
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_inflight: int = 16
+    registry_ttl: float = 60.0
+    aas_host: str = "127.0.0.1"
+    aas_port: int = 0
+
+
+class Node:
+    def __init__(self, config: NodeConfig, clock: Clock, db: Database) -> None:
+        self.config = config
+        self.ns = config.ns
+        self.clock = clock
+        self.db = db
+        self.journal = Journal(db)
+        self.store = AasStore()
+        self.server = AasServer(self.store)
+        self.registry = RegistryClient(config.registry_url) if config.registry_url else None
+        self.directory = Directory(self.registry)
+        self.max_message_bytes = config.max_message_bytes
+        self.agents: dict[str, Agent] = {}
+        self.transports: dict[str, MqttTransport] = {}
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._publishers: dict[str, asyncio.Task] = {}
+        self._filters: list[tuple[str, str]] = []  # (topic filter, agent name) of local agents
+        self._in_flight = 0
+        self._http = httpx.AsyncClient(timeout=10.0, limits=httpx.Limits(max_connections=64))
+        self._aas_clients: dict[str, AasClient] = {}
+        self.event_hooks: list[EventHook] = []
+        self.finished_hooks: list[Callable[[Agent], None]] = []
+        self.base_url = ""
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.journal.start()
+        self.base_url = await self.server.start(self.config.aas_host, self.config.aas_port)
+
+    async def stop(self) -> None:
+        for agent in list(self.agents.values()):
+            await self.remove_agent(agent, deregister=False)
+        await self.journal.close()
+        await self.server.stop()
+        for c in self._aas_clients.values():
+            await c.aclose()
+        await self._http.aclose()
+        if self.registry:
+            await self.registry.aclose()
+
+    async def add_agent(
+        self, agent: Agent, *, capabilities: tuple[str, ...] = (), submodels: list[dict] = ()
+    ) -> None:
+        """Recover the agent's state, connect it, subscribe it, register it, start its roles."""
+        name = agent.name
+        self.agents[name] = agent
+        entry = Entry(name, agent.aas_id, self.base_url, tuple(capabilities))
+        self.directory.add(entry)
+        restarted = self._mark_started(agent)
+        await agent.recover()
+        filters = agent.topic_filters()
+        self._filters += [(f, name) for f in filters]
+        self._queues[name] = asyncio.Queue()
+        self._publishers[name] = asyncio.get_running_loop().create_task(
+            self._publish_loop(agent), name=f"pub:{name}"
+        )
+        if restarted:
+            self._republish_unsent(agent)
+        password = self.config.passwords.get(name)
+        broker = BrokerAddress(
+            **{**self.config.broker.__dict__, "username": name if password else None, "password": password}
+        )
+        transport = MqttTransport(name, broker, agent.on_raw, max_inflight=self.config.max_inflight)
+        self.transports[name] = transport
+        await transport.connect()
+        await transport.subscribe(*filters)
+        if self.registry:
+            descriptor = shell_descriptor(
+                aas_id=agent.aas_id,
+                short_name=name,
+                base_url=self.base_url,
+                id_short=name.replace("-", "_") if name[0].isalpha() else f"a_{name.replace('-', '_')}",
+                capabilities=[capability_semantic_id(c) for c in capabilities],
+                submodels=list(submodels),
+                namespace=self.ns,
+                asset_type=agent.kind,
+            )
+            await self.registry.register(descriptor, ttl=self.config.registry_ttl)
+            self.registry.keepalive(agent.aas_id)
+        await agent.on_start()
+
+    async def remove_agent(self, agent: Agent, *, deregister: bool = True) -> None:
+        await agent.on_stop()
+        await self.journal.commit()
+        queue = self._queues.get(agent.name)
+        if queue is not None:
+            await queue.join()
+        task = self._publishers.pop(agent.name, None)
+        if task:
+            task.cancel()
+        transport = self.transports.pop(agent.name, None)
+        if transport:
+            await transport.close()
+        self._filters = [(f, n) for f, n in self._filters if n != agent.name]
+        if deregister and self.registry:
+            await self.registry.deregister(agent.aas_id)
+        self.agents.pop(agent.name, None)
+
+    async def crash_agent(self, agent: Agent) -> None:
+        """Drop an agent as a crash would: memory, timers, queued publications and connection gone.
+
+        What it committed stays in the database; unpublished outbox rows go out after its restart.
+        """
+        agent.cancel_timers()
+        task = self._publishers.pop(agent.name, None)
+        if task:
+            task.cancel()
+        self._queues.pop(agent.name, None)
+        transport = self.transports.pop(agent.name, None)
+        if transport:
+            with contextlib.suppress(Exception):
+                await transport.close(timeout=0.05)
+        self._filters = [(f, n) for f, n in self._filters if n != agent.name]
+        self.agents.pop(agent.name, None)
+        self.store.remove_owner(agent.name)
+        self.store.set_write_hook(agent.name, None)
+
+    def _mark_started(self, agent: Agent) -> bool:
+        with self.db.session() as s:
+            row = s.get(AgentRecord, agent.name)
+            restarted = row is not None
+            if row is None:
+                row = AgentRecord(name=agent.name, kind=agent.kind, aas_id=agent.aas_id)
+            else:
+                row.restarts += 1
+            s.add(row)
+            s.commit()
+        return restarted
+
+    # --- publishing -------------------------------------------------------------------------------
+
+    def local_receivers(self, topic: str) -> int:
+        return sum(1 for f, _ in self._filters if matches(f, topic))
+
+    def publish_after_commit(self, agent: Agent, topic: str, payload: bytes, row: dict) -> None:
+        n = self.local_receivers(topic)
+        if n:
+            self._in_flight += n
+            self.clock.add_pending(n)
+        queue = self._queues[agent.name]
+        self.journal.after_commit(lambda: queue.put_nowait((topic, payload, row)))
+
+    def publish_event_after_commit(self, agent: Agent, topic: str, payload: bytes) -> None:
+        queue = self._queues.get(agent.name)
+        if queue is not None:
+            self.journal.after_commit(lambda: queue.put_nowait((topic, payload, None)))
+
+    def delivered(self, agent: Agent, topic: str) -> None:
+        if self._in_flight > 0:
+            self._in_flight -= 1
+            self.clock.done_pending(1)
+
+    async def _publish_loop(self, agent: Agent) -> None:
+        queue = self._queues[agent.name]
+        while True:
+            topic, payload, row = await queue.get()
+            try:
+                transport = self.transports.get(agent.name)
+                while transport is None:
+                    await asyncio.sleep(0.01)
+                    transport = self.transports.get(agent.name)
+                await transport.publish(topic, payload, qos=1)
+                if row is not None:
+                    self.journal.put(OutboxRecord, {**row, "published": True})
+            except Exception:
+                log.exception("%s: publishing on %s failed", agent.name, topic)
+            finally:
+                queue.task_done()
+
+    def _republish_unsent(self, agent: Agent) -> None:
+        """After a restart: what was committed but maybe never published goes out again (receivers dedupe)."""
+        with self.db.session() as s:
+            rows = s.exec(
+                select(OutboxRecord)
+                .where(OutboxRecord.agent == agent.name, OutboxRecord.published == False)  # noqa: E712
+                .order_by(OutboxRecord.seq)
+            ).all()
+        for r in rows:
+            row = r.model_dump()
+            agent._seq = max(agent._seq, row["seq"])
+            self.publish_after_commit(agent, row["topic"], row["payload"].encode(), row)
+        with self.db.session() as s:
+            last = s.exec(
+                select(OutboxRecord.seq)
+                .where(OutboxRecord.agent == agent.name)
+                .order_by(OutboxRecord.seq.desc())
+            ).first()
+        agent._seq = max(agent._seq, last or 0)
+
+    # --- services for roles -----------------------------------------------------------------------
+
+    def aas_client(self, base_url: str) -> AasClient:
+        client = self._aas_clients.get(base_url)
+        if client is None:
+            client = self._aas_clients[base_url] = AasClient(base_url, client=self._http)
+        return client
+
+    def on_event(self, agent: Agent, kind: str, product: str | None, step: int | None, data: dict) -> None:
+        for hook in self.event_hooks:
+            hook(agent, kind, product, step, data)
+
+    def agent_finished(self, agent: Agent) -> None:
+        for hook in self.finished_hooks:
+            hook(agent)

@@ -1,0 +1,349 @@
+"""The provider's side of one bidding round (VDI/VDE 2193-2), sans-I/O.
+
+One `Provider` per call for proposal a resource answers. The resource decides
+(capability, feasibility, schedule, price) outside; this machine enforces the
+protocol around the decision: a proposal is binding until its `replyBy`, the
+tentative hold is released on rejection or expiry, an acceptance books and is
+confirmed, and the result or failure is reported to the requester.
+
+Duplicates (same messageId) change nothing but re-send the answer already given:
+that is how a requester that crashed and re-sent its last message learns the
+provider's state without a new message type, and it keeps handlers idempotent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from protocol.bidding.effects import Book, Evaluate, Note, Release, Send
+from protocol.elements import Bid, Booking, ElementError, Reason, StepCall, StepResult
+from protocol.frame import Message, MessageType, Role, make_message
+
+M = MessageType
+DEADLINE = "deadline"
+
+
+class PState(StrEnum):
+    EVALUATING = "evaluating"  # call received; the resource is deciding
+    PROPOSED = "proposed"  # binding offer out, capacity held tentatively
+    REFUSED = "refused"
+    BOOKED = "booked"  # accepted and confirmed; a work order exists
+    DONE = "done"
+    FAILED = "failed"
+    RELEASED = "released"  # rejected, expired or cancelled
+
+
+TERMINAL = frozenset({PState.REFUSED, PState.DONE, PState.FAILED, PState.RELEASED})
+
+#: (state, event) -> handler. Events are message types, DEADLINE, or the local
+#: decisions "propose" / "refuse" / "complete" / "fail". Pairs not listed: a
+#: notUnderstood is noted, an acceptance of a dead offer is refused, anything
+#: else is answered with notUnderstood.
+TABLE: dict[tuple[PState, str], str] = {
+    (PState.EVALUATING, "propose"): "_do_propose",
+    (PState.EVALUATING, "refuse"): "_do_refuse",
+    (PState.EVALUATING, DEADLINE): "_on_lapse",
+    (PState.PROPOSED, M.ACCEPT_PROPOSAL): "_on_accept",
+    (PState.PROPOSED, M.REJECT_PROPOSAL): "_on_reject",
+    (PState.PROPOSED, DEADLINE): "_on_expiry",
+    (PState.BOOKED, M.REJECT_PROPOSAL): "_on_cancel",
+    (PState.BOOKED, M.ACCEPT_PROPOSAL): "_on_repeated_accept",
+    (PState.BOOKED, "complete"): "_do_complete",
+    (PState.BOOKED, "fail"): "_do_fail",
+    (PState.DONE, M.ACCEPT_PROPOSAL): "_on_repeated_accept",
+    (PState.FAILED, M.ACCEPT_PROPOSAL): "_on_repeated_accept",
+    (PState.RELEASED, M.REJECT_PROPOSAL): "_on_late_reject",
+    (PState.REFUSED, M.REJECT_PROPOSAL): "_on_late_reject",
+}
+
+
+class ProtocolError(RuntimeError):
+    """A local decision that the protocol does not allow in the current state."""
+
+
+@dataclass
+class Provider:
+    me: str  # AAS id of the resource
+    requester: str  # AAS id of the product that called
+    conversation_id: str
+    cfp_id: str
+    call: StepCall
+    state: PState = PState.EVALUATING
+    reply_by: int | None = None  # the call's replyBy
+    bid: Bid | None = None
+    proposal_id: str = ""
+    valid_until: int | None = None
+    accept_id: str = ""
+    deadline: int | None = None
+    seen: set[str] = field(default_factory=set)
+    replies: dict[str, dict[str, Any]] = field(default_factory=dict)  # received id -> the answer sent (JSON)
+
+    @classmethod
+    def on_call(cls, me: str, msg: Message, now: int) -> tuple[Provider | None, list[object]]:
+        """Open a round for a call for proposal; returns (None, effects) if it cannot be read."""
+        try:
+            call = StepCall.from_json_elements(msg.interactionElements)
+        except ElementError as exc:
+            return None, [
+                Note("not-understood", f"callForProposal {msg.id} from {msg.sender}: {exc}", msg.id),
+                Send(
+                    _reply(me, msg, M.NOT_UNDERSTOOD, Reason("not-understood", str(exc)).to_json_elements())
+                ),
+            ]
+        p = cls(me, msg.sender, msg.conversation, msg.id, call, reply_by=msg.reply_by, deadline=msg.reply_by)
+        p.seen.add(msg.id)
+        if msg.reply_by is not None and now > msg.reply_by:
+            p.state, p.deadline = PState.REFUSED, None
+            return p, [
+                Note("late", f"callForProposal {msg.id} arrived {now - msg.reply_by} ms after replyBy")
+            ]
+        return p, [Evaluate(call, msg.sender, msg.reply_by)]
+
+    # --- local decisions ----------------------------------------------------------------------------
+
+    def propose(self, bid: Bid, valid_until: int, now: int) -> list[object]:
+        """Send a binding offer, valid until `valid_until` (epoch ms)."""
+        return self._decide("propose", now, bid=bid, valid_until=valid_until)
+
+    def refuse(self, code: str, text: str, now: int) -> list[object]:
+        return self._decide("refuse", now, reason=Reason(code, text))
+
+    def complete(self, result: StepResult, now: int) -> list[object]:
+        return self._decide("complete", now, result=result)
+
+    def fail(self, code: str, text: str, now: int) -> list[object]:
+        return self._decide("fail", now, reason=Reason(code, text))
+
+    def _decide(self, event: str, now: int, **kw: Any) -> list[object]:
+        handler = TABLE.get((self.state, event))
+        if handler is None:
+            if self.state is PState.RELEASED and event in ("complete", "fail"):
+                return [Note("after-cancel", f"step {event} after the requester cancelled it")]
+            raise ProtocolError(f"cannot {event} in state {self.state}")
+        return getattr(self, handler)(now, **kw)
+
+    # --- inputs -------------------------------------------------------------------------------------
+
+    def receive(self, msg: Message, now: int) -> list[object]:
+        if msg.id in self.seen:
+            answer = self.replies.get(msg.id)
+            note = Note("duplicate", f"{msg.type} {msg.id} from {msg.sender}; answer re-sent", msg.id)
+            return [note, Send(Message.model_validate(answer))] if answer else [note]
+        self.seen.add(msg.id)
+        if msg.sender != self.requester:
+            return self._not_understood(msg, "sender is not the requester of this call", "not-participant")
+        handler = TABLE.get((self.state, msg.type))
+        if handler is None:
+            return self._unexpected(msg, now)
+        return getattr(self, handler)(msg, now)
+
+    def tick(self, now: int) -> list[object]:
+        if self.deadline is None or now < self.deadline:
+            return []
+        handler = TABLE.get((self.state, DEADLINE))
+        self.deadline = None
+        return getattr(self, handler)(None, now) if handler else []
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL
+
+    # --- handlers -----------------------------------------------------------------------------------
+
+    def _do_propose(self, now: int, *, bid: Bid, valid_until: int) -> list[object]:
+        """Local decision: send a binding offer, valid until its replyBy; the capacity stays held tentatively."""
+        msg = _reply(self.me, self._cfp_stub(), M.PROPOSAL, bid.to_json_elements(), reply_by=valid_until)
+        self.state, self.bid, self.proposal_id = PState.PROPOSED, bid, msg.id
+        self.valid_until = self.deadline = valid_until
+        self.replies[self.cfp_id] = _dump(msg)
+        return [Send(msg)]
+
+    def _do_refuse(self, now: int, *, reason: Reason) -> list[object]:
+        """Local decision: decline the call (capability, feasibility or capacity)."""
+        msg = _reply(self.me, self._cfp_stub(), M.REFUSE_PROPOSAL, reason.to_json_elements())
+        self.state = PState.REFUSED
+        self.replies[self.cfp_id] = _dump(msg)
+        return [Send(msg)]
+
+    def _on_accept(self, msg: Message, now: int) -> list[object]:
+        """Local decision: decline the call (capability, feasibility or capacity)."""
+        if msg.in_reply_to != self.proposal_id:
+            return self._not_understood(msg, "acceptProposal does not answer our proposal", "out-of-sequence")
+        assert self.bid is not None and self.valid_until is not None
+        if now >= self.valid_until:
+            self.state, self.deadline = PState.RELEASED, None
+            text = f"offer expired {now - self.valid_until} ms before the acceptance arrived"
+            return [Release("expired"), *self._answer(msg, M.REFUSE_PROPOSAL, Reason("expired", text))]
+        self.state, self.deadline, self.accept_id = PState.BOOKED, None, msg.id
+        booking = Booking(self.bid.resource, self.bid.earliest_start, self.bid.completion)
+        return [Book(booking), *self._answer(msg, M.INFORM_CONFIRM, booking)]
+
+    def _on_lapse(self, _msg: None, now: int) -> list[object]:
+        """No decision before the call's replyBy: the requester has moved on."""
+        self.state = PState.REFUSED
+        return [Note("lapsed", f"call {self.cfp_id} not answered before its replyBy")]
+
+    def _on_reject(self, msg: Message, now: int) -> list[object]:
+        """Accepted within validity: book the hold and confirm with the promised times; after validity: refuse and release."""
+        self.state, self.deadline = PState.RELEASED, None
+        return [Release("rejected")]
+
+    def _on_expiry(self, _msg: None, now: int) -> list[object]:
+        """Not selected: release the tentative hold."""
+        self.state = PState.RELEASED
+        return [Release("expired"), Note("expired", f"offer {self.proposal_id} expired unanswered")]
+
+    def _on_cancel(self, msg: Message, now: int) -> list[object]:
+        """Validity passed without an answer: release the tentative hold."""
+        self.state = PState.RELEASED
+        return [Release("cancelled", booked=True)]
+
+    def _on_repeated_accept(self, msg: Message, now: int) -> list[object]:
+        """A new acceptance id for a booking we hold: re-send where we stand."""
+        last = self.replies.get(self.accept_id)
+        note = Note("repeated-accept", f"acceptProposal {msg.id} for a booked offer; status re-sent", msg.id)
+        return [note, Send(Message.model_validate(last))] if last else [note]
+
+    def _on_late_reject(self, msg: Message, now: int) -> list[object]:
+        """The requester withdrew an award it had made: cancel the booking."""
+        return [Note("out-of-sequence", f"rejectProposal {msg.id} in state {self.state}", msg.id)]
+
+    def _do_complete(self, now: int, *, result: StepResult) -> list[object]:
+        """A rejection for an offer already gone: noted only."""
+        self.state = PState.DONE
+        return self._answer_accept(M.INFORM, result)
+
+    def _do_fail(self, now: int, *, reason: Reason) -> list[object]:
+        """Local event: the asset finished the step: inform the requester with the result."""
+        self.state = PState.FAILED
+        return self._answer_accept(M.INFORM_FAILURE, reason)
+
+    # --- helpers ------------------------------------------------------------------------------------
+
+    def _answer_accept(self, kind: MessageType, content: Any) -> list[object]:
+        """Local event: the step cannot be done: informFailure, the requester bids again."""
+        msg = make_message(
+            kind,
+            sender=self.me,
+            sender_role=Role.PROVIDER,
+            conversation_id=self.conversation_id,
+            receiver=self.requester,
+            in_reply_to=self.accept_id,
+            elements=content.to_json_elements(),
+        )
+        self.replies[self.accept_id] = _dump(msg)
+        return [Send(msg)]
+
+    def _answer(self, msg: Message, kind: MessageType, content: Any) -> list[object]:
+        reply = _reply(self.me, msg, kind, content.to_json_elements())
+        self.replies[msg.id] = _dump(reply)
+        return [Send(reply)]
+
+    def _unexpected(self, msg: Message, now: int) -> list[object]:
+        if msg.type is M.NOT_UNDERSTOOD:
+            return [Note("not-understood-received", f"from {msg.sender}: in state {self.state}", msg.id)]
+        if msg.type is M.ACCEPT_PROPOSAL and self.state in (PState.RELEASED, PState.REFUSED):
+            return self._answer(msg, M.REFUSE_PROPOSAL, Reason("withdrawn", f"offer is {self.state}"))
+        return self._not_understood(msg, f"{msg.type} does not fit state {self.state} of the provider")
+
+    def _not_understood(self, msg: Message, text: str, kind: str = "not-understood") -> list[object]:
+        if msg.type is M.NOT_UNDERSTOOD:  # never answer a notUnderstood with one: no loops
+            return [Note(kind, f"{msg.type} {msg.id} from {msg.sender}: {text}", msg.id)]
+        reply = _reply(self.me, msg, M.NOT_UNDERSTOOD, Reason(kind, text).to_json_elements())
+        return [Note(kind, f"{msg.type} {msg.id} from {msg.sender}: {text}", msg.id), Send(reply)]
+
+    def _cfp_stub(self) -> _Addr:
+        return _Addr(self.requester, self.cfp_id, self.conversation_id)
+
+    # --- persistence --------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["call"] = dataclasses.asdict(self.call)
+        data["bid"] = dataclasses.asdict(self.bid) if self.bid else None
+        data["state"] = self.state.value
+        data["seen"] = sorted(self.seen)
+        return data
+
+    @classmethod
+    def restore(cls, data: dict[str, Any]) -> Provider:
+        data = dict(data)
+        data["call"] = StepCall(**data["call"])
+        data["bid"] = Bid(**data["bid"]) if data["bid"] else None
+        data["state"] = PState(data["state"])
+        data["seen"] = set(data["seen"])
+        return cls(**data)
+
+
+@dataclass(frozen=True, slots=True)
+class _Addr:
+    """The addressing fields of a message being answered."""
+
+    sender: str
+    id: str
+    conversation: str
+
+
+def _reply(
+    me: str,
+    to: Message | _Addr,
+    kind: MessageType,
+    elements: list[dict[str, Any]],
+    reply_by: int | None = None,
+) -> Message:
+    return make_message(
+        kind,
+        sender=me,
+        sender_role=Role.PROVIDER,
+        conversation_id=to.conversation,
+        receiver=to.sender,
+        in_reply_to=to.id,
+        reply_by=reply_by,
+        elements=elements,
+    )
+
+
+def _dump(msg: Message) -> dict[str, Any]:
+    return msg.model_dump(mode="json", exclude_none=True)
+
+
+class ProviderRounds:
+    """All rounds a resource takes part in, found by the ids messages refer to.
+
+    A call opens a round; later messages name our proposal (accept, reject) or
+    the acceptance (a cancel) in `inReplyTo`, and that is how they find it.
+    """
+
+    def __init__(self) -> None:
+        self.by_cfp: dict[str, Provider] = {}
+        self._by_ref: dict[str, Provider] = {}
+
+    def add(self, p: Provider) -> None:
+        self.by_cfp[p.cfp_id] = p
+        self.index(p)
+
+    def index(self, p: Provider) -> None:
+        """Call after every transition: the proposal and acceptance ids become known as it runs."""
+        for ref in (p.proposal_id, p.accept_id):
+            if ref:
+                self._by_ref[ref] = p
+
+    def route(self, msg: Message) -> Provider | None:
+        if msg.type is M.CALL_FOR_PROPOSAL:
+            return self.by_cfp.get(msg.id)
+        return self._by_ref.get(msg.in_reply_to or "")
+
+    def __iter__(self):
+        return iter(list(self.by_cfp.values()))
+
+    def __len__(self) -> int:
+        return len(self.by_cfp)
+
+    def drop(self, p: Provider) -> None:
+        """Forget a finished round (its answers can no longer be replayed)."""
+        self.by_cfp.pop(p.cfp_id, None)
+        for ref in (p.proposal_id, p.accept_id):
+            self._by_ref.pop(ref, None)

@@ -1,0 +1,475 @@
+"""The requester's side of one bidding procedure (VDI/VDE 2193-2), sans-I/O.
+
+One `Requester` per manufacturing step: it calls for proposals, collects until
+`replyBy` or until every expected bidder answered, selects by the product's
+priority, accepts one and rejects the rest, waits for the booking confirmation
+and then for the result. It never touches a socket, a clock or a database: the
+driver feeds it messages and the current time (epoch ms) and carries out the
+effects it returns. Every rule is reachable from `TABLE`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from protocol.bidding.effects import (
+    Awarded,
+    CallIssued,
+    Completed,
+    Failed,
+    Note,
+    Rebid,
+    Scheduled,
+    Send,
+)
+from protocol.elements import Bid, Booking, ElementError, Reason, StepCall, StepResult
+from protocol.frame import Message, MessageType, Role, make_message, new_id
+from protocol.selection import Offer, PriorityWeighted, SelectionPolicy
+
+M = MessageType
+DEADLINE = "deadline"
+
+
+class RState(StrEnum):
+    COLLECTING = "collecting"  # call issued, proposals coming in
+    BACKOFF = "backoff"  # no proposal in the last round; waiting before calling again
+    AWARDING = "awarding"  # acceptProposal sent, waiting for informConfirm
+    CONFIRMED = "confirmed"  # booked by the provider, waiting for inform / informFailure
+    DONE = "done"
+    FAILED = "failed"
+
+
+TERMINAL = frozenset({RState.DONE, RState.FAILED})
+
+#: (state, event) -> handler. Events are message types or DEADLINE. Pairs not
+#: listed: a proposal is rejected as late, a stray informConfirm is cancelled,
+#: a notUnderstood is only noted, anything else is answered with notUnderstood.
+TABLE: dict[tuple[RState, str], str] = {
+    (RState.COLLECTING, M.PROPOSAL): "_on_proposal",
+    (RState.COLLECTING, M.REFUSE_PROPOSAL): "_on_refusal",
+    (RState.COLLECTING, M.NOT_UNDERSTOOD): "_on_refusal",
+    (RState.COLLECTING, DEADLINE): "_close",
+    (RState.BACKOFF, DEADLINE): "_on_backoff_over",
+    (RState.AWARDING, M.INFORM_CONFIRM): "_on_confirm",
+    (RState.AWARDING, M.REFUSE_PROPOSAL): "_on_withdrawn",
+    (RState.AWARDING, M.INFORM_FAILURE): "_on_withdrawn",
+    (RState.AWARDING, M.NOT_UNDERSTOOD): "_on_withdrawn",
+    (RState.AWARDING, DEADLINE): "_on_confirm_timeout",
+    (RState.CONFIRMED, M.INFORM): "_on_inform",
+    (RState.CONFIRMED, M.INFORM_FAILURE): "_on_step_failure",
+    (RState.CONFIRMED, M.INFORM_CONFIRM): "_on_repeated_confirm",
+    (RState.CONFIRMED, DEADLINE): "_on_status_due",
+}
+
+
+@dataclass(frozen=True)
+class RequesterConfig:
+    reply_window_ms: int = 2_000  # how long bidders have to answer a call
+    max_rounds: int = 5  # rounds without a single valid proposal before the step fails
+    backoff_ms: int = 1_000  # first back-off after an empty round; doubles each time
+    backoff_max_ms: int = 60_000
+    confirm_timeout_ms: int = 30_000  # acceptProposal -> informConfirm
+    confirm_retries: int = 2  # the acceptance is re-sent this often before the award is withdrawn
+    status_interval_ms: int = 60_000  # after a booking: ask again this long past the expected completion
+    max_failures: int = 3  # withdrawn awards and informFailure before the step fails
+
+
+@dataclass
+class Requester:
+    me: str  # AAS id of the product
+    conversation_id: str
+    call: StepCall
+    expected: frozenset[str] = frozenset()  # AAS ids of the bidders expected to answer
+    config: RequesterConfig = field(default_factory=RequesterConfig)
+    policy: SelectionPolicy = field(default_factory=PriorityWeighted)
+
+    state: RState = RState.COLLECTING
+    round: int = 0
+    cfp_id: str = ""
+    past_cfps: list[str] = field(default_factory=list)
+    reply_by: int = 0
+    deadline: int | None = None  # epoch ms at which `tick` has something to do
+    offers: dict[str, Offer] = field(default_factory=dict)  # by bidder
+    offer_valid: dict[str, int | None] = field(default_factory=dict)  # proposal id -> valid until (ms)
+    answered: set[str] = field(default_factory=set)
+    seen: set[str] = field(default_factory=set)
+    winner: Offer | None = None
+    accept_id: str = ""
+    accept_msg: dict[str, Any] | None = None  # re-sent to ask the winner where it stands
+    retries: int = 0
+    cancelled: set[str] = field(default_factory=set)  # bidders whose award we withdrew
+    empty_rounds: int = 0
+    failures: int = 0
+    reason: str = ""
+
+    # --- inputs -------------------------------------------------------------------------------------
+
+    def start(self, now: int) -> list[object]:
+        """Issue the first call for proposals."""
+        if self.round:
+            raise RuntimeError("requester already started")
+        return self._issue_call(now)
+
+    def receive(self, msg: Message, now: int) -> list[object]:
+        """Handle one message of this conversation."""
+        if msg.id in self.seen:
+            return [Note("duplicate", f"{msg.type} {msg.id} from {msg.sender} ignored", msg.id)]
+        self.seen.add(msg.id)
+        handler = TABLE.get((self.state, msg.type))
+        if handler is None:
+            return self._unexpected(msg, now)
+        return getattr(self, handler)(msg, now)
+
+    def tick(self, now: int) -> list[object]:
+        """Advance on time alone: replyBy passed, back-off over, confirmation overdue."""
+        if self.deadline is None or now < self.deadline:
+            return []
+        handler = TABLE.get((self.state, DEADLINE))
+        self.deadline = None
+        return getattr(self, handler)(None, now) if handler else []
+
+    def set_expected(self, bidders: frozenset[str]) -> None:
+        """Update who is expected to answer (the registry may change between rounds)."""
+        self.expected = frozenset(bidders)
+
+    def expect_completion(self, at: int) -> None:
+        """The driver's estimate (epoch ms) of when the booked step ends; a status query follows if silent."""
+        if self.state is RState.CONFIRMED:
+            self.deadline = at + self.config.status_interval_ms
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL
+
+    # --- handlers -----------------------------------------------------------------------------------
+
+    def _on_backoff_over(self, _msg: None, now: int) -> list[object]:
+        """Back-off over: call for proposals again (new round, same conversation)."""
+        return self._issue_call(now)
+
+    def _issue_call(self, now: int) -> list[object]:
+        if self.cfp_id:
+            self.past_cfps.append(self.cfp_id)
+        self.round += 1
+        self.state = RState.COLLECTING
+        self.cfp_id = new_id()
+        self.reply_by = now + self.config.reply_window_ms
+        self.deadline = self.reply_by
+        self.offers.clear()
+        self.answered.clear()
+        self.winner = None
+        self.accept_id = ""
+        cfp = make_message(
+            M.CALL_FOR_PROPOSAL,
+            sender=self.me,
+            sender_role=Role.REQUESTER,
+            conversation_id=self.conversation_id,
+            reply_by=self.reply_by,
+            elements=self.call.to_json_elements(),
+            message_id=self.cfp_id,
+        )
+        sends = [
+            Send(cfp, capability=c) for c in self.call.capabilities
+        ]  # one call, every acceptable capability
+        return [*sends, CallIssued(self.round, self.cfp_id, self.reply_by)]
+
+    def _on_proposal(self, msg: Message, now: int) -> list[object]:
+        """Record a bid for the current call; late, second or unreadable bids are rejected; close early once every expected bidder answered."""
+        if msg.in_reply_to != self.cfp_id:
+            return self._unexpected(msg, now)
+        if now > self.reply_by:
+            return self._reject(msg, "late", f"proposal arrived {now - self.reply_by} ms after replyBy")
+        if msg.sender in self.offers:
+            return self._reject(msg, "second-proposal", "only the first proposal per bidder and round counts")
+        try:
+            bid = Bid.from_json_elements(msg.interactionElements)
+        except ElementError as exc:
+            self.answered.add(msg.sender)
+            return [*self._not_understood(msg, str(exc)), *self._maybe_close(now)]
+        self.offers[msg.sender] = Offer(msg.id, msg.sender, bid)
+        self.offer_valid[msg.id] = msg.reply_by
+        self.answered.add(msg.sender)
+        return self._maybe_close(now)
+
+    def _on_refusal(self, msg: Message, now: int) -> list[object]:
+        """Count the bidder as answered; close early once every expected bidder answered."""
+        if msg.in_reply_to != self.cfp_id:
+            return [
+                Note("out-of-sequence", f"{msg.type} from {msg.sender} answers {msg.in_reply_to}", msg.id)
+            ]
+        self.answered.add(msg.sender)
+        return self._maybe_close(now)
+
+    def _maybe_close(self, now: int) -> list[object]:
+        """Count the bidder as answered; close early once every expected bidder answered."""
+        if self.expected and self.expected <= self.answered:
+            return self._close(None, now)
+        return []
+
+    def _close(self, _msg: Message | None, now: int) -> list[object]:
+        """replyBy passed (or all answered): rank valid bids by priority, accept the best, reject the rest; none valid: back off, or fail after max_rounds."""
+        valid, expired = [], []
+        for offer in self.offers.values():
+            until = self.offer_valid.get(offer.proposal_id)
+            (valid if until is None or until > now else expired).append(offer)
+        effects: list[object] = []
+        if not valid:
+            self.empty_rounds += 1
+            if self.empty_rounds >= self.config.max_rounds:
+                return self._fail(f"no valid proposal in {self.empty_rounds} rounds")
+            self.state = RState.BACKOFF
+            wait = min(self.config.backoff_ms * 2 ** (self.empty_rounds - 1), self.config.backoff_max_ms)
+            self.deadline = now + wait
+            return [Note("no-proposals", f"round {self.round}: none valid; calling again in {wait} ms")]
+        ranking = tuple(self.policy.rank(valid, self.call.priority))
+        self.winner = ranking[0].offer
+        self.accept_id = new_id()
+        self.state = RState.AWARDING
+        self.retries = 0
+        self.deadline = now + self.config.confirm_timeout_ms
+        accept = make_message(
+            M.ACCEPT_PROPOSAL,
+            sender=self.me,
+            sender_role=Role.REQUESTER,
+            conversation_id=self.conversation_id,
+            receiver=self.winner.provider,
+            in_reply_to=self.winner.proposal_id,
+            message_id=self.accept_id,
+            elements=self.winner.bid.to_json_elements(),
+        )
+        self.accept_msg = accept.model_dump(mode="json", exclude_none=True)
+        effects.append(Awarded(self.round, ranking, tuple(expired)))
+        effects.append(Send(accept))
+        for ranked in ranking[1:]:
+            o = ranked.offer
+            effects.append(self._reject_offer(o.provider, o.proposal_id, "not-selected", ranked.reason))
+        for o in expired:
+            effects.append(
+                self._reject_offer(o.provider, o.proposal_id, "expired", "offer expired before the decision")
+            )
+        return effects
+
+    def _on_confirm(self, msg: Message, now: int) -> list[object]:
+        """The winner booked the step: scheduled; a status query follows if it stays silent past the expected end."""
+        if not self._from_winner(msg, self.accept_id):
+            return self._stray(msg, now)
+        try:
+            booking = Booking.from_json_elements(msg.interactionElements)
+        except ElementError as exc:
+            # The provider booked but said so badly: treat the booking as made with the offered times.
+            booking = Booking(
+                self.winner.bid.resource, self.winner.bid.earliest_start, self.winner.bid.completion
+            )
+            note = Note("bad-elements", f"informConfirm from {msg.sender}: {exc}", msg.id)
+            self.state, self.deadline = RState.CONFIRMED, now + self.config.status_interval_ms
+            return [note, Scheduled(msg.sender, booking)]
+        self.state, self.deadline = RState.CONFIRMED, now + self.config.status_interval_ms
+        return [Scheduled(msg.sender, booking)]
+
+    def _on_repeated_confirm(self, msg: Message, now: int) -> list[object]:
+        """The winner booked the step: scheduled; a status query follows if it stays silent past the expected end."""
+        if not self._from_winner(msg, self.accept_id):
+            return self._stray(msg, now)
+        return [Note("duplicate", f"second informConfirm {msg.id} from {msg.sender}", msg.id)]
+
+    def _on_withdrawn(self, msg: Message, now: int) -> list[object]:
+        """A second confirmation with a new id: noted, nothing changes."""
+        if not self._from_winner(msg, self.accept_id):
+            return self._stray(msg, now)
+        return self._rebid(now, f"{msg.sender} withdrew ({msg.type})")
+
+    def _on_confirm_timeout(self, _msg: Message | None, now: int) -> list[object]:
+        """The winner declined the acceptance (offer expired, cannot do it): bid the step again."""
+        assert self.winner is not None
+        if self.retries < self.config.confirm_retries:
+            self.retries += 1
+            self.deadline = now + self.config.confirm_timeout_ms
+            note = Note(
+                "confirm-overdue", f"no informConfirm from {self.winner.provider}; acceptance re-sent"
+            )
+            return [note, self._resend_accept()]
+        cancel = self._cancel(self.winner.provider, self.accept_id, "no informConfirm in time")
+        return [cancel, *self._rebid(now, f"no informConfirm from {self.winner.provider} in time")]
+
+    def _on_status_due(self, _msg: Message | None, now: int) -> list[object]:
+        """Booked but silent past the expected end: re-send the acceptance, the provider replays its answer."""
+        self.deadline = now + self.config.status_interval_ms
+        return [
+            Note("status-query", f"asking {self.winner.provider if self.winner else '?'} for the result"),
+            self._resend_accept(),
+        ]
+
+    def _resend_accept(self) -> Send:
+        assert self.accept_msg is not None
+        return Send(Message.model_validate(self.accept_msg))
+
+    def _on_inform(self, msg: Message, now: int) -> list[object]:
+        """No informConfirm in time: re-send the same acceptance (answered idempotently); after confirm_retries, cancel the award and bid again."""
+        if not self._from_winner(msg, self.accept_id):
+            return self._stray(msg, now)
+        try:
+            result = StepResult.from_json_elements(msg.interactionElements)
+        except ElementError as exc:
+            return [
+                Note("bad-elements", f"inform from {msg.sender}: {exc}", msg.id),
+                *self._not_understood(msg, str(exc)),
+            ]
+        self.state, self.deadline = RState.DONE, None
+        return [Completed(msg.sender, result)]
+
+    def _on_step_failure(self, msg: Message, now: int) -> list[object]:
+        """The step is done: record the result; the conversation ends."""
+        if not self._from_winner(msg, self.accept_id):
+            return self._stray(msg, now)
+        return self._rebid(now, f"{msg.sender} failed the step")
+
+    # --- helpers ------------------------------------------------------------------------------------
+
+    def _rebid(self, now: int, reason: str) -> list[object]:
+        """The provider could not do the step: bid it again (up to max_failures)."""
+        self.failures += 1
+        if self.winner is not None:
+            self.cancelled.add(self.winner.provider)
+        if self.failures > self.config.max_failures:
+            return self._fail(f"{reason}; gave up after {self.failures} failed awards")
+        return [Rebid(reason, self.round + 1), *self._issue_call(now)]
+
+    def _fail(self, reason: str) -> list[object]:
+        self.state, self.deadline, self.reason = RState.FAILED, None, reason
+        return [Failed(reason)]
+
+    def _from_winner(self, msg: Message, accept_id: str) -> bool:
+        return self.winner is not None and msg.sender == self.winner.provider and msg.in_reply_to == accept_id
+
+    def _unexpected(self, msg: Message, now: int) -> list[object]:
+        if msg.type is M.PROPOSAL:
+            if msg.in_reply_to == self.cfp_id or msg.in_reply_to in self.past_cfps:
+                return self._reject(msg, "late", f"proposal arrived in state {self.state}")
+            return self._not_understood(msg, "proposal does not answer a call of this conversation")
+        if msg.type is M.INFORM_CONFIRM:
+            return self._stray(msg, now)
+        if msg.type is M.NOT_UNDERSTOOD or msg.type is M.REFUSE_PROPOSAL:
+            return [Note("out-of-sequence", f"{msg.type} from {msg.sender} in state {self.state}", msg.id)]
+        return self._not_understood(msg, f"{msg.type} does not fit state {self.state} of the requester")
+
+    def _stray(self, msg: Message, now: int) -> list[object]:
+        """A booking or result from someone who is not (or no longer) the winner."""
+        if msg.type is M.INFORM_CONFIRM:
+            # A booking we do not (or no longer) want: cancel it so the provider frees the slot.
+            return [
+                Note("stray-confirm", f"informConfirm from {msg.sender} after the award moved on", msg.id),
+                self._cancel(msg.sender, msg.in_reply_to or "", "award withdrawn"),
+            ]
+        return [
+            Note("not-participant", f"{msg.type} from {msg.sender} who is not the current winner", msg.id),
+            *self._not_understood(msg, "sender is not the provider of this step"),
+        ]
+
+    def _reject(self, msg: Message, code: str, text: str) -> list[object]:
+        return [
+            Note(code, f"proposal {msg.id} from {msg.sender}: {text}", msg.id),
+            self._reject_offer(msg.sender, msg.id, code, text),
+        ]
+
+    def _reject_offer(self, provider: str, proposal_id: str, code: str, text: str) -> Send:
+        return Send(
+            make_message(
+                M.REJECT_PROPOSAL,
+                sender=self.me,
+                sender_role=Role.REQUESTER,
+                conversation_id=self.conversation_id,
+                receiver=provider,
+                in_reply_to=proposal_id,
+                elements=Reason(code, text).to_json_elements(),
+            )
+        )
+
+    def _cancel(self, provider: str, in_reply_to: str, text: str) -> Send:
+        self.cancelled.add(provider)
+        return Send(
+            make_message(
+                M.REJECT_PROPOSAL,
+                sender=self.me,
+                sender_role=Role.REQUESTER,
+                conversation_id=self.conversation_id,
+                receiver=provider,
+                in_reply_to=in_reply_to or None,
+                elements=Reason("cancelled", text).to_json_elements(),
+            )
+        )
+
+    def _not_understood(self, msg: Message, text: str) -> list[object]:
+        return [
+            Note("not-understood", f"{msg.type} {msg.id} from {msg.sender}: {text}", msg.id),
+            Send(
+                make_message(
+                    M.NOT_UNDERSTOOD,
+                    sender=self.me,
+                    sender_role=Role.REQUESTER,
+                    conversation_id=self.conversation_id,
+                    receiver=msg.sender,
+                    in_reply_to=msg.id,
+                    elements=Reason("not-understood", text).to_json_elements(),
+                )
+            ),
+        ]
+
+    # --- persistence --------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything needed to resume after a crash, as JSON-able data."""
+        return {
+            "me": self.me,
+            "conversation_id": self.conversation_id,
+            "call": dataclasses.asdict(self.call),
+            "expected": sorted(self.expected),
+            "config": dataclasses.asdict(self.config),
+            "state": self.state.value,
+            "round": self.round,
+            "cfp_id": self.cfp_id,
+            "past_cfps": list(self.past_cfps),
+            "reply_by": self.reply_by,
+            "deadline": self.deadline,
+            "offers": [[o.proposal_id, o.provider, dataclasses.asdict(o.bid)] for o in self.offers.values()],
+            "offer_valid": dict(self.offer_valid),
+            "answered": sorted(self.answered),
+            "seen": sorted(self.seen),
+            "winner": [self.winner.proposal_id, self.winner.provider, dataclasses.asdict(self.winner.bid)]
+            if self.winner
+            else None,
+            "accept_id": self.accept_id,
+            "accept_msg": self.accept_msg,
+            "retries": self.retries,
+            "cancelled": sorted(self.cancelled),
+            "empty_rounds": self.empty_rounds,
+            "failures": self.failures,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def restore(cls, data: dict[str, Any], policy: SelectionPolicy | None = None) -> Requester:
+        def offer(row: list[Any]) -> Offer:
+            return Offer(row[0], row[1], Bid(**row[2]))
+
+        r = cls(
+            me=data["me"],
+            conversation_id=data["conversation_id"],
+            call=StepCall(**data["call"]),
+            expected=frozenset(data["expected"]),
+            config=RequesterConfig(**data["config"]),
+            policy=policy or PriorityWeighted(),
+        )
+        r.state = RState(data["state"])
+        r.round, r.cfp_id, r.past_cfps = data["round"], data["cfp_id"], list(data["past_cfps"])
+        r.reply_by, r.deadline = data["reply_by"], data["deadline"]
+        r.offers = {row[1]: offer(row) for row in data["offers"]}
+        r.offer_valid = dict(data["offer_valid"])
+        r.answered, r.seen = set(data["answered"]), set(data["seen"])
+        r.winner = offer(data["winner"]) if data["winner"] else None
+        r.accept_id, r.cancelled = data["accept_id"], set(data["cancelled"])
+        r.accept_msg, r.retries = data["accept_msg"], data["retries"]
+        r.empty_rounds, r.failures, r.reason = data["empty_rounds"], data["failures"], data["reason"]
+        return r

@@ -1,0 +1,286 @@
+"""Which MQTT broker a run uses, and starting it.
+
+``start_broker(url, workdir)``:
+
+* ``None`` (or ``"embedded"``/``"amqtt"``): an embedded amqtt broker in a child process on a free
+  loopback port: zero set-up, MQTT 3.1.1 only, no persistence (see ``protocol.embedded_broker``).
+* ``"mosquitto"``: a private mosquitto on a free loopback port with a generated config and
+  persistence in ``workdir``.
+* an ``mqtt://`` / ``mqtts://`` URL: an external broker; nothing is started or stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from protocol.mosquitto import MosquittoProcess, find_mosquitto, free_port, wait_for_port
+from protocol.transport import BrokerAddress
+
+__all__ = ["BrokerStartError", "EmbeddedBroker", "RunningBroker", "start_broker"]
+
+_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class BrokerStartError(RuntimeError):
+    """A broker process did not come up."""
+
+
+class EmbeddedBroker:
+    """amqtt 0.12 in a child process (``python -m protocol.embedded_broker``) on a free port.
+
+    MQTT 3.1.1 only: ``address.protocol`` is ``"3.1.1"`` so ``auto`` transports skip the MQTT 5
+    attempt, which amqtt would leave unanswered.
+    """
+
+    def __init__(
+        self,
+        workdir: str | Path | None = None,
+        port: int | None = None,
+        *,
+        host: str = "127.0.0.1",
+        session_expiry: int = 3600,
+        start_timeout: float = 20.0,
+        python: str | None = None,
+    ) -> None:
+        self.workdir = (
+            Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="twinbid-amqtt-"))
+        )
+        self.host = host
+        self._requested_port = port
+        self.port: int = port or 0
+        self.session_expiry = session_expiry
+        self.start_timeout = start_timeout
+        self.python = python or sys.executable
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: Any = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "amqtt.log"
+
+    @property
+    def address(self) -> BrokerAddress:
+        return BrokerAddress(host=self.host, port=self.port, protocol="3.1.1")
+
+    @property
+    def url(self) -> str:
+        return self.address.url()
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def __repr__(self) -> str:
+        return f"<EmbeddedBroker {self.host}:{self.port} {'running' if self.running else 'stopped'}>"
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def start(self) -> EmbeddedBroker:
+        if self.running:
+            return self
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        attempts = 1 if self._requested_port else 5
+        for attempt in range(attempts):
+            if not self.port:
+                self.port = free_port(self.host)
+            try:
+                self._spawn()
+                return self
+            except BrokerStartError:
+                if attempt == attempts - 1 or self._requested_port:
+                    raise
+                self.port = 0  # the port was taken meanwhile: try another one
+        raise BrokerStartError("unreachable")  # pragma: no cover
+
+    def _spawn(self) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH")) if p)
+        self._log = open(self.log_path, "ab")
+        cmd = [
+            self.python,
+            "-m",
+            "protocol.embedded_broker",
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--session-expiry",
+            str(self.session_expiry),
+        ]
+        self._proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=env,
+            start_new_session=True,
+        )
+        try:
+            self._wait_ready()
+            wait_for_port(self.host, self.port, 5.0, alive=lambda: self.running)
+        except Exception as exc:
+            self.stop()
+            raise BrokerStartError(
+                f"embedded broker did not start on {self.host}:{self.port}: {exc}\n{self.log_tail()}"
+            ) from None
+
+    def _wait_ready(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        deadline = time.monotonic() + self.start_timeout
+        line = b""
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._proc.stdout, selectors.EVENT_READ)
+            while not line.endswith(b"\n"):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"no READY line within {self.start_timeout:.0f}s")
+                if not sel.select(remaining):
+                    continue
+                chunk = os.read(self._proc.stdout.fileno(), 256)
+                if not chunk:
+                    raise BrokerStartError(f"exited with code {self._proc.wait()}")
+                line += chunk
+        if not line.startswith(b"READY"):
+            raise BrokerStartError(f"unexpected output {line!r}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        proc = self._proc
+        if proc is not None:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+            if proc.stdout is not None:
+                proc.stdout.close()
+            self._proc = None
+        if self._log is not None:
+            with contextlib.suppress(OSError):
+                self._log.close()
+            self._log = None
+
+    def kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(5)
+        self.stop()
+
+    def restart(self) -> EmbeddedBroker:
+        """Stop and start again on the same port.  amqtt keeps nothing: sessions are gone."""
+        self.stop()
+        self._requested_port = self.port
+        for _ in range(50):
+            try:
+                return self.start()
+            except BrokerStartError:
+                time.sleep(0.1)
+        return self.start()
+
+    async def astart(self) -> EmbeddedBroker:
+        return await asyncio.to_thread(self.start)
+
+    async def astop(self) -> None:
+        await asyncio.to_thread(self.stop)
+
+    async def arestart(self) -> EmbeddedBroker:
+        return await asyncio.to_thread(self.restart)
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> EmbeddedBroker:
+        return await self.astart()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.astop()
+
+
+BrokerKind = Literal["embedded", "mosquitto", "external"]
+
+
+class RunningBroker:
+    """The broker a run talks to: ``address`` for the transports, ``stop()``/``restart()``."""
+
+    def __init__(self, kind: BrokerKind, address: BrokerAddress, process: Any = None) -> None:
+        self.kind: BrokerKind = kind
+        self._address = address
+        self.process: EmbeddedBroker | MosquittoProcess | None = process
+
+    @property
+    def address(self) -> BrokerAddress:
+        if self.process is not None:
+            return self.process.address
+        return self._address
+
+    @property
+    def url(self) -> str:
+        return self.address.url()
+
+    def stop(self) -> None:
+        """Stop a broker we started; an external broker is left alone."""
+        if self.process is not None:
+            self.process.stop()
+
+    def restart(self) -> None:
+        if self.process is None:
+            raise RuntimeError("an external broker cannot be restarted from here")
+        self.process.restart()
+
+    async def astop(self) -> None:
+        await asyncio.to_thread(self.stop)
+
+    async def arestart(self) -> None:
+        await asyncio.to_thread(self.restart)
+
+    def __enter__(self) -> RunningBroker:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<RunningBroker {self.kind} {self.address}>"
+
+
+def start_broker(url: str | None, workdir: Path, **options: Any) -> RunningBroker:
+    """Start (or just point at) the broker for a run; see the module docstring.
+
+    ``options`` go to ``MosquittoProcess`` (and from there to ``mosquitto_config``) or to
+    ``EmbeddedBroker``.
+    """
+    workdir = Path(workdir)
+    if url is None or url.strip().lower() in ("", "embedded", "amqtt"):
+        broker = EmbeddedBroker(workdir / "broker", **options).start()
+        return RunningBroker("embedded", broker.address, broker)
+    if url.strip().lower() == "mosquitto":
+        if find_mosquitto() is None:
+            raise BrokerStartError(
+                "mosquitto is not installed (Debian: apt-get install mosquitto); "
+                "leave the broker URL out to use the embedded broker"
+            )
+        process = MosquittoProcess(workdir / "mosquitto", **options).start()
+        return RunningBroker("mosquitto", process.address, process)
+    return RunningBroker("external", BrokerAddress.from_url(url))

@@ -1,0 +1,120 @@
+"""Choosing among proposals by the product's priority.
+
+The reference platform's rule: top-priority instances as soon as possible,
+lowest-priority ones as inexpensively as possible. Between the two ends we blend
+the two criteria linearly, each normalised over the offers at hand:
+
+    w = (priority - 1) / (levels - 1)            # 0 for priority 1 (top), 1 for the lowest
+    score = (1 - w) * norm(completion) + w * norm(price)     # lower is better
+    norm(x) = (x - min) / (max - min), or 0 when all offers agree
+
+Ties break by earlier completion, then lower price, then provider id, so the same
+offers always give the same winner. Researchers plug in their own policy by
+implementing `SelectionPolicy.rank`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from protocol.elements import Bid
+
+PRIORITY_LEVELS = 5  # 1 = top priority ... 5 = lowest
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """A proposal as the requester sees it."""
+
+    proposal_id: str
+    provider: str  # AAS id of the bidder
+    bid: Bid
+
+
+@dataclass(frozen=True, slots=True)
+class Ranked:
+    offer: Offer
+    score: float
+    reason: str  # a short human-readable account of the score
+
+
+class SelectionPolicy(Protocol):
+    name: str
+
+    def rank(self, offers: list[Offer], priority: int) -> list[Ranked]:
+        """Return the offers best first; the first one wins."""
+        ...
+
+
+def _norm(values: list[float]) -> list[float]:
+    lo, hi = min(values), max(values)
+    span = hi - lo
+    return [0.0 if span <= 0 else (v - lo) / span for v in values]
+
+
+def price_weight(priority: int, levels: int = PRIORITY_LEVELS) -> float:
+    if not 1 <= priority <= levels:
+        raise ValueError(f"priority {priority} outside 1..{levels}")
+    return (priority - 1) / (levels - 1)
+
+
+@dataclass(frozen=True)
+class PriorityWeighted:
+    """The default policy described in the module docstring."""
+
+    levels: int = PRIORITY_LEVELS
+    name: str = "priority-weighted"
+
+    def rank(self, offers: list[Offer], priority: int) -> list[Ranked]:
+        if not offers:
+            return []
+        w = price_weight(min(max(priority, 1), self.levels), self.levels)
+        t_norm = _norm([o.bid.completion for o in offers])
+        p_norm = _norm([o.bid.price for o in offers])
+        scored = []
+        for o, t, p in zip(offers, t_norm, p_norm, strict=True):
+            score = (1 - w) * t + w * p
+            reason = (
+                f"priority {priority}: score {score:.4f} = {1 - w:.2f}*completion({o.bid.completion:g}→{t:.3f})"
+                f" + {w:.2f}*price({o.bid.price:g}→{p:.3f})"
+            )
+            scored.append(Ranked(o, score, reason))
+        scored.sort(key=lambda r: (r.score, r.offer.bid.completion, r.offer.bid.price, r.offer.provider))
+        return scored
+
+
+@dataclass(frozen=True)
+class EarliestCompletion:
+    """Always the earliest completion, whatever the priority (a baseline for studies)."""
+
+    name: str = "earliest-completion"
+
+    def rank(self, offers: list[Offer], priority: int) -> list[Ranked]:
+        ordered = sorted(offers, key=lambda o: (o.bid.completion, o.bid.price, o.provider))
+        return [Ranked(o, o.bid.completion, f"completion {o.bid.completion:g}") for o in ordered]
+
+
+@dataclass(frozen=True)
+class Cheapest:
+    """Always the lowest price, whatever the priority (a baseline for studies)."""
+
+    name: str = "cheapest"
+
+    def rank(self, offers: list[Offer], priority: int) -> list[Ranked]:
+        ordered = sorted(offers, key=lambda o: (o.bid.price, o.bid.completion, o.provider))
+        return [Ranked(o, o.bid.price, f"price {o.bid.price:g}") for o in ordered]
+
+
+POLICIES: dict[str, type] = {
+    "priority-weighted": PriorityWeighted,
+    "earliest-completion": EarliestCompletion,
+    "cheapest": Cheapest,
+}
+
+
+def make_policy(name: str) -> SelectionPolicy:
+    try:
+        return POLICIES[name]()
+    except KeyError:
+        raise ValueError(f"unknown selection policy {name!r}; known: {', '.join(sorted(POLICIES))}") from None

@@ -1,0 +1,256 @@
+"""Async client of the registry (and the retry policy shared with :mod:`agents.aas.client`).
+
+Retries cover *transient* failures only: connection errors and 502/503/504. Idempotent requests (GET,
+PUT, DELETE — registration uses PUT) are retried on any transport error; POST only when the request
+cannot have reached the server (connect errors) or the server said 503. Other 4xx/5xx answers raise
+:class:`HttpError` (:class:`NotFound`, :class:`Conflict`, :class:`BadRequest`) at once, with the
+messages of the spec's ``Result`` body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential
+
+from .descriptors import EXPIRES_HEADER, LEASE_HEADER
+from .identifiers import b64url_encode
+
+log = logging.getLogger(__name__)
+
+TRANSIENT_STATUS = frozenset({502, 503, 504})
+IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH"})
+
+
+class HttpError(Exception):
+    """A non-transient error answer (or a transient one that outlasted the retries)."""
+
+    def __init__(
+        self,
+        status: int,
+        text: str,
+        messages: list[dict[str, Any]] | None = None,
+        method: str = "",
+        url: str = "",
+    ) -> None:
+        super().__init__(f"{method} {url} -> {status}: {text}")
+        self.status = status
+        self.text = text
+        self.messages = messages or []
+
+
+class BadRequest(HttpError):
+    pass
+
+
+class NotFound(HttpError):
+    pass
+
+
+class Conflict(HttpError):
+    pass
+
+
+class _TransientStatus(Exception):
+    def __init__(self, response: httpx.Response) -> None:
+        super().__init__(response.status_code)
+        self.response = response
+
+
+def error_from(response: httpx.Response) -> HttpError:
+    messages: list[dict[str, Any]] = []
+    text = response.reason_phrase or "error"
+    with contextlib.suppress(ValueError, AttributeError, TypeError):
+        body = response.json()
+        messages = list(body.get("messages") or [])
+        if messages:
+            text = "; ".join(str(m.get("text", "")) for m in messages)
+    cls = {400: BadRequest, 404: NotFound, 409: Conflict}.get(response.status_code, HttpError)
+    return cls(response.status_code, text, messages, response.request.method, str(response.request.url))
+
+
+async def send(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    attempts: int = 4,
+    max_delay: float = 10.0,
+    ok: tuple[int, ...] = (),
+    **kwargs: Any,
+) -> httpx.Response:
+    """Send with the transient-only retry policy; raise :class:`HttpError` for error answers not in ``ok``."""
+    idempotent = method.upper() in IDEMPOTENT
+
+    def transient(exc: BaseException) -> bool:
+        if isinstance(exc, _TransientStatus):
+            return idempotent or exc.response.status_code == 503
+        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+            return True
+        return idempotent and isinstance(exc, httpx.TransportError)
+
+    retrying = AsyncRetrying(
+        stop=stop_after_attempt(attempts) | stop_after_delay(max_delay),
+        wait=wait_exponential(multiplier=0.05, max=1.0),
+        retry=retry_if_exception(transient),
+        reraise=True,
+    )
+    try:
+        async for attempt in retrying:
+            with attempt:
+                response = await client.request(method, url, **kwargs)
+                if response.status_code in TRANSIENT_STATUS and response.status_code not in ok:
+                    raise _TransientStatus(response)
+    except _TransientStatus as exc:
+        raise error_from(exc.response) from None
+    if response.status_code >= 400 and response.status_code not in ok:
+        raise error_from(response)
+    return response
+
+
+class RegistryClient:
+    """``RegistryClient(base_url)``: register / renew / deregister / look up shell descriptors."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 5.0,
+        attempts: int = 4,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.attempts = attempts
+        self._own_client = client is None
+        self._client = client or httpx.AsyncClient(base_url=self.base_url, timeout=timeout)
+        self._registered: dict[str, tuple[dict[str, Any], float | None]] = {}
+        self._keepalive: dict[str, asyncio.Task[None]] = {}
+
+    async def aclose(self) -> None:
+        for task in self._keepalive.values():
+            task.cancel()
+        for task in list(self._keepalive.values()):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._keepalive.clear()
+        if self._own_client:
+            await self._client.aclose()
+
+    async def __aenter__(self) -> RegistryClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _url(self, path: str) -> str:
+        return path if self._own_client else f"{self.base_url}{path}"
+
+    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        return await send(self._client, method, self._url(path), attempts=self.attempts, **kwargs)
+
+    # -- shells -------------------------------------------------------------------------------------------------------
+
+    async def register(self, descriptor: dict[str, Any], ttl: float | None = None) -> float | None:
+        """Create or replace a shell descriptor (PUT, so retries are safe). Returns the lease expiry (epoch s)."""
+        headers = {LEASE_HEADER: repr(float(ttl))} if ttl else {}
+        response = await self._send(
+            "PUT", f"/shell-descriptors/{b64url_encode(descriptor['id'])}", json=descriptor, headers=headers
+        )
+        self._registered[descriptor["id"]] = (descriptor, ttl)
+        expires = response.headers.get(EXPIRES_HEADER)
+        return float(expires) if expires else None
+
+    async def renew(self, aas_id: str, ttl: float | None = None) -> float | None:
+        """Renew the lease of a descriptor registered through this client (re-PUTs it; recreates it if it expired)."""
+        try:
+            descriptor, old_ttl = self._registered[aas_id]
+        except KeyError:
+            raise KeyError(f"{aas_id!r} was not registered through this client") from None
+        return await self.register(descriptor, ttl if ttl is not None else old_ttl)
+
+    async def deregister(self, aas_id: str) -> bool:
+        """Delete a shell descriptor; False if it was not there (or had expired)."""
+        self.stop_keepalive(aas_id)
+        self._registered.pop(aas_id, None)
+        response = await self._send("DELETE", f"/shell-descriptors/{b64url_encode(aas_id)}", ok=(404,))
+        return response.status_code == 204
+
+    def keepalive(self, aas_id: str, interval: float | None = None) -> asyncio.Task[None]:
+        """Renew the lease every ``interval`` seconds (default: a third of the TTL) until deregistered/closed."""
+        descriptor, ttl = self._registered[aas_id]
+        period = interval or (ttl / 3 if ttl else None)
+        if not period:
+            raise ValueError("keepalive needs a TTL or an interval")
+        self.stop_keepalive(aas_id)
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(period)
+                try:
+                    await self.renew(aas_id)
+                except (HttpError, httpx.HTTPError) as exc:
+                    log.warning("renewing the lease of %s failed: %s", aas_id, exc)
+
+        task = asyncio.create_task(loop(), name=f"registry-keepalive:{descriptor.get('idShort', aas_id)}")
+        self._keepalive[aas_id] = task
+        return task
+
+    def stop_keepalive(self, aas_id: str) -> None:
+        task = self._keepalive.pop(aas_id, None)
+        if task is not None:
+            task.cancel()
+
+    async def get(self, aas_id: str) -> dict[str, Any] | None:
+        response = await self._send("GET", f"/shell-descriptors/{b64url_encode(aas_id)}", ok=(404,))
+        return None if response.status_code == 404 else response.json()
+
+    async def _all(self, path: str, params: dict[str, str], page_size: int) -> AsyncIterator[dict[str, Any]]:
+        cursor: str | None = None
+        while True:
+            query = dict(params, limit=str(page_size))
+            if cursor:
+                query["cursor"] = cursor
+            body = (await self._send("GET", path, params=query)).json()
+            for item in body.get("result", []):
+                yield item
+            cursor = (body.get("paging_metadata") or {}).get("cursor")
+            if not cursor:
+                return
+
+    async def list(self, *, page_size: int = 500, **filters: str) -> list[dict[str, Any]]:
+        """All live shell descriptors (following cursors); ``filters`` are query parameters."""
+        return [d async for d in self._all("/shell-descriptors", filters, page_size)]
+
+    async def find_by_capability(self, semantic_id: str, *, page_size: int = 500) -> list[dict[str, Any]]:
+        """Shell descriptors offering a capability (extension ``twinbid:capabilities``)."""
+        return [d async for d in self._all("/shell-descriptors", {"capability": semantic_id}, page_size)]
+
+    async def find_by_short_name(self, short_name: str) -> dict[str, Any] | None:
+        found = [d async for d in self._all("/shell-descriptors", {"shortName": short_name}, 2)]
+        return found[0] if found else None
+
+    # -- submodel registry ------------------------------------------------------------------------------------------
+
+    async def register_submodel(self, descriptor: dict[str, Any], ttl: float | None = None) -> None:
+        headers = {LEASE_HEADER: repr(float(ttl))} if ttl else {}
+        await self._send(
+            "PUT",
+            f"/submodel-descriptors/{b64url_encode(descriptor['id'])}",
+            json=descriptor,
+            headers=headers,
+        )
+
+    async def get_submodel(self, submodel_id: str) -> dict[str, Any] | None:
+        response = await self._send("GET", f"/submodel-descriptors/{b64url_encode(submodel_id)}", ok=(404,))
+        return None if response.status_code == 404 else response.json()
+
+    async def deregister_submodel(self, submodel_id: str) -> bool:
+        response = await self._send(
+            "DELETE", f"/submodel-descriptors/{b64url_encode(submodel_id)}", ok=(404,)
+        )
+        return response.status_code == 204

@@ -1,0 +1,343 @@
+"""`twinbid run`: start a plant from a scenario, run it to the end, leave a complete record.
+
+The launcher starts the broker (unless the scenario or the command line names
+one), the registry, the recorder and every agent — in this process, or spread
+over worker processes — shows progress, injects the scenario's faults, and at the
+end writes the output folder: `run.db`, `messages.jsonl`, `aas/*.aasx`,
+`gantt.png` and `kpis.json`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing as mp
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agents.aas.io import write_aasx
+from agents.persistence import open_database
+from agents.persistence.database import sqlite_url
+from agents.product.agent import start_product
+from agents.resource.agent import start_resource
+from agents.runtime.agent import Agent
+from agents.runtime.node import Node, NodeConfig
+from protocol.broker import RunningBroker, start_broker
+from protocol.recorder import Recorder
+from protocol.transport import BrokerAddress
+from registry.service import RegistryServer
+from scenarios import assembly, gantt, kpis
+from scenarios.loader import load_scenario
+from scenarios.schema import Scenario
+from shopfloor.clock import Clock, make_clock
+
+log = logging.getLogger(__name__)
+
+#: A virtual clock cannot yet span processes; multi-process runs of a virtual scenario use this scale.
+MULTIPROCESS_TIME_SCALE = 20.0
+
+
+@dataclass
+class RunOptions:
+    out: Path
+    broker: str | None = None
+    db: str | None = None
+    processes: int = 1
+    seed: int | None = None
+    progress: bool = True
+    scenario_path: Path | None = None
+
+
+@dataclass
+class RunResult:
+    out: Path
+    kpis: dict[str, Any]
+    timed_out: bool = False
+    interrupted: bool = False
+    notices: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        p = self.kpis["products"]
+        return not self.timed_out and not self.interrupted and p["completed"] == p["total"]
+
+
+@dataclass
+class Plant:
+    """What every process of a run needs to build its share of the plant."""
+
+    scenario: Scenario
+    out: Path
+    broker: BrokerAddress
+    registry_url: str
+    db_url: str
+    clock_kind: str
+    time_scale: float | None
+    wall_origin_ms: int | None
+    seed: int
+
+
+def _clock(plant: Plant) -> Clock:
+    return make_clock(
+        plant.clock_kind, time_scale=plant.time_scale or 1.0, wall_origin_ms=plant.wall_origin_ms
+    )
+
+
+async def _start_agents(node: Node, plant: Plant, share: int, shares: int) -> list[str]:
+    """Start this process's share of the resources and products; return the product names."""
+    scenario = plant.scenario
+    config = assembly.requester_config(scenario, plant.clock_kind, plant.time_scale)
+    validity = assembly.offer_validity(scenario, config)
+    dist = assembly.distances(scenario)
+    log_dir = plant.out / "assets"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    resources = [r for i, r in enumerate(scenario.resources) if i % shares == share]
+    sem = asyncio.Semaphore(32)
+
+    async def resource(r: Any) -> None:
+        async with sem:
+            asset = assembly.make_asset(scenario, r, log_dir, plant.seed)
+            policy = getattr(r, "breakdown_policy", "finish_late")
+            await start_resource(
+                node,
+                asset,
+                kind=r.kind,
+                distances=dist,
+                cost_rates=assembly.cost_rates(r),
+                validity=validity,
+                breakdown_policy=policy,
+            )
+
+    await asyncio.gather(*(resource(r) for r in resources))
+    instances = [p for i, p in enumerate(scenario.product_instances()) if i % shares == share]
+
+    async def product(p: Any) -> None:
+        async with sem:
+            await start_product(node, assembly.product_order(scenario, p), config=config)
+
+    await asyncio.gather(*(product(p) for p in instances))
+    return [p.name for p in instances]
+
+
+def _write_aasx(node: Node, names: list[str], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        objects = node.store.identifiables(name)
+        if objects:
+            write_aasx(folder / f"{name}.aasx", objects)
+
+
+# --- worker processes -------------------------------------------------------------------------------
+
+
+def _worker(plant: Plant, share: int, shares: int, done_q: Any, stop_ev: Any) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    asyncio.run(_worker_main(plant, share, shares, done_q, stop_ev))
+
+
+async def _worker_main(plant: Plant, share: int, shares: int, done_q: Any, stop_ev: Any) -> None:
+    clock = _clock(plant)
+    db = open_database(plant.db_url, create=False)
+    node = Node(NodeConfig(plant.scenario.namespace, plant.broker, plant.registry_url), clock, db)
+    node.finished_hooks.append(lambda a: done_q.put(("finished", a.name)) if a.kind == "product" else None)
+    await node.start()
+    await clock.start()
+    names = await _start_agents(node, plant, share, shares)
+    done_q.put(("started", share, len(names)))
+    await asyncio.to_thread(stop_ev.wait)
+    await node.journal.commit()
+    _write_aasx(node, names, plant.out / "aas")
+    await node.stop()
+    await clock.stop()
+    done_q.put(("stopped", share))
+
+
+# --- the run ----------------------------------------------------------------------------------------
+
+
+async def run(scenario: Scenario, options: RunOptions) -> RunResult:
+    out = options.out
+    out.mkdir(parents=True, exist_ok=True)
+    notices: list[str] = []
+    seed = options.seed if options.seed is not None else scenario.seed
+    db_url = options.db or scenario.database or sqlite_url(out / "run.db")
+    clock_kind, time_scale = scenario.clock.kind, scenario.clock.time_scale
+    processes = max(1, options.processes)
+    if processes > 1 and clock_kind == "virtual":
+        clock_kind, time_scale = "accelerated", MULTIPROCESS_TIME_SCALE
+        notices.append(
+            f"the virtual clock runs in one process only; with --processes {processes} the run uses an "
+            f"accelerated clock ({MULTIPROCESS_TIME_SCALE:g} ms per time unit)"
+        )
+    broker_url = options.broker if options.broker is not None else scenario.broker
+    broker: RunningBroker = await asyncio.to_thread(start_broker, broker_url, out)
+    registry = RegistryServer(sqlite_url(out / "registry.db"))
+    started = time.perf_counter()
+    recorder: Recorder | None = None
+    node: Node | None = None
+    clock: Clock | None = None
+    workers: list[mp.Process] = []
+    ctx = mp.get_context("spawn")
+    done_q = ctx.Queue()
+    stop_ev = ctx.Event()
+    timed_out = interrupted = False
+    try:
+        registry_url = await registry.start()
+        db = open_database(db_url)
+        recorder = await asyncio.to_thread(
+            Recorder(
+                broker.address, scenario.namespace, out / "messages.jsonl", client_id="twinbid-recorder"
+            ).start
+        )
+        wall_origin = int(time.time() * 1000) + 1500 if processes > 1 else None
+        plant = Plant(
+            scenario, out, broker.address, registry_url, db_url, clock_kind, time_scale, wall_origin, seed
+        )
+        clock = _clock(plant)
+        node = Node(NodeConfig(scenario.namespace, broker.address, registry_url), clock, db)
+        finished: set[str] = set()
+        node.finished_hooks.append(lambda a: finished.add(a.name) if a.kind == "product" else None)
+        await node.start()
+        for share in range(1, processes):
+            w = ctx.Process(target=_worker, args=(plant, share, processes, done_q, stop_ev), daemon=True)
+            w.start()
+            workers.append(w)
+        await clock.start()
+        await _start_agents(node, plant, 0, processes)
+        total = len(scenario.product_instances())
+        _schedule_faults(scenario, node, plant, broker, notices)
+        timed_out, interrupted = await _wait(scenario, clock, node, finished, total, done_q, options.progress)
+    finally:
+        wall = time.perf_counter() - started
+        stop_ev.set()
+        if node is not None:
+            with contextlib.suppress(Exception):
+                await node.journal.commit()
+                _write_aasx(node, [n for n in node.agents if node.agents[n].kind == "product"], out / "aas")
+        for w in workers:
+            await asyncio.to_thread(w.join, 30)
+            if w.is_alive():
+                w.kill()
+        if node is not None:
+            await node.stop()
+        if clock is not None:
+            await clock.stop()
+        if recorder is not None:
+            await asyncio.to_thread(recorder.stop)
+        await registry.stop()
+        await asyncio.to_thread(broker.stop)
+    db = open_database(db_url)
+    plan_steps = sum(len(p.plan) for p in scenario.product_instances())
+    figures = kpis.compute(db, wall_seconds=wall, plan_steps=plan_steps)
+    figures["recorded_messages"] = recorder.count if recorder else 0
+    figures["clock"] = {"kind": clock_kind, "time_scale": time_scale}
+    (out / "kpis.json").write_text(kpis.dumps(figures))
+    gantt.gantt(db, out / "gantt.png", title=f"{scenario.name}: schedule")
+    db.dispose()
+    return RunResult(out, figures, timed_out, interrupted, notices)
+
+
+async def _wait(
+    scenario: Scenario, clock: Clock, node: Node, finished: set[str], total: int, done_q: Any, progress: bool
+) -> tuple[bool, bool]:
+    """Until every product finished, the clock ran out, or the wall timeout; with a progress bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    stop = scenario.stop
+    deadline = time.monotonic() + (stop.wall_timeout or 24 * 3600)
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        disable=not progress,
+        transient=False,
+    )
+    last_msgs, last_t, idle = 0, time.monotonic(), 0
+    with bar:
+        task = bar.add_task("products", total=total, info="")
+        while True:
+            while not done_q.empty():
+                item = done_q.get_nowait()
+                if item[0] == "finished":
+                    finished.add(item[1])
+            sent = sum(
+                sum(v for k, v in a.counters.items() if k.startswith("sent:")) for a in node.agents.values()
+            )
+            now = time.monotonic()
+            rate = (sent - last_msgs) / max(now - last_t, 1e-6)
+            last_msgs, last_t = sent, now
+            bar.update(
+                task, completed=len(finished), info=f"t={clock.now():.1f}  {rate:,.0f} msg/s (this process)"
+            )
+            if stop.when == "all_done" and len(finished) >= total:
+                return False, False
+            if stop.max_time is not None and clock.now() >= stop.max_time:
+                return False, False
+            if now > deadline:
+                return True, False
+            idle = idle + 1 if clock.kind == "virtual" and _stalled(clock, node) else 0
+            if idle >= 10:  # a whole second with nothing to do and nothing pending
+                log.warning("the plant is idle but %d products are unfinished", total - len(finished))
+                return False, False
+            await asyncio.sleep(0.1)
+
+
+def _stalled(clock: Clock, node: Node) -> bool:
+    timers = getattr(clock, "timers", None)
+    return bool(clock.pending == 0 and clock.busy == 0 and timers == 0 and node.agents)
+
+
+def _schedule_faults(
+    scenario: Scenario, node: Node, plant: Plant, broker: RunningBroker, notices: list[str]
+) -> None:
+    for fault in scenario.faults:
+        if getattr(fault, "restart_broker", False):
+            node.clock.call_at(fault.at, lambda f=fault: _restart_broker(broker, f.down_for))
+        else:
+            node.clock.call_at(fault.at, lambda f=fault: _crash_agent(node, plant, f.kill, f.restart_after))
+
+
+async def _restart_broker(broker: RunningBroker, down_for: float) -> None:
+    await asyncio.to_thread(broker.restart)
+
+
+async def _crash_agent(node: Node, plant: Plant, name: str, restart_after: float | None) -> None:
+    """An in-process crash: the agent's connection and memory are dropped, its rows stay."""
+    agent: Agent | None = node.agents.get(name)
+    if agent is None:
+        return
+    await node.crash_agent(agent)
+    if restart_after is not None:
+        node.clock.call_later(restart_after, lambda: _restart_agent(node, plant, name))
+
+
+async def _restart_agent(node: Node, plant: Plant, name: str) -> None:
+    scenario = plant.scenario
+    config = assembly.requester_config(scenario, plant.clock_kind, plant.time_scale)
+    for r in scenario.resources:
+        if r.name == name:
+            asset = assembly.make_asset(scenario, r, plant.out / "assets", plant.seed)
+            await start_resource(
+                node,
+                asset,
+                kind=r.kind,
+                distances=assembly.distances(scenario),
+                cost_rates=assembly.cost_rates(r),
+                validity=assembly.offer_validity(scenario, config),
+                breakdown_policy=getattr(r, "breakdown_policy", "finish_late"),
+            )
+            return
+    for p in scenario.product_instances():
+        if p.name == name:
+            await start_product(node, assembly.product_order(scenario, p), config=config)
+            return
+
+
+def run_file(path: Path, options: RunOptions) -> RunResult:
+    scenario = load_scenario(path)
+    return asyncio.run(run(scenario, options))

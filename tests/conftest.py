@@ -1,0 +1,100 @@
+"""Shared fixtures: real brokers on free loopback ports, and connected transports.
+
+* ``mosquitto`` - a private mosquitto for one test (generated config, persistence on, in
+  ``tmp_path``); yields the ``MosquittoProcess`` (``.address``, ``.url``, ``.restart()``,
+  ``await .arestart()``, ``.kill()``).
+* ``mosquitto_session`` - one mosquitto shared by the whole session (use distinct client ids and
+  topics per test).
+* ``embedded_broker`` - the embedded amqtt broker (child process), shared by the session.
+* ``make_transport`` - ``await make_transport(client_id, address, handler=None, **kwargs)``
+  returns a connected ``MqttTransport`` that is closed after the test.
+
+Without a mosquitto binary the mosquitto fixtures fall back to the embedded broker (MQTT 3.1.1,
+no persistence, no ACLs); tests that need mosquitto itself use the ``needs_mosquitto`` mark or
+``require_mosquitto(broker)``.  ``free_port()`` lives in ``protocol.mosquitto``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from protocol.broker import EmbeddedBroker
+from protocol.mosquitto import MosquittoProcess, find_mosquitto, free_port
+from protocol.transport import BrokerAddress, MessageHandler, MqttTransport
+
+__all__ = ["HAVE_MOSQUITTO", "free_port", "needs_mosquitto", "require_mosquitto"]
+
+HAVE_MOSQUITTO = find_mosquitto() is not None
+needs_mosquitto = pytest.mark.skipif(not HAVE_MOSQUITTO, reason="mosquitto binary not installed")
+
+
+def require_mosquitto(broker: object) -> MosquittoProcess:
+    """Skip the calling test unless ``broker`` (a fixture value) is a real mosquitto."""
+    if not isinstance(broker, MosquittoProcess):
+        pytest.skip("needs mosquitto (fell back to the embedded broker)")
+    return broker
+
+
+def _start_broker(directory: Path, **config: Any) -> MosquittoProcess | EmbeddedBroker:
+    if HAVE_MOSQUITTO:
+        return MosquittoProcess(directory, **config).start()
+    return EmbeddedBroker(directory).start()
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess | EmbeddedBroker]:
+    broker = _start_broker(tmp_path / "mosquitto")
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def mosquitto_session(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[MosquittoProcess | EmbeddedBroker]:
+    broker = _start_broker(tmp_path_factory.mktemp("mosquitto-session"))
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def embedded_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+    broker = EmbeddedBroker(tmp_path_factory.mktemp("amqtt")).start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+async def _ignore(topic: str, payload: bytes) -> None:
+    return None
+
+
+@pytest.fixture
+async def make_transport() -> AsyncIterator[Callable[..., Awaitable[MqttTransport]]]:
+    transports: list[MqttTransport] = []
+
+    async def make(
+        client_id: str,
+        address: BrokerAddress,
+        handler: MessageHandler | None = None,
+        **kwargs: Any,
+    ) -> MqttTransport:
+        transport = MqttTransport(client_id, address, handler or _ignore, **kwargs)
+        await transport.connect()
+        transports.append(transport)
+        return transport
+
+    yield make
+    for transport in reversed(transports):
+        with contextlib.suppress(Exception):
+            await transport.close(timeout=2.0)

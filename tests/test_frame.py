@@ -1,0 +1,216 @@
+"""The I4.0 message frame, its AAS interaction elements and the topic scheme."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from basyx.aas import model
+from basyx.aas.adapter.json import json_serialization
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.elements import Bid, Booking, ElementError, Reason, StepCall, StepResult, decode_element
+from protocol.frame import BIDDING_PROTOCOL, FrameError, MessageType, Role, make_message, parse_message
+from protocol.topics import (
+    Channel,
+    TopicError,
+    cfp_topic,
+    check_name,
+    check_sender,
+    direct_topic,
+    events_topic,
+    matches,
+    parse_topic,
+)
+
+CALL = StepCall("p-1", 2, "milling", "store", 3.5, priority=1, due=40.0, parameters={"depth": 3, "alloy": "al"})
+
+
+def cfp() -> bytes:
+    return make_message(
+        MessageType.CALL_FOR_PROPOSAL,
+        sender="https://acme.example/aas/p-1",
+        sender_role=Role.REQUESTER,
+        conversation_id="c-1",
+        reply_by=1767225600000,
+        elements=CALL.to_json_elements(),
+    ).to_json()
+
+
+def test_frame_has_exactly_the_field_names_of_vdi_2193_1() -> None:
+    data = json.loads(cfp())
+    frame = data["frame"]
+    assert set(data) == {"frame", "interactionElements"}
+    assert set(frame) == {"semanticProtocol", "type", "messageId", "conversationId", "sender", "replyBy"}
+    assert frame["semanticProtocol"] == {
+        "type": "ExternalReference",
+        "keys": [{"type": "GlobalReference", "value": BIDDING_PROTOCOL}],
+    }
+    assert frame["sender"] == {
+        "identification": {"id": "https://acme.example/aas/p-1", "idType": "IRI"},
+        "role": {"name": "ServiceRequester"},
+    }
+    assert frame["type"] == "callForProposal" and frame["replyBy"] == 1767225600000
+
+
+def test_reply_carries_receiver_and_in_reply_to() -> None:
+    msg = make_message(
+        MessageType.PROPOSAL,
+        sender="urn:r",
+        sender_role=Role.PROVIDER,
+        conversation_id="c",
+        receiver="urn:p",
+        in_reply_to="m-1",
+    )
+    frame = json.loads(msg.to_json())["frame"]
+    assert frame["receiver"]["role"]["name"] == "ServiceRequester" and frame["inReplyTo"] == "m-1"
+    assert parse_message(msg.to_json()) == msg
+
+
+def test_interaction_elements_are_real_basyx_objects() -> None:
+    msg = parse_message(cfp())
+    element = decode_element(msg.interactionElements[0])
+    assert isinstance(element, model.SubmodelElementCollection)
+    capability = element.get_referable("milling")
+    assert isinstance(capability, model.Capability)
+    assert capability.semantic_id.key[0].value == "https://twinbid.dev/capabilities/milling"
+    assert StepCall.from_json_elements(msg.interactionElements) == CALL
+    assert StepCall.from_json_elements(msg.interactionElements, strict=True) == CALL
+
+
+finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    start=finite,
+    completion=finite,
+    price=finite,
+    resource=st.text(min_size=1, max_size=20),
+    setup=st.floats(min_value=0, max_value=1e6),
+)
+def test_fast_codec_writes_exactly_what_basyx_writes(start, completion, price, resource, setup) -> None:
+    bid = Bid(resource, "milling", start, completion, 1.0, setup, 0.0, price, 9.0, "cell")
+    via_basyx = json.loads(json.dumps(bid.to_element(), cls=json_serialization.AASToJsonEncoder))
+    assert bid.to_json_elements() == [via_basyx]
+    assert Bid.from_json_elements([via_basyx]) == bid
+    assert Bid.from_json_elements([via_basyx], strict=True) == bid
+
+
+@pytest.mark.parametrize("content", [Booking("ws-1", 1.0, 2.0), StepResult("ws-1", 1.0, 2.5, "a"), Reason("x", "y")])
+def test_every_content_round_trips_through_basyx(content) -> None:
+    raw = json.loads(json.dumps(content.to_element(), cls=json_serialization.AASToJsonEncoder))
+    assert content.to_json_elements() == [raw]
+    assert type(content).from_json_elements([raw], strict=True) == content
+
+
+def test_size_limit_is_checked_before_parsing() -> None:
+    with pytest.raises(FrameError, match="exceeds the limit of 100 bytes"):
+        parse_message(b"{" * 101, max_bytes=100)
+
+
+@pytest.mark.parametrize(
+    ("payload", "where", "reason"),
+    [
+        (b"not json", "", "not JSON"),
+        (b"[1, 2]", "", "top level must be an object"),
+        (b"{}", "frame", "Field required"),
+        (b'{"frame": {"type": "bid"}}', "frame.semanticProtocol", "Field required"),
+    ],
+)
+def test_malformed_input_gets_a_precise_error(payload: bytes, where: str, reason: str) -> None:
+    with pytest.raises(FrameError) as info:
+        parse_message(payload)
+    assert info.value.where == where and reason in info.value.reason
+
+
+def test_bad_message_type_is_named_and_the_sender_salvaged_for_a_reply() -> None:
+    data = json.loads(cfp())
+    data["frame"]["type"] = "gimme"
+    with pytest.raises(FrameError) as info:
+        parse_message(json.dumps(data))
+    assert info.value.where == "frame.type"
+    assert info.value.salvaged.sender == "https://acme.example/aas/p-1"
+
+
+def test_element_with_wrong_value_type_is_rejected_precisely() -> None:
+    raw = CALL.to_json_elements()
+    raw[0]["value"][1]["value"] = "two"  # step, an xs:long
+    with pytest.raises(ElementError, match=r"interactionElements\[0\].value\[1\].step: 'two' is not a valid xs:long"):
+        StepCall.from_json_elements(raw)
+    with pytest.raises(ElementError, match="not a valid AAS element"):
+        StepCall.from_json_elements(raw, strict=True)
+
+
+def test_missing_field_is_named() -> None:
+    raw = CALL.to_json_elements()
+    del raw[0]["value"][0]
+    with pytest.raises(ElementError, match=r"CallForProposal.product: missing"):
+        StepCall.from_json_elements(raw)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=300) | st.text(max_size=300).map(str.encode))
+def test_garbage_never_raises_anything_but_frame_error(payload: bytes) -> None:
+    try:
+        parse_message(payload)
+    except FrameError:
+        pass
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_mutated_elements_never_raise_anything_but_element_error(data) -> None:
+    raw = CALL.to_json_elements()
+    item = data.draw(st.integers(0, len(raw[0]["value"]) - 1))
+    key = data.draw(st.sampled_from(["value", "valueType", "idShort", "modelType"]))
+    raw[0]["value"][item][key] = data.draw(json_values)
+    for strict in (False, True):
+        try:
+            StepCall.from_json_elements(raw, strict=strict)
+        except ElementError:
+            pass
+
+
+def test_topics_carry_the_sender_and_parse_back() -> None:
+    assert cfp_topic("plant", "milling", "p-1") == "i40/plant/cfp/milling/p-1"
+    assert parse_topic(direct_topic("plant", "ws-1", "p-1")).receiver == "ws-1"
+    t = parse_topic(events_topic("plant", "p-1"))
+    assert t.channel is Channel.EVENTS and t.sender == "p-1"
+
+
+@pytest.mark.parametrize("name", ["", "A", "ws_1", "-ws", "ws-", "a" * 65, "ws/1", "+", "#"])
+def test_bad_short_names_are_refused(name: str) -> None:
+    with pytest.raises(TopicError):
+        check_name(name)
+
+
+@pytest.mark.parametrize("topic", ["i40/p/to/ws-1", "x/p/to/a/b", "i40/p/cfp/Milling/p-1", "i40/p/nope/a/b"])
+def test_topics_outside_the_scheme_are_refused(topic: str) -> None:
+    with pytest.raises(TopicError):
+        parse_topic(topic)
+
+
+def test_sender_must_match_the_topic() -> None:
+    registry = {"urn:p1": "p-1", "urn:p2": "p-2"}.get
+    topic = parse_topic("i40/plant/to/ws-1/p-1")
+    check_sender(topic, "urn:p1", registry)
+    with pytest.raises(TopicError, match="belongs to 'p-2' but was published by 'p-1'"):
+        check_sender(topic, "urn:p2", registry)
+    with pytest.raises(TopicError, match="not registered"):
+        check_sender(topic, "urn:mallory", registry)
+
+
+def test_topic_filter_matching() -> None:
+    assert matches("i40/p/cfp/milling/+", "i40/p/cfp/milling/p-1")
+    assert matches("i40/p/#", "i40/p/to/a/b")
+    assert not matches("i40/p/to/a/+", "i40/p/to/b/c")
+    assert not matches("i40/p/to/a/+", "i40/p/to/a")

@@ -1,0 +1,148 @@
+"""The `twinbid` command: the composition root that ties scenarios, agents and services together."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Digital twins that run a factory by bidding."
+)
+scenario_app = typer.Typer(no_args_is_help=True, help="Work with scenario files.")
+registry_app = typer.Typer(no_args_is_help=True, help="The AAS registry service.")
+app.add_typer(scenario_app, name="scenario")
+app.add_typer(registry_app, name="registry")
+console = Console()
+err = Console(stderr=True)
+
+
+def _load(path: Path):
+    from scenarios.loader import ScenarioError, load_scenario
+
+    try:
+        return load_scenario(path)
+    except ScenarioError as exc:
+        err.print(f"[red]invalid scenario[/red]\n{exc}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def run(
+    scenario: Annotated[Path, typer.Argument(help="scenario file (YAML)")],
+    out: Annotated[Path | None, typer.Option(help="output folder (default: runs/<scenario name>)")] = None,
+    broker: Annotated[str | None, typer.Option(help="broker URL, or 'mosquitto' for a private one")] = None,
+    db: Annotated[
+        str | None, typer.Option(help="database URL (default: SQLite in the output folder)")
+    ] = None,
+    processes: Annotated[int, typer.Option(min=1, help="agent processes")] = 1,
+    seed: Annotated[int | None, typer.Option(help="random seed (overrides the scenario)")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Run a plant from a scenario file and write its record to the output folder."""
+    from scenarios.launcher import RunOptions
+    from scenarios.launcher import run as run_plant
+
+    sc = _load(scenario)
+    out = out or Path("runs") / sc.name
+    if (out / "run.db").exists():
+        err.print(f"[red]{out} already holds a run[/red]; choose another --out", markup=True)
+        raise typer.Exit(2)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    options = RunOptions(out=out, broker=broker, db=db, processes=processes, seed=seed, progress=not quiet)
+    try:
+        result = asyncio.run(run_plant(sc, options))
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(130) from None
+    for notice in result.notices:
+        err.print(f"note: {notice}")
+    _kpi_table(result.kpis, out)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+def _kpi_table(k: dict, out: Path) -> None:
+    t = Table(title=f"KPIs ({out})", show_header=False)
+    p, s = k["products"], k["steps"]
+    lat = k["negotiation_latency_ms"]
+    rows = [
+        ("products", f"{p['completed']}/{p['total']} completed, {p['failed']} failed"),
+        ("steps", f"{s['completed']}/{s['total']}"),
+        ("makespan (simulated)", f"{k['makespan']:.2f}"),
+        ("wall seconds", f"{k['wall_seconds']:.2f}"),
+        ("messages", f"{k['messages']['total']} ({k['messages']['per_step']} per step)"),
+        ("negotiation latency ms", f"p50 {lat['p50']}  p99 {lat['p99']}"),
+        ("flow time mean", str(k["flow_time"]["mean"])),
+        ("flow time by priority", json.dumps(k["flow_time"]["by_priority"])),
+        ("utilisation", ", ".join(f"{r} {u:.0%}" for r, u in k["utilisation"].items())),
+    ]
+    for a, b in rows:
+        t.add_row(a, b)
+    console.print(t)
+
+
+@app.command()
+def validate(scenario: Annotated[Path, typer.Argument(help="scenario file (YAML)")]) -> None:
+    """Check a scenario file; print what is wrong and where."""
+    sc = _load(scenario)
+    n = len(sc.product_instances())
+    console.print(f"{scenario}: valid — {len(sc.resources)} resources, {n} products, clock {sc.clock.kind}")
+
+
+@scenario_app.command("from-jobshop")
+def from_jobshop(
+    instance: Annotated[Path, typer.Argument(help="job-shop instance file")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="write here instead of stdout")
+    ] = None,
+    flexible: Annotated[int, typer.Option(help="machines per operation (1 = classic job shop)")] = 1,
+    seed: Annotated[int, typer.Option(help="seed for the flexible variant")] = 0,
+) -> None:
+    """Turn a job-shop instance into a scenario."""
+    from scenarios.jobshop import JobShopError, flexible_variant, jobshop_yaml
+    from scenarios.loader import dump_scenario
+
+    try:
+        text = (
+            jobshop_yaml(instance)
+            if flexible <= 1
+            else dump_scenario(flexible_variant(instance, flexible, seed))
+        )
+    except (JobShopError, OSError) as exc:
+        err.print(f"[red]{exc}[/red]", markup=True)
+        raise typer.Exit(2) from None
+    if output:
+        output.write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
+@registry_app.command("serve")
+def registry_serve(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8080,
+    db: Annotated[str | None, typer.Option(help="database URL (default: in-memory SQLite)")] = None,
+) -> None:
+    """Serve the AAS registry (Part 2 API v3.1) until interrupted."""
+    from registry.service import serve_registry
+
+    try:
+        asyncio.run(serve_registry(host, port, db))
+    except KeyboardInterrupt:
+        pass
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
