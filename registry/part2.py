@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import logging
 import socket
@@ -228,6 +229,10 @@ async def read_json_body(request: Request) -> Any:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# httptools (uvicorn[standard]) parses HTTP several times faster than h11; fall back when it is absent.
+_HTTP_IMPL = "httptools" if importlib.util.find_spec("httptools") is not None else "h11"
+
+
 class _EmbeddedUvicorn(uvicorn.Server):
     """A uvicorn server that leaves the host process's signal handlers alone and stops without polling delay."""
 
@@ -306,7 +311,7 @@ class InLoopServer:
             "log_config": None,
             "log_level": self._log_level,
             "access_log": False,
-            "http": "httptools",
+            "http": _HTTP_IMPL,
             "ws": "none",
             "proxy_headers": False,
             "server_header": False,

@@ -192,7 +192,7 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
                 broker.address, scenario.namespace, out / "messages.jsonl", client_id="twinbid-recorder"
             ).start
         )
-        wall_origin = int(time.time() * 1000) + 1500 if processes > 1 else None
+        wall_origin = int(time.time() * 1000) + 3000 if processes > 1 else None  # workers need ~2 s to start
         plant = Plant(
             scenario, out, broker.address, registry_url, db_url, clock_kind, time_scale, wall_origin, seed
         )

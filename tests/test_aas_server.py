@@ -163,8 +163,18 @@ async def test_read_routes(world: World) -> None:
     assert "value" not in core["submodelElements"][0]
     value = (await h.get(sm_url(world.order.id, "/$value"))).json()
     assert value["Priority"] == 2 and value["Customization"] == {"color": "red"}
-    elements = (await h.get(sm_url(world.status.id, "/submodel-elements"), params={"limit": 2})).json()
-    assert len(elements["result"]) == 2 and elements["paging_metadata"]["cursor"]
+    elements = (await h.get(sm_url(world.status.id, "/submodel-elements"), params={"limit": 4})).json()
+    assert len(elements["result"]) == 4 and elements["paging_metadata"]["cursor"]
+    rest = (
+        await h.get(
+            sm_url(world.status.id, "/submodel-elements"),
+            params={"limit": 4, "cursor": elements["paging_metadata"]["cursor"]},
+        )
+    ).json()
+    assert [e["idShort"] for e in elements["result"] + rest["result"]] == [
+        e.id_short for e in world.status.submodel_element
+    ]  # model order, across pages
+    assert rest["paging_metadata"] == {}
     state = (await h.get(sm_url(world.status.id, "/submodel-elements/State"))).json()
     assert state["value"] == "idle"
     path = "CapabilitySet.millingContainer.milling"
@@ -361,6 +371,8 @@ async def test_bad_input(world: World) -> None:
         413,
     )
     assert_error(await h.get("/no/such/route"), 404)
+    assert_error(await h.get("/submodels/$metadata"), 501)
+    assert_error(await h.get(sm_url(world.status.id, "/submodel-elements/$value")), 501)
     assert_error(await h.delete("/shells"), 405)
     # ... and the server keeps serving
     assert (await h.get(sm_url(world.status.id, "/submodel-elements/State"))).status_code == 200

@@ -94,14 +94,18 @@ class ProviderAgent:
 
 
 actions = st.lists(
-    st.tuples(st.sampled_from(["deliver", "deliver", "deliver", "drop", "dup", "wait"]), st.integers(0, 10_000)),
+    st.tuples(
+        st.sampled_from(["deliver", "deliver", "deliver", "drop", "dup", "wait"]), st.integers(0, 10_000)
+    ),
     max_size=120,
 )
 
 
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    behaviours=st.lists(st.sampled_from(["propose", "propose", "refuse", "silent", "fail"]), min_size=1, max_size=4),
+    behaviours=st.lists(
+        st.sampled_from(["propose", "propose", "refuse", "silent", "fail"]), min_size=1, max_size=4
+    ),
     validity=st.integers(20, 400),
     work=st.integers(1, 300),
     expected_known=st.booleans(),
@@ -124,7 +128,11 @@ def test_bidding_survives_a_hostile_network(behaviours, validity, work, expected
                 if sender_is_requester and m.type is M.ACCEPT_PROPOSAL and m.id not in accepts:
                     assert all(a in withdrawn for a in accepts), "two acceptances outstanding"
                     accepts.append(m.id)
-                if m.in_reply_to in accepts and m.type in (M.REJECT_PROPOSAL, M.REFUSE_PROPOSAL, M.INFORM_FAILURE):
+                if m.in_reply_to in accepts and m.type in (
+                    M.REJECT_PROPOSAL,
+                    M.REFUSE_PROPOSAL,
+                    M.INFORM_FAILURE,
+                ):
                     withdrawn.add(m.in_reply_to)  # withdrawn by the requester, or declined by the provider
                 targets = list(providers) if m.receiver is None else [m.receiver]
                 net.extend((t, m) for t in targets)

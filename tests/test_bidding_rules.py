@@ -23,7 +23,9 @@ from protocol.frame import Message, MessageType, Role, make_message
 
 M = MessageType
 CALL = StepCall(product="p-1", step=0, capability="milling", location="store", release=0.0, priority=1)
-CFG = RequesterConfig(reply_window_ms=1000, max_rounds=2, backoff_ms=100, confirm_timeout_ms=500, max_failures=1)
+CFG = RequesterConfig(
+    reply_window_ms=1000, max_rounds=2, backoff_ms=100, confirm_timeout_ms=500, max_failures=1
+)
 
 
 def bid(resource: str, completion: float, price: float) -> Bid:
@@ -121,16 +123,21 @@ def test_duplicate_message_is_ignored() -> None:
 
 
 def test_out_of_sequence_gets_not_understood() -> None:
-    r, cfp = requester()
+    r, _cfp = requester()
     stray = make_message(
-        M.INFORM, sender="urn:a", sender_role=Role.PROVIDER, conversation_id="conv-1", receiver="urn:p", in_reply_to="x"
+        M.INFORM,
+        sender="urn:a",
+        sender_role=Role.PROVIDER,
+        conversation_id="conv-1",
+        receiver="urn:p",
+        in_reply_to="x",
     )
     out = r.receive(stray, 5)
     assert [m.type for m in sends(out)] == [M.NOT_UNDERSTOOD]
 
 
 def test_not_understood_is_never_answered_with_not_understood() -> None:
-    r, cfp = requester()
+    r, _cfp = requester()
     r.tick(1000)  # backoff
     nu = make_message(M.NOT_UNDERSTOOD, sender="urn:a", sender_role=Role.PROVIDER, conversation_id="conv-1")
     assert sends(r.receive(nu, 1001)) == []

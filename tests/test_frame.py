@@ -24,7 +24,9 @@ from protocol.topics import (
     parse_topic,
 )
 
-CALL = StepCall("p-1", 2, "milling", "store", 3.5, priority=1, due=40.0, parameters={"depth": 3, "alloy": "al"})
+CALL = StepCall(
+    "p-1", 2, "milling", "store", 3.5, priority=1, due=40.0, parameters={"depth": 3, "alloy": "al"}
+)
 
 
 def cfp() -> bytes:
@@ -98,7 +100,9 @@ def test_fast_codec_writes_exactly_what_basyx_writes(start, completion, price, r
     assert Bid.from_json_elements([via_basyx], strict=True) == bid
 
 
-@pytest.mark.parametrize("content", [Booking("ws-1", 1.0, 2.0), StepResult("ws-1", 1.0, 2.5, "a"), Reason("x", "y")])
+@pytest.mark.parametrize(
+    "content", [Booking("ws-1", 1.0, 2.0), StepResult("ws-1", 1.0, 2.5, "a"), Reason("x", "y")]
+)
 def test_every_content_round_trips_through_basyx(content) -> None:
     raw = json.loads(json.dumps(content.to_element(), cls=json_serialization.AASToJsonEncoder))
     assert content.to_json_elements() == [raw]
@@ -137,7 +141,9 @@ def test_bad_message_type_is_named_and_the_sender_salvaged_for_a_reply() -> None
 def test_element_with_wrong_value_type_is_rejected_precisely() -> None:
     raw = CALL.to_json_elements()
     raw[0]["value"][1]["value"] = "two"  # step, an xs:long
-    with pytest.raises(ElementError, match=r"interactionElements\[0\].value\[1\].step: 'two' is not a valid xs:long"):
+    with pytest.raises(
+        ElementError, match=r"interactionElements\[0\].value\[1\].step: 'two' is not a valid xs:long"
+    ):
         StepCall.from_json_elements(raw)
     with pytest.raises(ElementError, match="not a valid AAS element"):
         StepCall.from_json_elements(raw, strict=True)

@@ -92,7 +92,9 @@ def _infer(value: Scalar) -> tuple[type, Any]:
         return DT.Long, value
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise ValueError(f"non-finite number {value!r} cannot be stored as xs:double")
+            raise ValueError(
+                f"non-finite number {value!r} refused: a price or time of inf/NaN is a bug upstream"
+            )
         return DT.Double, value
     if isinstance(value, _dt.datetime):
         return DT.DateTime, _aware(value)
@@ -130,7 +132,7 @@ def prop(
         if vt is DT.Double and isinstance(v, int) and not isinstance(v, bool):
             v = float(v)
         if isinstance(v, float) and not math.isfinite(v):
-            raise ValueError(f"non-finite number {v!r} cannot be stored")
+            raise ValueError(f"non-finite number {v!r} refused: a price or time of inf/NaN is a bug upstream")
     return model.Property(
         check_id_short(id_short),
         value_type=vt,

@@ -38,6 +38,7 @@ from registry.part2 import (
     install_error_handlers,
     json_bytes,
     json_response,
+    make_cursor,
     page_ids,
     paged_body,
     parse_cursor,
@@ -71,6 +72,8 @@ _DURATION = re.compile(r"^P(?:(?P<d>\d+)D)?(?:T(?:(?P<h>\d+)H)?(?:(?P<m>\d+)M)?(
 
 
 def _decode(segment: str, what: str) -> str:
+    if segment.startswith("$"):  # a spec modifier route we do not serve ($metadata, $reference, $path ...)
+        raise ApiError(501, f"the {segment[:40]} modifier is not implemented by this server")
     try:
         return b64url_decode(segment)
     except MalformedIdentifier as exc:
@@ -273,9 +276,19 @@ def create_app(
         sm = store.get_submodel(sm_id)
         if sm is None:
             raise ApiError(404, f"submodel {sm_id!r} not found")
-        by_id = {el.id_short: el for el in sm.submodel_element}
-        page, next_cursor = page_ids(by_id, limit, cursor)
-        items = [_encode(by_id[i]) for i in page]
+        elements = list(sm.submodel_element)  # model order, not sorted: the cursor is the last idShort sent
+        start = 0
+        if cursor is not None:
+            names = [el.id_short for el in elements]
+            if cursor not in names:
+                raise ApiError(400, "cursor does not point into this submodel (the element was removed)")
+            start = names.index(cursor) + 1
+        end = len(elements) if limit is None else min(len(elements), start + limit)
+        page_elements = elements[start:end]
+        next_cursor = (
+            make_cursor(page_elements[-1].id_short) if end < len(elements) and page_elements else None
+        )
+        items = [_encode(el) for el in page_elements]
         if level == "core":
             items = [json_bytes(_core({"value": [json.loads(b)]}, "value")["value"][0]) for b in items]
         return json_response(paged_body(items, next_cursor))

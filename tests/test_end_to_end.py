@@ -1,0 +1,176 @@
+"""Whole plants, end to end: real broker, real registry and AAS servers over HTTP, real database.
+
+The demo scenario runs through `twinbid run` (the launcher), and what it leaves
+behind is checked against the run database and the products' final AAS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from basyx.aas import model
+from sqlmodel import select
+
+from agents.aas import build
+from agents.aas.io import read_aasx
+from agents.aas.verify import verify_objects
+from agents.persistence import open_database
+from agents.persistence.database import sqlite_url
+from agents.persistence.tables import DocumentationRecord, ProductRecord, StepRecord, WorkOrderRecord
+from scenarios.launcher import RunOptions, run
+from scenarios.loader import load_scenario, load_scenario_text
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "scenarios" / "demo.yaml"
+
+
+def run_plant(scenario, out: Path, **kw) -> dict:
+    result = asyncio.run(run(scenario, RunOptions(out=out, progress=False, **kw)))
+    return result.kpis
+
+
+def schedule(out: Path) -> list[tuple]:
+    db = open_database(sqlite_url(out / "run.db"))
+    with db.session() as s:
+        rows = s.exec(select(WorkOrderRecord).where(WorkOrderRecord.state == "done")).all()
+    db.dispose()
+    return sorted((r.product, r.step, r.resource, round(r.started, 6), round(r.finished, 6)) for r in rows)
+
+
+def check_record(out: Path, kpis: dict, total: int) -> None:
+    """The output folder agrees with the database, and every step is documented exactly once, in order."""
+    assert kpis["products"] == {"total": total, "completed": total, "failed": 0}
+    db = open_database(sqlite_url(out / "run.db"))
+    with db.session() as s:
+        products = s.exec(select(ProductRecord)).all()
+        steps = s.exec(select(StepRecord)).all()
+        docs = s.exec(select(DocumentationRecord)).all()
+        done = s.exec(select(WorkOrderRecord).where(WorkOrderRecord.state == "done")).all()
+    db.dispose()
+    assert len(products) == total and all(p.status == "completed" for p in products)
+    assert kpis["steps"]["completed"] == len(steps) == kpis["steps"]["total"] == len(done)
+    assert sum(kpis["messages"]["by_type"].values()) == kpis["messages"]["total"]
+    # one documentation row per step, and one execution per step
+    assert len({(d.product, d.step) for d in docs}) == len(docs) == len(steps)
+    assert len({(o.product, o.step) for o in done}) == len(done)
+    executions = defaultdict(list)
+    for o in sorted(done, key=lambda o: o.started):
+        executions[o.product].append(o.step)
+    for product, order in executions.items():
+        assert order == sorted(order), f"{product} executed its steps out of plan order: {order}"
+    lines = (out / "messages.jsonl").read_text().splitlines()
+    assert len(lines) >= kpis["messages"]["total"]  # the recorder also sees the progress events
+    assert (out / "gantt.png").stat().st_size > 10_000
+    assert json.loads((out / "kpis.json").read_text())["products"]["completed"] == total
+    # The final AAS of every product: complete documentation, a nameplate, valid V3.1.
+    packages = sorted((out / "aas").glob("*.aasx"))
+    assert len(packages) == total
+    for pkg in packages:
+        objects = list(read_aasx(pkg).objects)
+        assert verify_objects(objects) == [], pkg.name
+        submodels = {o.id_short: o for o in objects if isinstance(o, model.Submodel)}
+        assert "Nameplate" in submodels
+        records = build.read_step_records(submodels["ProcessDocumentation"])
+        plan = build.read_process_plan(submodels["ProcessPlan"])
+        assert [r.index for r in records] == [s.index for s in plan]
+        assert all(r.outcome == "completed" and r.resource and r.winner and r.bids for r in records)
+        ends = [r.finished for r in records]
+        assert all(r.started <= r.finished for r in records) and ends == sorted(ends)
+
+
+def test_demo_on_the_embedded_broker_through_the_cli(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "twinbid.cli", "run", str(DEMO), "--out", str(out), "-q"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "10/10 completed" in proc.stdout
+    check_record(out, json.loads((out / "kpis.json").read_text()), 10)
+
+
+def test_demo_on_mosquitto_twice_gives_the_same_schedule(tmp_path: Path, mosquitto) -> None:
+    scenario = load_scenario(DEMO)
+    first = run_plant(scenario, tmp_path / "a", broker=mosquitto.url)
+    check_record(tmp_path / "a", first, 10)
+    second = run_plant(scenario, tmp_path / "b", broker=mosquitto.url)
+    assert schedule(tmp_path / "a") == schedule(tmp_path / "b")
+    assert first["makespan"] == second["makespan"]
+
+
+def test_demo_in_two_processes(tmp_path: Path, mosquitto) -> None:
+    kpis = run_plant(load_scenario(DEMO), tmp_path / "mp", broker=mosquitto.url, processes=2)
+    check_record(tmp_path / "mp", kpis, 10)
+
+
+LINE = """
+name: priorities
+namespace: prio
+clock: {kind: virtual}
+transport: {default_time: 0}
+resources:
+  - {kind: warehouse, name: stores, location: s, capacity: 100, stock: {blank: 40},
+     capabilities: {retrieve: {duration: 1, cost_rate: 1}, store: {duration: 1, cost_rate: 1}}}
+  - {kind: workstation, name: ws-a, location: a, capabilities: [{name: turning, duration: 4, cost_rate: 5}]}
+  - {kind: workstation, name: ws-b, location: b, capabilities: [{name: turning, duration: 4, cost_rate: 1}]}
+  - {kind: workstation, name: ws-c, location: c, capabilities: [{name: polishing, duration: 2, cost_rate: 2}]}
+product_types:
+  - name: shaft
+    plan:
+      - {capability: retrieve, parameters: {item: blank}}
+      - {capability: turning}
+      - {capability: polishing}
+      - {capability: store}
+orders:
+  - {type: shaft, quantity: 10, priority: 1, release: 0}
+  - {type: shaft, quantity: 10, priority: 5, release: 0}
+"""
+
+
+def test_twenty_products_two_priorities(tmp_path: Path, mosquitto) -> None:
+    scenario = load_scenario_text(LINE, "priorities.yaml")
+    kpis = run_plant(scenario, tmp_path / "p", broker=mosquitto.url)
+    check_record(tmp_path / "p", kpis, 20)
+    flow = kpis["flow_time"]["by_priority"]
+    assert flow["1"] < flow["5"], flow
+    db = open_database(sqlite_url(tmp_path / "p" / "run.db"))
+    with db.session() as s:
+        prio = {p.product: p.priority for p in s.exec(select(ProductRecord)).all()}
+        turning = s.exec(select(StepRecord).where(StepRecord.capability == "turning")).all()
+    db.dispose()
+    # Whenever ws-a and ws-b offered the same completion, a priority-5 product took the cheaper ws-b.
+    low = [st.resource for st in turning if prio[st.product] == 5]
+    assert low.count("ws-b") > low.count("ws-a"), low
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "aircraft-sensor.yaml", "ft06.yaml"])
+def test_example_scenarios_validate(name: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "twinbid.cli", "validate", str(ROOT / "scenarios" / name)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0 and "valid" in proc.stdout, proc.stderr
+
+
+def test_a_bad_scenario_gets_a_precise_message_and_no_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(DEMO.read_text().replace("capacity: 40", "capacity: lots"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "twinbid.cli", "run", str(bad), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "bad.yaml" in proc.stderr and "resources[0]" in proc.stderr and "capacity" in proc.stderr
+    assert "Traceback" not in proc.stderr
