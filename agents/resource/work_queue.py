@@ -28,6 +28,11 @@ from shopfloor.asset import Asset, ExecutionRecord, Job
 
 log = logging.getLogger(__name__)
 
+#: What a breakdown does to booked work. A breakdown *during* a step always ends in the step
+#: finishing late (the physical process resumes after the repair; `inform` carries the delay):
+#: aborting it half-done and bidding it again would execute it twice. The policies differ for a
+#: step due to *start* while the machine is down: `finish_late` waits for the repair,
+#: `inform_failure` hands the step back with `informFailure` so the product bids it again.
 BREAKDOWN_POLICIES = ("finish_late", "inform_failure")
 
 
@@ -124,17 +129,27 @@ class WorkQueue(Role):
             self.timeline.release(slot.key)
             return
         job = Job(slot.job_id, slot.capability, json.loads(row["params"]), row["product"])
-        self._save(slot.key, {**row, "state": "running", "started": self.agent.now()})
+        now = self.agent.now()
+        down_until = self.asset.available_from(now)
+        fresh = self.asset.job_status(job.job_id).state == "not_started"
+        if self.breakdown_policy == "inform_failure" and down_until > now and fresh:
+            # Broken down when the step should start: hand it back for bidding instead of waiting.
+            self.timeline.release(slot.key)
+            self._save(slot.key, {**row, "state": "failed"}, keep=False)
+            self.orders.pop(slot.key, None)
+            text = f"{self.asset.name} is down until {down_until:g}; the step was not started"
+            await self.provider.complete_or_fail(p, p.fail("breakdown", text, self.agent.now_ms()))
+            self._status()
+            return
+        self._save(slot.key, {**row, "state": "running", "started": now})
         self._status(current=job.job_id, product=row["product"])
         record = await self.asset.execute(job, self.agent.clock, previous_capability=self._previous())
         self.executed += 1
         self.busy_time += record.end - record.start
         self.timeline.release(slot.key)
         row = self.orders.get(slot.key, row)
-        if record.outcome != "done" or (
-            record.breakdown_delay > 0 and self.breakdown_policy == "inform_failure"
-        ):
-            reason = record.reason or f"breakdown delayed the step by {record.breakdown_delay:g}"
+        if record.outcome != "done":
+            reason = record.reason or "the asset reported a failure"
             self._save(slot.key, {**row, "state": "failed", "finished": record.end}, keep=False)
             self.orders.pop(slot.key, None)
             await self.provider.complete_or_fail(p, p.fail("execution", reason, self.agent.now_ms()))

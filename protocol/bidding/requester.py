@@ -100,6 +100,7 @@ class Requester:
     accept_id: str = ""
     accept_msg: dict[str, Any] | None = None  # re-sent to ask the winner where it stands
     retries: int = 0
+    queries: int = 0  # status queries since the booking
     cancelled: set[str] = field(default_factory=set)  # bidders whose award we withdrew
     empty_rounds: int = 0
     failures: int = 0
@@ -296,7 +297,8 @@ class Requester:
 
     def _on_status_due(self, _msg: Message | None, now: int) -> list[object]:
         """Booked but silent past the expected end: re-send the acceptance, the provider replays its answer."""
-        self.deadline = now + self.config.status_interval_ms
+        self.queries += 1
+        self.deadline = now + self.config.status_interval_ms * 2 ** min(self.queries, 6)
         return [
             Note("status-query", f"asking {self.winner.provider if self.winner else '?'} for the result"),
             self._resend_accept(),
@@ -443,6 +445,7 @@ class Requester:
             "accept_id": self.accept_id,
             "accept_msg": self.accept_msg,
             "retries": self.retries,
+            "queries": self.queries,
             "cancelled": sorted(self.cancelled),
             "empty_rounds": self.empty_rounds,
             "failures": self.failures,
@@ -470,6 +473,6 @@ class Requester:
         r.answered, r.seen = set(data["answered"]), set(data["seen"])
         r.winner = offer(data["winner"]) if data["winner"] else None
         r.accept_id, r.cancelled = data["accept_id"], set(data["cancelled"])
-        r.accept_msg, r.retries = data["accept_msg"], data["retries"]
+        r.accept_msg, r.retries, r.queries = data["accept_msg"], data["retries"], data.get("queries", 0)
         r.empty_rounds, r.failures, r.reason = data["empty_rounds"], data["failures"], data["reason"]
         return r
