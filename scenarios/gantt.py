@@ -1,56 +1,141 @@
-"""The schedule as a Gantt chart (PNG): one row per resource, one bar per executed step."""
+"""The schedule as a Gantt chart (PNG): one row per resource, one bar per executed step.
+
+Bars are coloured by the product's priority (legend below the chart), separated by a thin
+white edge so back-to-back steps stay distinguishable, and labelled ``product·step`` only
+where the label fits inside its bar — short bars stay unlabelled rather than overprinted.
+The figure's height grows with the number of resources, never with the number of products.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlmodel import select
 
 from agents.persistence.database import Database
 from agents.persistence.tables import ProductRecord, WorkOrderRecord
 
+#: Priority 1 (top: earliest completion) ... 5 (lowest: cheapest), colour-blind-safe-ish.
+PRIORITY_COLOURS = {1: "#d7301f", 2: "#fc8d59", 3: "#fdcc8a", 4: "#9ecae1", 5: "#3182bd"}
+PRIORITY_NAMES = {1: "1 (earliest completion)", 5: "5 (cheapest)"}
+
+
+@dataclass(frozen=True)
+class Bar:
+    resource: str
+    product: str
+    step: int
+    start: float
+    end: float
+    priority: int = 3
+
+
+def bars_from_db(db: Database) -> list[Bar]:
+    with db.session() as s:
+        orders = s.exec(select(WorkOrderRecord).where(WorkOrderRecord.state == "done")).all()
+        priorities = {p.product: p.priority for p in s.exec(select(ProductRecord)).all()}
+    return [
+        Bar(
+            o.resource,
+            o.product,
+            o.step,
+            o.started if o.started is not None else o.start,
+            o.finished if o.finished is not None else o.end,
+            priorities.get(o.product, o.priority),
+        )
+        for o in orders
+    ]
+
 
 def gantt(db: Database, path: Path, *, title: str = "") -> Path | None:
+    """Draw the executed steps of the run in `db` to `path` (None when nothing was executed)."""
+    return draw(bars_from_db(db), path, title=title)
+
+
+def _drop_labels_that_do_not_fit(fig: Any, ax: Any, labels: list[tuple[Any, Bar]]) -> None:
+    """Measure every label as rendered; remove those wider than their bar (no overprinting)."""
+    renderer = fig.canvas.get_renderer()
+    for text, b in labels:
+        (x0, _), (x1, _) = ax.transData.transform([(b.start, 0), (b.end, 0)])
+        if text.get_window_extent(renderer).width + 4 > abs(x1 - x0):
+            text.remove()
+
+
+def draw(bars: Iterable[Bar], path: Path, *, title: str = "", dpi: int = 110) -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    with db.session() as s:
-        orders = s.exec(select(WorkOrderRecord).where(WorkOrderRecord.state == "done")).all()
-        priorities = {p.product: p.priority for p in s.exec(select(ProductRecord)).all()}
-    if not orders:
+    bars = list(bars)
+    if not bars:
         return None
-    resources = sorted({o.resource for o in orders})
-    products = sorted({o.product for o in orders})
-    cmap = plt.get_cmap("tab20")
-    colour = {p: cmap(i % 20) for i, p in enumerate(products)}
-    height = max(2.5, 0.45 * len(resources) + 1.2)
-    fig, ax = plt.subplots(figsize=(12, height), dpi=110)
-    for o in orders:
-        y = resources.index(o.resource)
-        start, end = o.started or o.start, o.finished or o.end
-        hatch = "//" if priorities.get(o.product, 3) == 1 else None
+    resources = sorted({b.resource for b in bars})
+    row = {r: i for i, r in enumerate(resources)}
+    t0 = min(0.0, min(b.start for b in bars))
+    t1 = max(b.end for b in bars)
+    span = max(t1 - t0, 1e-9)
+    width_in = 13.0
+    height_in = max(2.8, 0.42 * len(resources) + 1.7)
+    fig, ax = plt.subplots(figsize=(width_in, height_in), dpi=dpi)
+    fontsize = 7.0 if len(bars) < 200 else 6.0
+    by_priority: dict[int, list[Bar]] = {}
+    for b in bars:
+        by_priority.setdefault(b.priority, []).append(b)
+    for priority, group in sorted(by_priority.items()):
         ax.barh(
-            y,
-            end - start,
-            left=start,
-            height=0.7,
-            color=colour[o.product],
-            edgecolor="black",
-            linewidth=0.4,
-            hatch=hatch,
+            [row[b.resource] for b in group],
+            [max(b.end - b.start, 0.0) for b in group],
+            left=[b.start for b in group],
+            height=0.72,
+            color=PRIORITY_COLOURS.get(priority, "#bbbbbb"),
+            edgecolor="white",
+            linewidth=0.8,
         )
-        if len(orders) <= 120 and end - start > 0:
-            ax.text(
-                start + (end - start) / 2, y, f"{o.product}·{o.step}", ha="center", va="center", fontsize=6
-            )
+    dark = {1, 5}
+    labels = []
+    for b in bars:
+        text = ax.text(
+            (b.start + b.end) / 2,
+            row[b.resource],
+            f"{b.product}·{b.step}",
+            ha="center",
+            va="center",
+            fontsize=fontsize,
+            color="white" if b.priority in dark else "black",
+            clip_on=True,
+        )
+        labels.append((text, b))
     ax.set_yticks(range(len(resources)), resources)
-    ax.invert_yaxis()
+    ax.set_ylim(len(resources) - 0.5, -0.5)
+    ax.set_xlim(t0, t0 + span * 1.02)
     ax.set_xlabel("simulated time")
-    ax.set_title(title or "Schedule (hatched: priority 1)")
+    ax.set_title(f"{title or 'Schedule'} ({len(bars)} steps)", loc="left", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    handles = [
+        Patch(color=PRIORITY_COLOURS.get(p, "#bbbbbb"), label=f"priority {PRIORITY_NAMES.get(p, p)}")
+        for p in sorted(by_priority)
+    ]
+    ax.legend(  # above the chart, right of the title: it never covers a bar
+        handles=handles,
+        loc="lower right",
+        bbox_to_anchor=(1.0, 1.0),
+        ncol=len(handles),
+        frameon=False,
+        fontsize=8,
+        handlelength=1.2,
+        columnspacing=1.0,
+        borderaxespad=0.2,
+    )
     fig.tight_layout()
-    fig.savefig(path)
+    _drop_labels_that_do_not_fit(fig, ax, labels)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return path

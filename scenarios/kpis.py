@@ -83,6 +83,10 @@ def compute(db: Database, *, wall_seconds: float, plan_steps: int | None = None)
         "steps": {"total": total_steps, "completed": done_steps},
         "makespan": makespan,
         "wall_seconds": round(wall_seconds, 3),
+        # from the first message to the last: the plant at work, without start-up and shutdown
+        "active_seconds": round((max(c for *_, c in out_rows) - min(c for *_, c in out_rows)) / 1000, 3)
+        if out_rows
+        else 0.0,
         "messages": {
             "total": len(out_rows),
             "by_type": dict(sorted(by_type.items())),

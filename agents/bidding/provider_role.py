@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from typing import Protocol
 
+import orjson
 from sqlmodel import select
 
 from agents.persistence.tables import ConversationRecord
@@ -183,7 +184,7 @@ class BiddingProvider(Role):
                 "conversation_id": p.conversation_id,
                 "state": p.state.value,
                 "terminal": p.done,
-                "snapshot": json.dumps(p.snapshot()),
+                "snapshot": orjson.dumps(p.snapshot()).decode(),
                 "updated_sim": self.agent.now(),
             },
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Protocol
 
+import orjson
 from sqlmodel import select
 
 from agents.persistence.tables import ConversationRecord
@@ -85,7 +86,7 @@ class BiddingRequester(Role):
                 "conversation_id": r.conversation_id,
                 "state": r.state.value,
                 "terminal": r.done,
-                "snapshot": json.dumps(r.snapshot()),
+                "snapshot": orjson.dumps(r.snapshot()).decode(),
                 "updated_sim": self.agent.now(),
             },
         )

@@ -36,18 +36,15 @@ def merge_record(
     """Merge `element` (a StepNNN collection) into the documentation; returns the merged record."""
     existing = build.child(doc, element.id_short)
     if not isinstance(existing, model.SubmodelElementCollection):
-        build.replace_child(doc, _copy(element))
-        return build.child(doc, element.id_short)  # type: ignore[return-value]
+        build.replace_child(doc, element)
+        return element
     final = outcome_of(existing) in FINAL
     for item in list(element.value):
         if item.id_short == "Outcome" and final:
             continue
-        build.replace_child(existing, _copy(item))
+        element.value.remove(item)  # an element has one parent: move it, no copy needed
+        build.replace_child(existing, item)
     return existing
-
-
-def _copy(element: model.SubmodelElement) -> model.SubmodelElement:
-    return element_from_json(to_json(element))
 
 
 def mirror(

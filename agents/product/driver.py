@@ -47,8 +47,13 @@ class ManufacturingDriver(Role):
         return self.agent.role(Notifier)
 
     def next_step(self) -> PlannedStep | None:
-        done = {r.index for r in build.read_step_records(self.doc) if r.outcome == "completed"}
-        return next((s for s in self.order.steps if s.index not in done), None)
+        """The first plan step whose documentation does not say completed."""
+        doc = self.doc
+        for s in self.order.steps:
+            record = build.child(doc, build.step_id_short(s.index))
+            if documentation.outcome_of(record) != "completed":  # type: ignore[arg-type]
+                return s
+        return None
 
     def _save_product(self, **changes: object) -> None:
         self.record.update(changes)
@@ -66,12 +71,13 @@ class ManufacturingDriver(Role):
         row.update(changes)
         self.agent.node.journal.put(StepRecord, row)
 
-    def _document(self, step: int, **fields: object) -> None:
+    def _document(self, step: int, *, mirror: bool = True, **fields: object) -> None:
         plan = next(s for s in self.order.steps if s.index == step)
         record = build.StepRecord(index=step, capability=plan.capability, **fields)  # type: ignore[arg-type]
         element = build.step_record_element(record)
         merged = documentation.merge_record(self.doc, element)
-        documentation.mirror(self.agent.node.journal, self.agent.name, step, merged, self.agent.name)
+        if mirror:
+            documentation.mirror(self.agent.node.journal, self.agent.name, step, merged, self.agent.name)
         self.agent.node.store.changed(self.doc.id)
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -112,7 +118,6 @@ class ManufacturingDriver(Role):
             parameters=dict(step.parameters),
         )
         self._save_step(step.index, status="negotiating", cfp_sim=self.agent.now())
-        self._document(step.index, outcome="negotiating")
         r = await self.requester.request(call)
         self._save_step(step.index, conversation_id=r.conversation_id)
         return None
@@ -147,7 +152,6 @@ class ManufacturingDriver(Role):
         step = r.call.step
         if isinstance(outcome, CallIssued):
             self._save_step(step, rounds=outcome.round)
-            self._document(step, call_for_proposal_id=outcome.cfp_id, outcome="negotiating")
         elif isinstance(outcome, Awarded):
             bids = [
                 build.BidRecord(
@@ -161,7 +165,15 @@ class ManufacturingDriver(Role):
                 for x in outcome.ranking
             ]
             winner = outcome.winner.bid
-            self._document(step, bids=bids, winner=winner.resource, reason=outcome.ranking[0].reason)
+            self._document(
+                step,
+                call_for_proposal_id=r.cfp_id,
+                bids=bids,
+                winner=winner.resource,
+                reason=outcome.ranking[0].reason,
+                outcome="negotiating",
+                mirror=False,  # made durable with the booking, one message later
+            )
             self._save_step(step, resource=winner.resource, price=winner.price)
         elif isinstance(outcome, Scheduled):
             b = outcome.booking

@@ -19,6 +19,7 @@ from sqlmodel import select
 
 from agents.aas import build
 from agents.aas.ids import submodel_id
+from agents.aas.store import WriteKind, WriteRequest
 from agents.persistence.tables import WorkOrderRecord
 from agents.resource.timeline import Slot, Timeline
 from agents.runtime.role import Role
@@ -189,8 +190,15 @@ class WorkQueue(Role):
             ],
         )
         doc_id = submodel_id(product, "ProcessDocumentation", self.agent.node.ns)
-        client = self.agent.node.aas_client(entry.base_url)
-        await client.patch_element(doc_id, build.step_id_short(row["step"]), element)
+        path = build.step_id_short(row["step"])
+        node = self.agent.node
+        if entry.base_url == node.base_url and node.store.owner_of(doc_id):
+            # The product lives in this process: hand the write to its owner exactly as the
+            # AAS server's PATCH route would, without the HTTP round trip.
+            op = WriteRequest(WriteKind.PATCH, doc_id, path, element, node.store.owner_of(doc_id))
+            await node.store.submit(op)
+            return
+        await node.aas_client(entry.base_url).patch_element(doc_id, path, element)
 
     def _status(self, current: str | None = None, product: str | None = None) -> None:
         sm_id = submodel_id(self.agent.name, "Status", self.agent.node.ns)

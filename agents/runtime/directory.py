@@ -24,7 +24,7 @@ class Entry:
 
 
 class Directory:
-    def __init__(self, registry: RegistryClient | None, *, capability_ttl: float = 2.0) -> None:
+    def __init__(self, registry: RegistryClient | None, *, capability_ttl: float = 10.0) -> None:
         self.registry = registry
         self.capability_ttl = capability_ttl
         self._by_id: dict[str, Entry] = {}

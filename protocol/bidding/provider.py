@@ -262,8 +262,8 @@ class Provider:
 
     def snapshot(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        data["call"] = dataclasses.asdict(self.call)
-        data["bid"] = dataclasses.asdict(self.bid) if self.bid else None
+        data["call"] = _flat(self.call)
+        data["bid"] = _flat(self.bid) if self.bid else None
         data["state"] = self.state.value
         data["seen"] = sorted(self.seen)
         return data
@@ -347,3 +347,11 @@ class ProviderRounds:
         self.by_cfp.pop(p.cfp_id, None)
         for ref in (p.proposal_id, p.accept_id):
             self._by_ref.pop(ref, None)
+
+
+def _flat(obj: Any) -> dict[str, Any]:
+    """A flat content dataclass as a dict (dataclasses.asdict recurses and deep-copies: too slow here)."""
+    out = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    if "parameters" in out:
+        out["parameters"] = dict(out["parameters"])
+    return out

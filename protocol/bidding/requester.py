@@ -58,6 +58,8 @@ TABLE: dict[tuple[RState, str], str] = {
     (RState.AWARDING, M.INFORM_FAILURE): "_on_withdrawn",
     (RState.AWARDING, M.NOT_UNDERSTOOD): "_on_withdrawn",
     (RState.AWARDING, DEADLINE): "_on_confirm_timeout",
+    (RState.AWARDING, M.INFORM): "_on_inform",  # overtook its informConfirm: booked and done
+    (RState.DONE, M.INFORM_CONFIRM): "_on_late_confirm",
     (RState.CONFIRMED, M.INFORM): "_on_inform",
     (RState.CONFIRMED, M.INFORM_FAILURE): "_on_step_failure",
     (RState.CONFIRMED, M.INFORM_CONFIRM): "_on_repeated_confirm",
@@ -295,6 +297,12 @@ class Requester:
         cancel = self._cancel(self.winner.provider, self.accept_id, "no informConfirm in time")
         return [cancel, *self._rebid(now, f"no informConfirm from {self.winner.provider} in time")]
 
+    def _on_late_confirm(self, msg: Message, now: int) -> list[object]:
+        """The booking confirmation arrives after the result (reordered): nothing left to do."""
+        if not self._from_winner(msg, self.accept_id):
+            return self._stray(msg, now)
+        return [Note("out-of-sequence", f"informConfirm {msg.id} after the result", msg.id)]
+
     def _on_status_due(self, _msg: Message | None, now: int) -> list[object]:
         """Booked but silent past the expected end: re-send the acceptance, the provider replays its answer."""
         self.queries += 1
@@ -426,20 +434,20 @@ class Requester:
         return {
             "me": self.me,
             "conversation_id": self.conversation_id,
-            "call": dataclasses.asdict(self.call),
+            "call": _flat(self.call),
             "expected": sorted(self.expected),
-            "config": dataclasses.asdict(self.config),
+            "config": _flat(self.config),
             "state": self.state.value,
             "round": self.round,
             "cfp_id": self.cfp_id,
             "past_cfps": list(self.past_cfps),
             "reply_by": self.reply_by,
             "deadline": self.deadline,
-            "offers": [[o.proposal_id, o.provider, dataclasses.asdict(o.bid)] for o in self.offers.values()],
+            "offers": [[o.proposal_id, o.provider, _flat(o.bid)] for o in self.offers.values()],
             "offer_valid": dict(self.offer_valid),
             "answered": sorted(self.answered),
             "seen": sorted(self.seen),
-            "winner": [self.winner.proposal_id, self.winner.provider, dataclasses.asdict(self.winner.bid)]
+            "winner": [self.winner.proposal_id, self.winner.provider, _flat(self.winner.bid)]
             if self.winner
             else None,
             "accept_id": self.accept_id,
@@ -476,3 +484,11 @@ class Requester:
         r.accept_msg, r.retries, r.queries = data["accept_msg"], data["retries"], data.get("queries", 0)
         r.empty_rounds, r.failures, r.reason = data["empty_rounds"], data["failures"], data["reason"]
         return r
+
+
+def _flat(obj: Any) -> dict[str, Any]:
+    """A flat content dataclass as a dict (dataclasses.asdict recurses and deep-copies: too slow here)."""
+    out = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    if "parameters" in out:
+        out["parameters"] = dict(out["parameters"])
+    return out
