@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scenarios.launcher import RunOptions, run  # noqa: E402
-from scenarios.loader import load_scenario_text  # noqa: E402
+from scenarios.launcher import RunOptions, run
+from scenarios.loader import load_scenario_text
 
 N_RES = 20
 

@@ -194,6 +194,7 @@ class Recorder:
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
         self._subscribed.clear()
+        self._client = client  # before anything can arrive: the writer acknowledges through it
         if version == mqtt.MQTTv5:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = 0 if self.clean else int(self.session_expiry)
@@ -202,7 +203,6 @@ class Recorder:
         else:
             client.connect(self.broker.host, self.broker.port)
         client.loop_start()
-        self._client = client
         if not self._subscribed.wait(timeout):
             raise TimeoutError("no SUBACK")
 

@@ -128,6 +128,9 @@ def requester_config(scenario: Scenario, clock_kind: str, time_scale: float | No
         backoff_ms=int(b.backoff * 1000),
         backoff_max_ms=int(b.backoff * 1000 * b.backoff_factor ** max(b.max_rounds - 1, 0)),
         confirm_timeout_ms=int(max(b.confirm_timeout, window) * 1000),
+        # Silence is no refusal: the winner may be restarting, and withdrawing an award it may
+        # already be executing would risk the step twice. Keep asking (the answer is idempotent).
+        confirm_retries=1000,
     )
 
 

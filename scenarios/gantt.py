@@ -55,12 +55,18 @@ def gantt(db: Database, path: Path, *, title: str = "") -> Path | None:
     return draw(bars_from_db(db), path, title=title)
 
 
-def _drop_labels_that_do_not_fit(fig: Any, ax: Any, labels: list[tuple[Any, Bar]]) -> None:
-    """Measure every label as rendered; remove those wider than their bar (no overprinting)."""
+def _fit_labels(fig: Any, ax: Any, labels: list[tuple[Any, Bar]], bar_height: float) -> None:
+    """Measure every label as rendered: one line if it fits in its bar, else two, else none."""
     renderer = fig.canvas.get_renderer()
     for text, b in labels:
-        (x0, _), (x1, _) = ax.transData.transform([(b.start, 0), (b.end, 0)])
-        if text.get_window_extent(renderer).width + 4 > abs(x1 - x0):
+        (x0, y0), (x1, y1) = ax.transData.transform([(b.start, 0), (b.end, bar_height)])
+        room_w, room_h = abs(x1 - x0) - 4, abs(y1 - y0) - 2
+        for candidate in (f"{b.product}·{b.step}", f"{b.product}\nstep {b.step}"):
+            text.set_text(candidate)
+            extent = text.get_window_extent(renderer)
+            if extent.width <= room_w and extent.height <= room_h:
+                break
+        else:
             text.remove()
 
 
@@ -86,6 +92,7 @@ def draw(bars: Iterable[Bar], path: Path, *, title: str = "", dpi: int = 110) ->
     by_priority: dict[int, list[Bar]] = {}
     for b in bars:
         by_priority.setdefault(b.priority, []).append(b)
+    px_per_unit = width_in * dpi * 0.85 / (span * 1.02)  # about: the plotting area is ~85% wide
     for priority, group in sorted(by_priority.items()):
         ax.barh(
             [row[b.resource] for b in group],
@@ -94,7 +101,8 @@ def draw(bars: Iterable[Bar], path: Path, *, title: str = "", dpi: int = 110) ->
             height=0.72,
             color=PRIORITY_COLOURS.get(priority, "#bbbbbb"),
             edgecolor="white",
-            linewidth=0.8,
+            # a white gap between back-to-back steps, but not one that swallows a bar a few pixels wide
+            linewidth=[0.8 if (b.end - b.start) * px_per_unit >= 8 else 0.2 for b in group],
         )
     dark = {1, 5}
     labels = []
@@ -135,7 +143,7 @@ def draw(bars: Iterable[Bar], path: Path, *, title: str = "", dpi: int = 110) ->
         borderaxespad=0.2,
     )
     fig.tight_layout()
-    _drop_labels_that_do_not_fit(fig, ax, labels)
+    _fit_labels(fig, ax, labels, 0.72)
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing as mp
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from sqlmodel import select
 
 from agents.aas.io import write_aasx
 from agents.persistence import open_database
@@ -26,12 +27,15 @@ from agents.resource.agent import start_resource
 from agents.runtime.agent import Agent
 from agents.runtime.node import Node, NodeConfig
 from protocol.broker import RunningBroker, start_broker
+from protocol.mosquitto import free_port
 from protocol.recorder import Recorder
 from protocol.transport import BrokerAddress
 from registry.service import RegistryServer
 from scenarios import assembly, gantt, kpis
+from scenarios.chaos import Chaos
 from scenarios.loader import load_scenario
 from scenarios.schema import Scenario
+from scenarios.workers import Recovery, WorkerPool
 from shopfloor.clock import Clock, make_clock
 
 log = logging.getLogger(__name__)
@@ -48,7 +52,8 @@ class RunOptions:
     processes: int = 1
     seed: int | None = None
     progress: bool = True
-    scenario_path: Path | None = None
+    resume: bool = False  # continue the run recorded in `out` (same database): agents reload their state
+    chaos: Chaos | None = None  # kill agent processes at random (needs processes > 1)
 
 
 @dataclass
@@ -58,6 +63,8 @@ class RunResult:
     timed_out: bool = False
     interrupted: bool = False
     notices: list[str] = field(default_factory=list)
+    recoveries: list[Recovery] = field(default_factory=list)
+    chaos_log: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -78,6 +85,9 @@ class Plant:
     time_scale: float | None
     wall_origin_ms: int | None
     seed: int
+    aas_ports: dict[int, int] = field(
+        default_factory=dict
+    )  # share -> AAS server port (stable across restarts)
 
 
 def _clock(plant: Plant) -> Clock:
@@ -86,21 +96,19 @@ def _clock(plant: Plant) -> Clock:
     )
 
 
-async def _start_agents(node: Node, plant: Plant, share: int, shares: int) -> list[str]:
-    """Start this process's share of the resources and products; return the product names."""
+async def _start_resources(node: Node, plant: Plant, share: int, shares: int) -> None:
+    """Start this process's share of the resources (before any product, in every process)."""
     scenario = plant.scenario
     config = assembly.requester_config(scenario, plant.clock_kind, plant.time_scale)
     validity = assembly.offer_validity(scenario, config)
     dist = assembly.distances(scenario)
     log_dir = plant.out / "assets"
     log_dir.mkdir(parents=True, exist_ok=True)
-    resources = [r for i, r in enumerate(scenario.resources) if i % shares == share]
     sem = asyncio.Semaphore(32)
 
     async def resource(r: Any) -> None:
         async with sem:
             asset = assembly.make_asset(scenario, r, log_dir, plant.seed)
-            policy = getattr(r, "breakdown_policy", "finish_late")
             await start_resource(
                 node,
                 asset,
@@ -108,11 +116,18 @@ async def _start_agents(node: Node, plant: Plant, share: int, shares: int) -> li
                 distances=dist,
                 cost_rates=assembly.cost_rates(r),
                 validity=validity,
-                breakdown_policy=policy,
+                breakdown_policy=getattr(r, "breakdown_policy", "finish_late"),
             )
 
-    await asyncio.gather(*(resource(r) for r in resources))
+    await asyncio.gather(*(resource(r) for i, r in enumerate(scenario.resources) if i % shares == share))
+
+
+async def _start_products(node: Node, plant: Plant, share: int, shares: int) -> list[str]:
+    """Start this process's share of the products; return their names."""
+    scenario = plant.scenario
+    config = assembly.requester_config(scenario, plant.clock_kind, plant.time_scale)
     instances = [p for i, p in enumerate(scenario.product_instances()) if i % shares == share]
+    sem = asyncio.Semaphore(32)
 
     async def product(p: Any) -> None:
         async with sem:
@@ -122,37 +137,17 @@ async def _start_agents(node: Node, plant: Plant, share: int, shares: int) -> li
     return [p.name for p in instances]
 
 
+async def _start_agents(node: Node, plant: Plant, share: int, shares: int) -> list[str]:
+    await _start_resources(node, plant, share, shares)
+    return await _start_products(node, plant, share, shares)
+
+
 def _write_aasx(node: Node, names: list[str], folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name in names:
         objects = node.store.identifiables(name)
         if objects:
             write_aasx(folder / f"{name}.aasx", objects)
-
-
-# --- worker processes -------------------------------------------------------------------------------
-
-
-def _worker(plant: Plant, share: int, shares: int, done_q: Any, stop_ev: Any) -> None:
-    logging.basicConfig(level=logging.WARNING)
-    asyncio.run(_worker_main(plant, share, shares, done_q, stop_ev))
-
-
-async def _worker_main(plant: Plant, share: int, shares: int, done_q: Any, stop_ev: Any) -> None:
-    clock = _clock(plant)
-    db = open_database(plant.db_url, create=False)
-    node = Node(NodeConfig(plant.scenario.namespace, plant.broker, plant.registry_url), clock, db)
-    node.finished_hooks.append(lambda a: done_q.put(("finished", a.name)) if a.kind == "product" else None)
-    await node.start()
-    await clock.start()
-    names = await _start_agents(node, plant, share, shares)
-    done_q.put(("started", share, len(names)))
-    await asyncio.to_thread(stop_ev.wait)
-    await node.journal.commit()
-    _write_aasx(node, names, plant.out / "aas")
-    await node.stop()
-    await clock.stop()
-    done_q.put(("stopped", share))
 
 
 # --- the run ----------------------------------------------------------------------------------------
@@ -166,12 +161,17 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
     db_url = options.db or scenario.database or sqlite_url(out / "run.db")
     clock_kind, time_scale = scenario.clock.kind, scenario.clock.time_scale
     processes = max(1, options.processes)
+    if options.chaos is not None and processes < 2:
+        raise ValueError("chaos needs agent processes to kill: use processes >= 2")
     if processes > 1 and clock_kind == "virtual":
         clock_kind, time_scale = "accelerated", MULTIPROCESS_TIME_SCALE
         notices.append(
             f"the virtual clock runs in one process only; with --processes {processes} the run uses an "
             f"accelerated clock ({MULTIPROCESS_TIME_SCALE:g} ms per time unit)"
         )
+    # With chaos every agent lives in a killable worker; otherwise this process takes share 0.
+    count = processes - 1 if options.chaos is not None else processes
+    local = options.chaos is None
     broker_url = options.broker if options.broker is not None else scenario.broker
     broker: RunningBroker = await asyncio.to_thread(start_broker, broker_url, out)
     registry = RegistryServer(sqlite_url(out / "registry.db"))
@@ -179,48 +179,65 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
     recorder: Recorder | None = None
     node: Node | None = None
     clock: Clock | None = None
-    workers: list[mp.Process] = []
-    ctx = mp.get_context("spawn")
-    done_q = ctx.Queue()
-    stop_ev = ctx.Event()
+    pool: WorkerPool | None = None
+    chaos_task: asyncio.Task | None = None
     timed_out = interrupted = False
+    finished: set[str] = set()
     try:
         registry_url = await registry.start()
         db = open_database(db_url)
         recorder = await asyncio.to_thread(
             Recorder(
-                broker.address, scenario.namespace, out / "messages.jsonl", client_id="twinbid-recorder"
+                broker.address, scenario.namespace, out / "messages.jsonl", client_id="twinbid-recorder", clean=False
             ).start
         )
-        wall_origin = int(time.time() * 1000) + 3000 if processes > 1 else None  # workers need ~2 s to start
+        wall_origin = _wall_origin(db, processes, options.resume)
+        worker_shares = list(range(1 if local else 0, count))
         plant = Plant(
-            scenario, out, broker.address, registry_url, db_url, clock_kind, time_scale, wall_origin, seed
-        )
+            scenario, out, broker.address, registry_url, db_url, clock_kind, time_scale, wall_origin, seed,
+            aas_ports={share: free_port() for share in worker_shares},
+        )  # fmt: skip
         clock = _clock(plant)
+        if options.resume and hasattr(clock, "resume_at"):
+            clock.resume_at(_last_sim_time(db))
         node = Node(NodeConfig(scenario.namespace, broker.address, registry_url), clock, db)
-        finished: set[str] = set()
         node.finished_hooks.append(lambda a: finished.add(a.name) if a.kind == "product" else None)
         await node.start()
-        for share in range(1, processes):
-            w = ctx.Process(target=_worker, args=(plant, share, processes, done_q, stop_ev), daemon=True)
-            w.start()
-            workers.append(w)
+        if worker_shares:
+            pool = WorkerPool(plant, worker_shares, count, on_finished=finished.add)
+            pool.start()
         await clock.start()
-        await _start_agents(node, plant, 0, processes)
+        # Two phases across processes: every resource is subscribed and registered before any
+        # product calls for proposals, or the first calls would find nobody listening.
+        if local:
+            await _start_resources(node, plant, 0, count)
+        if pool is not None:
+            await pool.resources_ready(timeout=120)
+            pool.go()
+        if local:
+            await _start_products(node, plant, 0, count)
         total = len(scenario.product_instances())
         _schedule_faults(scenario, node, plant, broker, notices)
-        timed_out, interrupted = await _wait(scenario, clock, node, finished, total, done_q, options.progress)
+        if options.chaos is not None and pool is not None:
+            chaos_task = asyncio.create_task(options.chaos.run(pool, broker, lambda: len(finished) >= total))
+        timed_out, interrupted = await _wait(scenario, clock, node, finished, total, pool, options.progress)
+    except asyncio.CancelledError:  # Ctrl-C: stop cleanly and still leave a complete record
+        interrupted = True
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
     finally:
         wall = time.perf_counter() - started
-        stop_ev.set()
+        if chaos_task is not None:
+            chaos_task.cancel()
+            with contextlib.suppress(BaseException):
+                await chaos_task
         if node is not None:
             with contextlib.suppress(Exception):
                 await node.journal.commit()
                 _write_aasx(node, [n for n in node.agents if node.agents[n].kind == "product"], out / "aas")
-        for w in workers:
-            await asyncio.to_thread(w.join, 30)
-            if w.is_alive():
-                w.kill()
+        if pool is not None:
+            await pool.stop()
         if node is not None:
             await node.stop()
         if clock is not None:
@@ -234,14 +251,56 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
     figures = kpis.compute(db, wall_seconds=wall, plan_steps=plan_steps)
     figures["recorded_messages"] = recorder.count if recorder else 0
     figures["clock"] = {"kind": clock_kind, "time_scale": time_scale}
+    recoveries = pool.recoveries if pool else []
+    times = [r.seconds for r in recoveries if r.seconds is not None]
+    if times:
+        figures["recovery_s"] = {
+            "p50": kpis.percentile(times, 0.5),
+            "p99": kpis.percentile(times, 0.99),
+            "count": len(times),
+        }
     (out / "kpis.json").write_text(kpis.dumps(figures))
     gantt.gantt(db, out / "gantt.png", title=f"{scenario.name}: schedule")
     db.dispose()
-    return RunResult(out, figures, timed_out, interrupted, notices)
+    chaos_log = options.chaos.log if options.chaos else []
+    return RunResult(out, figures, timed_out, interrupted, notices, recoveries, chaos_log)
+
+
+def _last_sim_time(db: Any) -> float:
+    """The latest simulated instant the database knows of: where a resumed virtual run goes on."""
+    from sqlalchemy import func
+
+    from agents.persistence.tables import ConversationRecord, EventRecord, OutboxRecord
+
+    with db.session() as s:
+        times = [
+            s.exec(select(func.max(EventRecord.sim))).first(),
+            s.exec(select(func.max(OutboxRecord.created_sim))).first(),
+            s.exec(select(func.max(ConversationRecord.updated_sim))).first(),
+        ]
+    return max((t for t in times if t is not None), default=0.0)
+
+
+def _wall_origin(db: Any, processes: int, resume: bool) -> int | None:
+    """Simulated time 0 in wall ms, shared by every process (and kept by a resumed run)."""
+    from agents.persistence.tables import AgentRecord
+
+    if resume:
+        with db.session() as s:
+            first = s.exec(select(AgentRecord.started_wall_ms).order_by(AgentRecord.started_wall_ms)).first()
+        if first:
+            return int(first)
+    return int(time.time() * 1000) + 3000 if processes > 1 else None  # workers need ~2 s to start
 
 
 async def _wait(
-    scenario: Scenario, clock: Clock, node: Node, finished: set[str], total: int, done_q: Any, progress: bool
+    scenario: Scenario,
+    clock: Clock,
+    node: Node,
+    finished: set[str],
+    total: int,
+    pool: WorkerPool | None,
+    progress: bool,
 ) -> tuple[bool, bool]:
     """Until every product finished, the clock ran out, or the wall timeout; with a progress bar."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -261,10 +320,8 @@ async def _wait(
     with bar:
         task = bar.add_task("products", total=total, info="")
         while True:
-            while not done_q.empty():
-                item = done_q.get_nowait()
-                if item[0] == "finished":
-                    finished.add(item[1])
+            if pool is not None:
+                pool.poll()
             sent = sum(
                 sum(v for k, v in a.counters.items() if k.startswith("sent:")) for a in node.agents.values()
             )

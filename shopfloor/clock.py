@@ -525,6 +525,12 @@ class VirtualClock(Clock):
     def now(self) -> float:
         return self._now
 
+    def resume_at(self, t: float) -> None:
+        """Continue a stopped run: simulated time starts at `t` instead of 0 (before `start`)."""
+        if self._driver is not None:
+            raise RuntimeError("resume_at() must be called before start()")
+        self._now = max(self._now, float(t))
+
     @property
     def pending(self) -> int:
         return self._pending

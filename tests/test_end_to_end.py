@@ -174,3 +174,36 @@ def test_a_bad_scenario_gets_a_precise_message_and_no_traceback(tmp_path: Path) 
     assert proc.returncode == 2
     assert "bad.yaml" in proc.stderr and "resources[0]" in proc.stderr and "capacity" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_ctrl_c_stops_cleanly_and_leaves_a_record(tmp_path: Path) -> None:
+    """A real SIGINT to a running `twinbid run`: it stops within seconds and writes its KPIs."""
+    import signal
+    import time
+
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "twinbid.cli",
+            "run",
+            str(ROOT / "scenarios" / "aircraft-sensor.yaml"),
+            "--out",
+            str(out),
+            "-q",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not (out / "run.db").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)  # let the plant work for a moment
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode in (1, 130), stderr
+    assert "Traceback" not in stderr, stderr
+    kpis = json.loads((out / "kpis.json").read_text())
+    assert kpis["products"]["total"] == 100 and kpis["products"]["completed"] < 100

@@ -45,18 +45,37 @@ def run(
     processes: Annotated[int, typer.Option(min=1, help="agent processes")] = 1,
     seed: Annotated[int | None, typer.Option(help="random seed (overrides the scenario)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    resume: Annotated[
+        Path | None, typer.Option(help="continue the stopped run in this output folder (same scenario)")
+    ] = None,
 ) -> None:
     """Run a plant from a scenario file and write its record to the output folder."""
     from scenarios.launcher import RunOptions
     from scenarios.launcher import run as run_plant
 
     sc = _load(scenario)
-    out = out or Path("runs") / sc.name
-    if (out / "run.db").exists():
-        err.print(f"[red]{out} already holds a run[/red]; choose another --out", markup=True)
-        raise typer.Exit(2)
+    if resume is not None:
+        out = resume
+        if not (out / "run.db").exists() and db is None:
+            err.print(f"[red]{out} holds no run to resume[/red]", markup=True)
+            raise typer.Exit(2)
+    else:
+        out = out or Path("runs") / _slug(sc.name)
+        if (out / "run.db").exists():
+            err.print(
+                f"[red]{out} already holds a run[/red]; choose another --out, or --resume {out}", markup=True
+            )
+            raise typer.Exit(2)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    options = RunOptions(out=out, broker=broker, db=db, processes=processes, seed=seed, progress=not quiet)
+    options = RunOptions(
+        out=out,
+        broker=broker,
+        db=db,
+        processes=processes,
+        seed=seed,
+        progress=not quiet,
+        resume=resume is not None,
+    )
     try:
         result = asyncio.run(run_plant(sc, options))
     except KeyboardInterrupt:
@@ -67,6 +86,12 @@ def run(
     _kpi_table(result.kpis, out)
     if not result.ok:
         raise typer.Exit(1)
+
+
+def _slug(name: str) -> str:
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "run"
 
 
 def _kpi_table(k: dict, out: Path) -> None:
@@ -138,6 +163,21 @@ def registry_serve(
         asyncio.run(serve_registry(host, port, db))
     except KeyboardInterrupt:
         pass
+
+
+def _mount() -> None:
+    """Commands that live in their own modules: observation (log, trace, stats, report, observe)."""
+    from twinbid import observe, vendor
+
+    for command in observe.app.registered_commands:
+        app.registered_commands.append(command)
+    app.add_typer(vendor.app, name="vendor", help="Vendors: submit product AASs, serve the order-taking service.")
+    for command in vendor.app.registered_commands:
+        if command.name == "submit" or (command.callback and command.callback.__name__ == "submit"):
+            app.registered_commands.append(command)  # `twinbid submit FILE --url --key`, as a vendor types it
+
+
+_mount()
 
 
 def main() -> None:

@@ -356,10 +356,10 @@ class Authenticator:
             self._cache.move_to_end(digest)
             return self.directory.get(name)
         named = key_vendor(key)
+        if named is not None and named not in self.directory.vendors:
+            return None  # a generated key of a vendor we do not know: no hash to try
         candidates = (
-            [self.directory.vendors[named]]
-            if named in self.directory.vendors
-            else list(self.directory.vendors.values())
+            [self.directory.vendors[named]] if named is not None else list(self.directory.vendors.values())
         )
         for vendor in candidates:
             stored = vendor.key_hash

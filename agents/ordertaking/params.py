@@ -69,7 +69,14 @@ def check_notify_url(url: str, *, allow_private: bool = True) -> str | None:
             ip = ipaddress.ip_address(host)
         except ValueError:
             return None
-        if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast or ip.is_unspecified:
+        if (
+            ip.is_private
+            or ip.is_loopback
+            or ip.is_link_local
+            or ip.is_reserved
+            or ip.is_multicast
+            or ip.is_unspecified
+        ):
             return "is a private, loopback or reserved address; this service only notifies public addresses"
     return None
 
@@ -116,9 +123,15 @@ def parse_order_params(
         if type_optional:
             product_type = ""
         else:
-            problems.append(Problem("productType", f"missing (and the shell names no assetType); known product types: {known}"))
+            problems.append(
+                Problem(
+                    "productType", f"missing (and the shell names no assetType); known product types: {known}"
+                )
+            )
     elif not isinstance(product_type, str) or product_type not in product_types:
-        problems.append(Problem("productType", f"unknown product type {str(product_type)[:100]!r}; known: {known}"))
+        problems.append(
+            Problem("productType", f"unknown product type {str(product_type)[:100]!r}; known: {known}")
+        )
 
     # priority 1..5
     priority: int = DEFAULT_PRIORITY
@@ -129,7 +142,10 @@ def parse_order_params(
             value = int(value.strip())
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 5:
             problems.append(
-                Problem("priority", f"must be an integer from 1 (top: earliest completion) to 5 (lowest: cheapest), got {str(raw_priority)[:40]!r}")
+                Problem(
+                    "priority",
+                    f"must be an integer from 1 (top: earliest completion) to 5 (lowest: cheapest), got {str(raw_priority)[:40]!r}",
+                )
             )
         else:
             priority = value
@@ -141,7 +157,9 @@ def parse_order_params(
         number = _number(raw_due)
         if number is not None:
             if not math.isfinite(number) or number < 0:
-                problems.append(Problem("due", f"must be a finite, non-negative simulated time, got {raw_due!r}"))
+                problems.append(
+                    Problem("due", f"must be a finite, non-negative simulated time, got {raw_due!r}")
+                )
             else:
                 due = number
         elif isinstance(raw_due, str) and clock is not None:
@@ -150,11 +168,18 @@ def parse_order_params(
             except ValueError:
                 moment = None
             if moment is None or moment.tzinfo is None:
-                problems.append(Problem("due", f"must be a number (simulated time) or an ISO 8601 date-time with offset, got {raw_due[:60]!r}"))
+                problems.append(
+                    Problem(
+                        "due",
+                        f"must be a number (simulated time) or an ISO 8601 date-time with offset, got {raw_due[:60]!r}",
+                    )
+                )
             else:
                 due = clock.from_epoch_ms(int(moment.timestamp() * 1000))
         else:
-            problems.append(Problem("due", f"must be a number (simulated time units), got {str(raw_due)[:60]!r}"))
+            problems.append(
+                Problem("due", f"must be a number (simulated time units), got {str(raw_due)[:60]!r}")
+            )
         if due is not None and clock is not None and due < clock.now():
             problems.append(Problem("due", f"is in the past (simulated time now: {clock.now():g})"))
             due = None
@@ -183,7 +208,9 @@ def parse_order_params(
             except (ValueError, RecursionError):
                 value = None
         if not isinstance(value, dict):
-            problems.append(Problem("customization", "must be a JSON object of names to text, numbers or booleans"))
+            problems.append(
+                Problem("customization", "must be a JSON object of names to text, numbers or booleans")
+            )
         elif len(value) > MAX_CUSTOMIZATION_KEYS:
             problems.append(Problem("customization", f"at most {MAX_CUSTOMIZATION_KEYS} entries"))
         else:
@@ -195,7 +222,9 @@ def parse_order_params(
                     continue
                 id_short = to_id_short(k)
                 if id_short in seen:
-                    problems.append(Problem(where, f"clashes with {seen[id_short]!r} (both become {id_short!r})"))
+                    problems.append(
+                        Problem(where, f"clashes with {seen[id_short]!r} (both become {id_short!r})")
+                    )
                     continue
                 seen[id_short] = k
                 ok = isinstance(v, str | bool | int) or (isinstance(v, float) and math.isfinite(v))
@@ -213,16 +242,26 @@ def parse_order_params(
     return OrderParams(product_type, priority, due, notify, customization)
 
 
-def resolve_product_type(params: OrderParams, asset_type: str | None, product_types: Mapping[str, Any]) -> OrderParams:
+def resolve_product_type(
+    params: OrderParams, asset_type: str | None, product_types: Mapping[str, Any]
+) -> OrderParams:
     """Fill a missing product type from the shell's ``assetInformation.assetType`` (422 if that is no help)."""
     if params.product_type:
         return params
     known = ", ".join(sorted(map(repr, product_types))) or "none"
     if not asset_type:
-        raise Rejection(422, Problem("productType", f"missing (and the shell names no assetType); known product types: {known}"))
+        raise Rejection(
+            422,
+            Problem(
+                "productType", f"missing (and the shell names no assetType); known product types: {known}"
+            ),
+        )
     if asset_type not in product_types:
         raise Rejection(
             422,
-            Problem("productType", f"missing, and the shell's assetType {asset_type[:100]!r} is no known product type; known: {known}"),
+            Problem(
+                "productType",
+                f"missing, and the shell's assetType {asset_type[:100]!r} is no known product type; known: {known}",
+            ),
         )
     return OrderParams(asset_type, params.priority, params.due, params.notify_url, params.customization)

@@ -31,7 +31,11 @@ INPUTS: tuple[tuple[str, type], ...] = (
     ("customization", DT.String),
     ("idempotencyKey", DT.String),
 )
-OUTPUTS: tuple[tuple[str, type], ...] = (("orderId", DT.String), ("status", DT.String), ("product", DT.String))
+OUTPUTS: tuple[tuple[str, type], ...] = (
+    ("orderId", DT.String),
+    ("status", DT.String),
+    ("product", DT.String),
+)
 
 
 def take_order_operation() -> model.Operation:
@@ -40,7 +44,9 @@ def take_order_operation() -> model.Operation:
             "aas",
             content_type="application/json",
             description=model.MultiLanguageTextType(
-                {"en": "the product instance's AAS: V3.1 JSON environment or an AASX package (set contentType)"}
+                {
+                    "en": "the product instance's AAS: V3.1 JSON environment or an AASX package (set contentType)"
+                }
             ),
         )
     ]
@@ -50,7 +56,9 @@ def take_order_operation() -> model.Operation:
         input_variable=inputs,
         output_variable=[model.Property(name, value_type=vt) for name, vt in OUTPUTS],
         semantic_id=build.ext_ref(OPERATION_SEMANTIC_ID),
-        description=model.MultiLanguageTextType({"en": "Submit a product instance's AAS as a manufacturing order"}),
+        description=model.MultiLanguageTextType(
+            {"en": "Submit a product instance's AAS as a manufacturing order"}
+        ),
     )
 
 

@@ -152,7 +152,9 @@ def parse_multipart(body: bytes, content_type: str, limits: UploadLimits) -> Upl
     _, params = media_type(content_type)
     boundary = params.get("boundary", "")
     if not 1 <= len(boundary) <= 200:
-        raise Rejection(400, Problem("Content-Type", "multipart/form-data without a valid boundary parameter"))
+        raise Rejection(
+            400, Problem("Content-Type", "multipart/form-data without a valid boundary parameter")
+        )
     delim = b"--" + boundary.encode("latin-1")
     start = body.find(delim)
     if start < 0:
@@ -170,7 +172,9 @@ def parse_multipart(body: bytes, content_type: str, limits: UploadLimits) -> Upl
             raise Rejection(400, Problem("body", "multipart body is truncated (no closing boundary)"))
         head, sep, content = body[pos:end].partition(b"\r\n\r\n")
         if not sep:
-            raise Rejection(400, Problem("body", "malformed multipart part (no blank line after its headers)"))
+            raise Rejection(
+                400, Problem("body", "malformed multipart part (no blank line after its headers)")
+            )
         headers: dict[str, str] = {}
         for line in head.split(b"\r\n"):
             name, colon, value = line.decode("latin-1").partition(":")
@@ -184,7 +188,8 @@ def parse_multipart(body: bytes, content_type: str, limits: UploadLimits) -> Upl
     chosen = next((p for p in files if p.param("name") == "file"), files[0] if len(files) == 1 else None)
     if chosen is None:
         raise Rejection(
-            422, Problem("file", "missing: put the AAS (AASX package or AAS JSON) in a form part named 'file'")
+            422,
+            Problem("file", "missing: put the AAS (AASX package or AAS JSON) in a form part named 'file'"),
         )
     fields: dict[str, str] = {}
     for p in parts:
@@ -245,7 +250,10 @@ def check_aasx(data: bytes, limits: UploadLimits) -> None:
     """Refuse a package that is not a safe ZIP before basyx touches it (see the module docstring)."""
     field_name = "aasx"
     if len(data) > limits.max_aasx_bytes:
-        raise Rejection(413, Problem(field_name, f"the package is {len(data)} bytes; the limit is {limits.max_aasx_bytes}"))
+        raise Rejection(
+            413,
+            Problem(field_name, f"the package is {len(data)} bytes; the limit is {limits.max_aasx_bytes}"),
+        )
     if data[:4] != b"PK\x03\x04":
         raise Rejection(422, Problem(field_name, "not an AASX package: the body is not a ZIP archive"))
     try:
@@ -254,7 +262,9 @@ def check_aasx(data: bytes, limits: UploadLimits) -> None:
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, NotImplementedError) as exc:
         raise Rejection(422, Problem(field_name, f"not a readable ZIP archive: {exc}")) from None
     if len(infos) > limits.max_entries:
-        raise Rejection(422, Problem(field_name, f"{len(infos)} entries; at most {limits.max_entries} are accepted"))
+        raise Rejection(
+            422, Problem(field_name, f"{len(infos)} entries; at most {limits.max_entries} are accepted")
+        )
     seen: set[str] = set()
     declared = 0
     for info in infos:
@@ -269,24 +279,39 @@ def check_aasx(data: bytes, limits: UploadLimits) -> None:
             raise Rejection(422, Problem(field_name, f"refused: entry {name[:200]!r} is encrypted"))
         if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
             raise Rejection(
-                422, Problem(field_name, f"refused: entry {name[:200]!r} uses compression method {info.compress_type} (only stored and deflate)")
+                422,
+                Problem(
+                    field_name,
+                    f"refused: entry {name[:200]!r} uses compression method {info.compress_type} (only stored and deflate)",
+                ),
             )
         declared += info.file_size
         if declared > limits.max_uncompressed_bytes:
             raise Rejection(
                 413,
-                Problem(field_name, f"refused: the package unpacks to more than {limits.max_uncompressed_bytes} bytes (zip bomb?)"),
+                Problem(
+                    field_name,
+                    f"refused: the package unpacks to more than {limits.max_uncompressed_bytes} bytes (zip bomb?)",
+                ),
             )
-        if info.file_size > limits.ratio_floor_bytes and info.file_size > limits.max_ratio * max(info.compress_size, 1):
+        if info.file_size > limits.ratio_floor_bytes and info.file_size > limits.max_ratio * max(
+            info.compress_size, 1
+        ):
             ratio = info.file_size / max(info.compress_size, 1)
             raise Rejection(
                 422,
-                Problem(field_name, f"refused: entry {name[:200]!r} has a compression ratio of {ratio:,.0f}:1, above {limits.max_ratio:g}:1 (zip bomb?)"),
+                Problem(
+                    field_name,
+                    f"refused: entry {name[:200]!r} has a compression ratio of {ratio:,.0f}:1, above {limits.max_ratio:g}:1 (zip bomb?)",
+                ),
             )
     if declared > limits.ratio_floor_bytes and declared > limits.max_ratio * len(data):
         raise Rejection(
             422,
-            Problem(field_name, f"refused: the package unpacks {declared / len(data):,.0f} times its size, above {limits.max_ratio:g} (zip bomb?)"),
+            Problem(
+                field_name,
+                f"refused: the package unpacks {declared / len(data):,.0f} times its size, above {limits.max_ratio:g} (zip bomb?)",
+            ),
         )
     versions: set[str] = set()
     total = 0
@@ -305,7 +330,10 @@ def check_aasx(data: bytes, limits: UploadLimits) -> None:
                     if got > info.file_size or total > limits.max_uncompressed_bytes:
                         raise Rejection(
                             413,
-                            Problem(field_name, f"refused: entry {info.filename[:200]!r} unpacks to more than its header says (zip bomb?)"),
+                            Problem(
+                                field_name,
+                                f"refused: entry {info.filename[:200]!r} unpacks to more than its header says (zip bomb?)",
+                            ),
                         )
                     if xml:
                         window = tail + chunk
@@ -313,15 +341,22 @@ def check_aasx(data: bytes, limits: UploadLimits) -> None:
                         if any(marker in upper for marker in _DANGEROUS_XML):
                             raise Rejection(
                                 422,
-                                Problem(field_name, f"refused: XML part {info.filename[:200]!r} has a DOCTYPE/ENTITY declaration (not allowed in AASX)"),
+                                Problem(
+                                    field_name,
+                                    f"refused: XML part {info.filename[:200]!r} has a DOCTYPE/ENTITY declaration (not allowed in AASX)",
+                                ),
                             )
                         tail = window[-16:]
                         if len(head) < 8192:
                             head += chunk[: 8192 - len(head)]
         except zipfile.BadZipFile as exc:
-            raise Rejection(422, Problem(field_name, f"corrupt entry {info.filename[:200]!r}: {exc}")) from None
+            raise Rejection(
+                422, Problem(field_name, f"corrupt entry {info.filename[:200]!r}: {exc}")
+            ) from None
         except (zipfile.LargeZipFile, ValueError, EOFError, OSError, NotImplementedError) as exc:
-            raise Rejection(422, Problem(field_name, f"unreadable entry {info.filename[:200]!r}: {exc}")) from None
+            raise Rejection(
+                422, Problem(field_name, f"unreadable entry {info.filename[:200]!r}: {exc}")
+            ) from None
         if xml:
             versions.update(f"{m.group(1).decode()}.{m.group(2).decode()}" for m in _NS.finditer(head))
     old = sorted(v for v in versions if v != "3.1")
@@ -344,7 +379,9 @@ def check_aasx(data: bytes, limits: UploadLimits) -> None:
 
 def _read_json(data: bytes, limits: UploadLimits) -> ReadResult:
     if len(data) > limits.max_json_bytes:
-        raise Rejection(413, Problem("body", f"the AAS JSON is {len(data)} bytes; the limit is {limits.max_json_bytes}"))
+        raise Rejection(
+            413, Problem("body", f"the AAS JSON is {len(data)} bytes; the limit is {limits.max_json_bytes}")
+        )
     try:
         doc = json.loads(data)
     except RecursionError:
@@ -354,7 +391,10 @@ def _read_json(data: bytes, limits: UploadLimits) -> ReadResult:
     if isinstance(doc, dict) and doc.get("modelType") == "AssetAdministrationShell":
         raise Rejection(
             422,
-            Problem("body", "this is a single shell; send an AAS environment {\"assetAdministrationShells\": [...], \"submodels\": [...]}"),
+            Problem(
+                "body",
+                'this is a single shell; send an AAS environment {"assetAdministrationShells": [...], "submodels": [...]}',
+            ),
         )
     if not isinstance(doc, dict) or "assetAdministrationShells" not in doc:
         raise Rejection(
@@ -366,25 +406,42 @@ def _read_json(data: bytes, limits: UploadLimits) -> ReadResult:
             ),
         )
     try:
-        return read_json(data, strict=True, require_shell=True)
+        result = read_json(data, require_shell=False)
     except EmptyPackageError as exc:
         raise Rejection(422, Problem("assetAdministrationShells", str(exc))) from None
     except AasReadError as exc:
         raise Rejection(422, Problem("body", f"not a valid AAS V3.1 environment: {exc}")) from None
     except RecursionError:
         raise Rejection(422, Problem("body", "the JSON is nested too deeply")) from None
+    return _strict(result, "body", "not a valid AAS V3.1 environment")
+
+
+def _strict(result: ReadResult, field_name: str, what: str) -> ReadResult:
+    """Refuse what basyx could only read in part (its warnings name the defects), or without a shell."""
+    if result.warnings:
+        raise Rejection(422, Problem(field_name, f"{what}: " + "; ".join(result.warnings[:5])))
+    if not result.shells:
+        raise Rejection(
+            422,
+            Problem(
+                "assetAdministrationShells",
+                "contains no Asset Administration Shell; submit the product instance's shell",
+            ),
+        )
+    return result
 
 
 def _read_aasx(data: bytes, limits: UploadLimits) -> ReadResult:
     check_aasx(data, limits)
     try:
-        return read_aasx(data, strict=True, require_shell=True)
+        result = read_aasx(data, require_shell=False)
     except EmptyPackageError as exc:
         raise Rejection(422, Problem("aasx", f"{exc}; nothing to manufacture")) from None
     except AasReadError as exc:
         raise Rejection(422, Problem("aasx", str(exc))) from None
     except RecursionError:
         raise Rejection(422, Problem("aasx", "the package's content is nested too deeply")) from None
+    return _strict(result, "aasx", "the package is not valid AAS V3.1")
 
 
 def read_upload(upload: Upload, limits: UploadLimits) -> VendorAas:
@@ -401,22 +458,32 @@ def check_content(result: ReadResult) -> tuple[model.AssetAdministrationShell, l
     if len(shells) != 1:
         raise Rejection(
             422,
-            Problem("assetAdministrationShells", f"holds {len(shells)} shells; submit one product instance (one shell) per order"),
+            Problem(
+                "assetAdministrationShells",
+                f"holds {len(shells)} shells; submit one product instance (one shell) per order",
+            ),
         )
     shell = shells[0]
     where = "assetAdministrationShells[0].assetInformation"
     info = shell.asset_information
     if not info.global_asset_id:
         problems.append(
-            Problem(f"{where}.globalAssetId", "missing: the product instance needs its globally unique asset id")
+            Problem(
+                f"{where}.globalAssetId", "missing: the product instance needs its globally unique asset id"
+            )
         )
     if info.asset_kind is not model.AssetKind.INSTANCE:
         problems.append(
-            Problem(f"{where}.assetKind", f"is {info.asset_kind.name.title()}; a product to manufacture is an Instance")
+            Problem(
+                f"{where}.assetKind",
+                f"is {info.asset_kind.name.title()}; a product to manufacture is an Instance",
+            )
         )
     for obj in result.objects:
         if isinstance(obj, model.Identifiable) and obj.id.startswith(ID_BASE + "/"):
-            problems.append(Problem(f"{type(obj).__name__}.id", f"{obj.id!r} is in twinbid's own id space ({ID_BASE}/)"))
+            problems.append(
+                Problem(f"{type(obj).__name__}.id", f"{obj.id!r} is in twinbid's own id space ({ID_BASE}/)")
+            )
     if problems:
         raise Rejection(422, problems)
     return shell, result.submodels

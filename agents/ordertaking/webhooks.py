@@ -73,7 +73,12 @@ def sign(secret: str | bytes, body: bytes, timestamp: int | None = None) -> str:
 
 
 def verify_signature(
-    secret: str | bytes, body: bytes, header: str | None, *, tolerance: float = 300.0, now: float | None = None
+    secret: str | bytes,
+    body: bytes,
+    header: str | None,
+    *,
+    tolerance: float = 300.0,
+    now: float | None = None,
 ) -> bool:
     """Receiver side: True if ``header`` signs ``body`` with ``secret`` and is at most ``tolerance`` s old."""
     if not header:
@@ -111,7 +116,9 @@ def event_key(event: Mapping[str, Any]) -> str:
 class DeliveryError(Exception):
     """One failed delivery attempt (retried unless ``permanent``)."""
 
-    def __init__(self, text: str, status: int | None = None, retry_after: float | None = None, permanent: bool = False):
+    def __init__(
+        self, text: str, status: int | None = None, retry_after: float | None = None, permanent: bool = False
+    ):
         super().__init__(text)
         self.status = status
         self.retry_after = retry_after
@@ -159,6 +166,7 @@ class WebhookOutbox:
         self._learnt: dict[str, str] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._idle = asyncio.Event()
         self.delivered = 0
@@ -230,7 +238,9 @@ class WebhookOutbox:
             return
         self._learnt[vendor] = secret
         with self.db.session() as s:
-            row = s.get(VendorSecretRecord, vendor) or VendorSecretRecord(vendor=vendor, secret=secret, updated_wall_ms=0)
+            row = s.get(VendorSecretRecord, vendor) or VendorSecretRecord(
+                vendor=vendor, secret=secret, updated_wall_ms=0
+            )
             row.secret, row.updated_wall_ms = secret, _now_ms()
             s.add(row)
             s.commit()
@@ -253,7 +263,9 @@ class WebhookOutbox:
         """The notifications of one order, in order, each with its delivery state."""
         with self.db.session() as s:
             rows = s.exec(
-                select(WebhookOutboxRecord).where(WebhookOutboxRecord.order_id == order_id).order_by(WebhookOutboxRecord.seq)
+                select(WebhookOutboxRecord)
+                .where(WebhookOutboxRecord.order_id == order_id)
+                .order_by(WebhookOutboxRecord.seq)
             ).all()
         out = []
         for r in rows:
@@ -269,7 +281,11 @@ class WebhookOutbox:
     def pending(self) -> int:
         with self.db.session() as s:
             return int(
-                s.exec(select(func.count()).select_from(WebhookOutboxRecord).where(WebhookOutboxRecord.state == PENDING)).one()
+                s.exec(
+                    select(func.count())
+                    .select_from(WebhookOutboxRecord)
+                    .where(WebhookOutboxRecord.state == PENDING)
+                ).one()
             )
 
     # -- delivery ---------------------------------------------------------------------------------------------
@@ -285,21 +301,23 @@ class WebhookOutbox:
 
     async def stop(self) -> None:
         """Stop delivering; what is still pending stays in the table for the next start."""
+        self._stopping = True
+        self._wake.set()
         tasks = [t for t in (self._task, *self._workers.values()) if t is not None]
         for t in tasks:
             t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
+        self._stopping = False
         self._task = None
         self._workers.clear()
         if self._own_client and self._client is not None:
             await self._client.aclose()
             self._client = None
 
-    async def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until nothing is pending (delivered or given up); False if ``timeout`` passed first."""
-        deadline = time.monotonic() + timeout
+    async def flush(self, wait: float = 30.0) -> bool:
+        """Wait until nothing is pending (delivered or given up); False if ``wait`` seconds passed first."""
+        deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if not self._workers and self.pending() == 0:
                 return True
@@ -319,10 +337,15 @@ class WebhookOutbox:
         return [r[0] for r in rows]
 
     async def _supervise(self) -> None:
-        while True:
+        while not self._stopping:
+            # asyncio.timeout, not wait_for: wait_for of Python 3.11 can swallow a cancellation that
+            # arrives just as the event is set, and stop() would then wait for this task forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+                async with asyncio.timeout(self.poll_interval):
+                    await self._wake.wait()
             self._wake.clear()
+            if self._stopping:
+                return
             try:
                 orders = self._orders_with_pending()
             except Exception:
@@ -330,7 +353,9 @@ class WebhookOutbox:
                 continue
             for order_id in orders:
                 if order_id not in self._workers:
-                    task = asyncio.get_running_loop().create_task(self._deliver_order(order_id), name=f"webhooks:{order_id}")
+                    task = asyncio.get_running_loop().create_task(
+                        self._deliver_order(order_id), name=f"webhooks:{order_id}"
+                    )
                     self._workers[order_id] = task
                     task.add_done_callback(lambda t, o=order_id: self._worker_done(o, t))
 
@@ -404,11 +429,20 @@ class WebhookOutbox:
                     attempt_no += 1
                     status = await self._post(row, body, attempt_no)
         except DeliveryError as exc:
-            self._update(row.key, state=FAILED, attempts=attempt_no, last_status=exc.status, last_error=str(exc)[:500])
+            self._update(
+                row.key, state=FAILED, attempts=attempt_no, last_status=exc.status, last_error=str(exc)[:500]
+            )
             log.warning("webhook %s to %s given up after %d attempts: %s", row.key, row.url, attempt_no, exc)
             return
         self.delivered += 1
-        self._update(row.key, state=DELIVERED, attempts=attempt_no, last_status=status, delivered_wall_ms=_now_ms(), last_error="")
+        self._update(
+            row.key,
+            state=DELIVERED,
+            attempts=attempt_no,
+            last_status=status,
+            delivered_wall_ms=_now_ms(),
+            last_error="",
+        )
 
     async def _post(self, row: WebhookOutboxRecord, body: bytes, attempt: int) -> int:
         secret = self.secret_for(row.vendor)
@@ -426,14 +460,19 @@ class WebhookOutbox:
             assert self._client is not None and row.url is not None
             async with self._sem:
                 try:
-                    response = await self._client.post(row.url, content=body, headers=headers, timeout=self.timeout)
+                    response = await self._client.post(
+                        row.url, content=body, headers=headers, timeout=self.timeout
+                    )
                 except httpx.HTTPError as exc:
                     raise DeliveryError(f"{type(exc).__name__}: {exc}".strip()) from None
             if 200 <= response.status_code < 300:
                 return response.status_code
             retry_after = _retry_after(response.headers.get("retry-after"))
             raise DeliveryError(
-                f"HTTP {response.status_code}", response.status_code, retry_after, permanent=response.status_code == 410
+                f"HTTP {response.status_code}",
+                response.status_code,
+                retry_after,
+                permanent=response.status_code == 410,
             )
         except DeliveryError as exc:
             self.failed_attempts += 1

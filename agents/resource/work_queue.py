@@ -12,6 +12,7 @@ is the physical truth a restarted resource consults about a step it was running.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -172,14 +173,36 @@ class WorkQueue(Role):
         return self.asset.last_capability
 
     async def _document(self, row: dict, record: ExecutionRecord) -> None:
+        """Document the step in the product's AAS, retrying until it is there.
+
+        The product's process may be down (crashed, restarting): the step is done physically,
+        so we keep trying (the write is idempotent), and only then tell the product.
+        """
+        delay = 0.05
+        while True:
+            try:
+                if await self._document_once(row, record):
+                    return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.info(
+                    "%s: documenting %s/%s failed (%s); retrying",
+                    self.agent.name,
+                    row["product"],
+                    row["step"],
+                    exc,
+                )
+            self.agent.node.directory.forget(row["product_aas"])  # its endpoint may have moved
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _document_once(self, row: dict, record: ExecutionRecord) -> bool:
         """PATCH the step's record in the product's ProcessDocumentation: who did it, when, outcome."""
         product = row["product"]
         entry = await self.agent.node.directory.by_id(row["product_aas"])
         if entry is None or entry.base_url is None:
-            self.agent.reject(
-                "no-endpoint", f"cannot document {product} step {row['step']}: product not registered"
-            )
-            return
+            return False
         element = build.smc(
             build.step_id_short(row["step"]),
             [
@@ -197,8 +220,9 @@ class WorkQueue(Role):
             # AAS server's PATCH route would, without the HTTP round trip.
             op = WriteRequest(WriteKind.PATCH, doc_id, path, element, node.store.owner_of(doc_id))
             await node.store.submit(op)
-            return
+            return True
         await node.aas_client(entry.base_url).patch_element(doc_id, path, element)
+        return True
 
     def _status(self, current: str | None = None, product: str | None = None) -> None:
         sm_id = submodel_id(self.agent.name, "Status", self.agent.node.ns)

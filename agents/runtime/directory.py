@@ -30,10 +30,13 @@ class Directory:
         self._by_id: dict[str, Entry] = {}
         self._by_name: dict[str, Entry] = {}
         self._bidders: dict[str, tuple[float, frozenset[str]]] = {}
+        self._local: set[str] = set()
 
-    def add(self, entry: Entry) -> None:
+    def add(self, entry: Entry, *, local: bool = False) -> None:
         self._by_id[entry.aas_id] = entry
         self._by_name[entry.name] = entry
+        if local:
+            self._local.add(entry.aas_id)
 
     def local(self, aas_id: str) -> Entry | None:
         return self._by_id.get(aas_id)
@@ -78,6 +81,9 @@ class Directory:
         return ids
 
     def forget(self, aas_id: str) -> None:
+        """Drop a cached remote entry (its endpoint may have changed); local agents stay."""
+        if aas_id in self._local:
+            return
         entry = self._by_id.pop(aas_id, None)
         if entry:
             self._by_name.pop(entry.name, None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +76,9 @@ class Node:
         self._aas_clients: dict[str, AasClient] = {}
         self.event_hooks: list[EventHook] = []
         self.finished_hooks: list[Callable[[Agent], None]] = []
+        self.first_publish_hooks: list[Callable[[int], None]] = []  # recovery time: the first action
+        self._published_any = False
+        self._background: set[asyncio.Task] = set()
         self.base_url = ""
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -101,7 +105,7 @@ class Node:
         name = agent.name
         self.agents[name] = agent
         entry = Entry(name, agent.aas_id, self.base_url, tuple(capabilities))
-        self.directory.add(entry)
+        self.directory.add(entry, local=True)
         restarted = self._mark_started(agent)
         await agent.recover()
         filters = agent.topic_filters()
@@ -131,9 +135,20 @@ class Node:
                 namespace=self.ns,
                 asset_type=agent.kind,
             )
-            await self.registry.register(descriptor, ttl=self.config.registry_ttl)
-            self.registry.keepalive(agent.aas_id)
+            if restarted:
+                # Its descriptor is still registered (the lease outlives a quick restart): renew it
+                # in the background and resume at once.
+                task = asyncio.get_running_loop().create_task(self._register(agent.aas_id, descriptor))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+            else:
+                await self._register(agent.aas_id, descriptor)
         await agent.on_start()
+
+    async def _register(self, aas_id: str, descriptor: dict) -> None:
+        assert self.registry is not None
+        await self.registry.register(descriptor, ttl=self.config.registry_ttl)
+        self.registry.keepalive(aas_id)
 
     async def remove_agent(self, agent: Agent, *, deregister: bool = True) -> None:
         await agent.on_stop()
@@ -172,16 +187,22 @@ class Node:
         self.store.set_write_hook(agent.name, None)
 
     def _mark_started(self, agent: Agent) -> bool:
+        """Was this agent here before (a restart)? The record goes through the journal: a
+        synchronous write here would queue behind every other process's commits."""
         with self.db.session() as s:
             row = s.get(AgentRecord, agent.name)
-            restarted = row is not None
-            if row is None:
-                row = AgentRecord(name=agent.name, kind=agent.kind, aas_id=agent.aas_id)
-            else:
-                row.restarts += 1
-            s.add(row)
-            s.commit()
-        return restarted
+        record = {
+            "name": agent.name,
+            "kind": agent.kind,
+            "aas_id": agent.aas_id,
+            "status": "running",
+            "started_wall_ms": row.started_wall_ms
+            if row
+            else (self.clock.origin_epoch_ms if self.clock.kind != "virtual" else 0),
+            "restarts": row.restarts + 1 if row else 0,
+        }
+        self.journal.put(AgentRecord, record)
+        return row is not None
 
     # --- publishing -------------------------------------------------------------------------------
 
@@ -189,12 +210,14 @@ class Node:
         return sum(1 for f, _ in self._filters if matches(f, topic))
 
     def publish_after_commit(self, agent: Agent, topic: str, payload: bytes, row: dict) -> None:
+        queue = self._queues.get(agent.name)
+        if queue is None:  # the agent crashed (in-process fault injection): a dead agent says nothing
+            return
         # Only the virtual clock needs to know how many local deliveries are in flight.
         n = self.local_receivers(topic) if self.clock.kind == "virtual" else 0
         if n:
             self._in_flight += n
             self.clock.add_pending(n)
-        queue = self._queues[agent.name]
         self.journal.after_commit(lambda: queue.put_nowait((topic, payload, row)))
 
     def publish_event_after_commit(self, agent: Agent, topic: str, payload: bytes) -> None:
@@ -209,6 +232,7 @@ class Node:
 
     async def _publish_loop(self, agent: Agent) -> None:
         queue = self._queues[agent.name]
+        unacked: list[dict] = []
         while True:
             topic, payload, row = await queue.get()
             try:
@@ -217,8 +241,20 @@ class Node:
                     await asyncio.sleep(0.01)
                     transport = self.transports.get(agent.name)
                 await transport.publish(topic, payload, qos=1)
+                if not self._published_any:
+                    self._published_any = True
+                    now_ms = int(time.time() * 1000)
+                    for hook in self.first_publish_hooks:
+                        hook(now_ms)
                 if row is not None:
-                    self.journal.put(OutboxRecord, {**row, "published": True})
+                    unacked.append(row)
+                if unacked and (queue.qsize() == 0 or len(unacked) >= 64):
+                    # An outbox row counts as published once the broker acknowledged it; what was
+                    # only handed to the socket when the process died goes out again on restart.
+                    await transport.flush(timeout=10)
+                    for r in unacked:
+                        self.journal.put(OutboxRecord, {**r, "published": True})
+                    unacked = []
             except Exception:
                 log.exception("%s: publishing on %s failed", agent.name, topic)
             finally:

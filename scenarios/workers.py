@@ -1,0 +1,236 @@
+"""Agent processes of a multi-process run, and their supervision.
+
+Each share of the plant (a slice of the resources and products) runs in a
+worker process with its own node: its own MQTT connections, AAS server (on a
+port fixed for the share, so other processes' cached endpoints stay valid
+across a restart) and journal on the shared run database. The pool keeps one
+warm spare — a process that has already imported everything — so a share whose
+process died is taken over in a fraction of a second: its agents reload their
+state from the database and resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ShareState:
+    share: int
+    process: Any = None
+    spawned_ms: int = 0  # when the process that now runs the share was given it
+    ready_ms: int | None = None
+    first_action_ms: int | None = None
+    restarts: int = 0
+    assign_q: Any = None
+    incarnation: int = 0  # how many processes have run this share so far
+    killed: bool = False
+
+
+@dataclass
+class Recovery:
+    share: int
+    killed_ms: int
+    assigned_ms: int
+    incarnation: int
+    first_action_ms: int | None = None
+
+    @property
+    def seconds(self) -> float | None:
+        return None if self.first_action_ms is None else (self.first_action_ms - self.assigned_ms) / 1000
+
+
+STOP, GO = 0, 1
+
+
+def _spare_main(plant: Any, count: int, assign_q: Any, report_q: Any, flags: Any) -> None:
+    """A worker process: import everything, then wait for the share to run."""
+    logging.basicConfig(level=logging.WARNING)
+    from scenarios import launcher  # noqa: F401 - the heavy imports happen here, before any assignment
+
+    assignment = assign_q.get()
+    if assignment is None:
+        return
+    share, incarnation = assignment
+    asyncio.run(_share_main(plant, share, incarnation, count, report_q, flags))
+
+
+async def _until(flags: Any, index: int) -> None:
+    # Lock-free flags, polled: a process killed inside a multiprocessing Event's wait() leaves
+    # the event's condition variable broken for every other process.
+    while not flags[index]:  # noqa: ASYNC110 - a cross-process flag, not an asyncio.Event
+        await asyncio.sleep(0.02)
+
+
+async def _share_main(
+    plant: Any, share: int, incarnation: int, count: int, report_q: Any, flags: Any
+) -> None:
+    from agents.persistence import open_database
+    from agents.runtime.node import Node, NodeConfig
+    from scenarios.launcher import _clock, _start_products, _start_resources, _write_aasx
+
+    clock = _clock(plant)
+    db = open_database(plant.db_url, create=False)
+    config = NodeConfig(
+        plant.scenario.namespace, plant.broker, plant.registry_url, aas_port=plant.aas_ports[share]
+    )
+    node = Node(config, clock, db)
+    node.finished_hooks.append(lambda a: report_q.put(("finished", a.name)) if a.kind == "product" else None)
+    node.first_publish_hooks.append(lambda ms: report_q.put(("first-action", share, ms, incarnation)))
+    await node.start()
+    await clock.start()
+    if flags[GO]:
+        # A takeover after a crash: the plant is running, resume everything at once.
+        _, names = await asyncio.gather(
+            _start_resources(node, plant, share, count), _start_products(node, plant, share, count)
+        )
+        report_q.put(("resources-ready", share))
+    else:
+        await _start_resources(node, plant, share, count)
+        report_q.put(("resources-ready", share))
+        await _until(flags, GO)
+        names = await _start_products(node, plant, share, count)
+    report_q.put(("ready", share, int(time.time() * 1000)))
+    await _until(flags, STOP)
+    await node.journal.commit()
+    _write_aasx(node, names, plant.out / "aas")
+    await node.stop()
+    await clock.stop()
+    report_q.put(("stopped", share))
+
+
+@dataclass
+class WorkerPool:
+    plant: Any
+    shares: list[int]
+    count: int  # how many shares the plant is cut into
+    ctx: Any = field(default_factory=lambda: mp.get_context("spawn"))
+    states: dict[int, ShareState] = field(default_factory=dict)
+    recoveries: list[Recovery] = field(default_factory=list)
+    on_finished: Callable[[str], None] | None = None
+
+    def __post_init__(self) -> None:
+        # [stop, go]; go: products may start, every share's resources are up
+        self.flags = self.ctx.RawArray("b", 2)
+        self._resources_ready: set[int] = set()
+        self._spare: tuple[Any, Any] | None = None
+        # One report queue per process: a process killed while writing can only break its own.
+        self._queues: list[Any] = []
+
+    @property
+    def stopping(self) -> bool:
+        return bool(self.flags[STOP])
+
+    def _new_process(self) -> tuple[Any, Any]:
+        assign_q, report_q = self.ctx.Queue(), self.ctx.Queue()
+        p = self.ctx.Process(
+            target=_spare_main, args=(self.plant, self.count, assign_q, report_q, self.flags), daemon=True
+        )
+        p.start()
+        self._queues.append(report_q)
+        return p, assign_q
+
+    def _assign(self, share: int) -> None:
+        proc, q = self._spare if self._spare else self._new_process()
+        self._spare = None
+        st = self.states.setdefault(share, ShareState(share))
+        st.incarnation += 1
+        q.put((share, st.incarnation))
+        st.process, st.spawned_ms, st.ready_ms, st.first_action_ms = proc, int(time.time() * 1000), None, None
+        st.assign_q = q  # keep it alive: a queue collected here unlinks the semaphore the child still needs
+        self._spare = self._new_process()  # the next takeover is warm too
+
+    def start(self) -> None:
+        for share in self.shares:
+            self._assign(share)
+
+    def kill(self, share: int) -> int:
+        """SIGKILL the process of a share; returns the wall time (ms)."""
+        st = self.states[share]
+        st.killed = True  # an expected death: poll() must not restart it behind our back
+        if st.process is not None and st.process.is_alive():
+            os.kill(st.process.pid, signal.SIGKILL)
+            st.process.join(5)
+        return int(time.time() * 1000)
+
+    def restart(self, share: int, killed_ms: int) -> None:
+        st = self.states[share]
+        st.restarts += 1
+        st.killed = False
+        self._assign(share)
+        self.recoveries.append(Recovery(share, killed_ms, st.spawned_ms, st.incarnation))
+
+    def poll(self) -> None:
+        """Drain the workers' reports; restart a share whose process died on its own."""
+        for item in self._drain():
+            kind = item[0]
+            if kind == "finished" and self.on_finished:
+                self.on_finished(item[1])
+            elif kind == "resources-ready":
+                self._resources_ready.add(item[1])
+            elif kind == "ready":
+                self.states[item[1]].ready_ms = item[2]
+            elif kind == "first-action":
+                _, share, ms, incarnation = item
+                st = self.states[share]
+                if incarnation == st.incarnation and st.first_action_ms is None:
+                    st.first_action_ms = ms
+                for r in self.recoveries:
+                    if r.share == share and r.incarnation == incarnation and r.first_action_ms is None:
+                        r.first_action_ms = ms
+        if self.stopping:
+            return
+        for st in self.states.values():
+            if st.process is not None and not st.killed and not st.process.is_alive():
+                log.warning(
+                    "agent process of share %d died (exit %s); restarting", st.share, st.process.exitcode
+                )
+                self.restart(st.share, int(time.time() * 1000))
+
+    async def resources_ready(self, timeout: float) -> None:  # noqa: ASYNC109 - a plain deadline
+        """Wait until every share has its resources subscribed and registered."""
+        deadline = time.monotonic() + timeout
+        while not set(self.shares) <= self._resources_ready:
+            if time.monotonic() > deadline:
+                missing = sorted(set(self.shares) - self._resources_ready)
+                raise TimeoutError(f"agent processes of shares {missing} did not start in {timeout:g} s")
+            self.poll()
+            await asyncio.sleep(0.02)
+
+    def go(self) -> None:
+        self.flags[GO] = 1
+
+    def _drain(self) -> list[tuple]:
+        items = []
+        for q in self._queues:
+            while True:
+                try:
+                    items.append(q.get_nowait())
+                except Exception:
+                    break
+        return items
+
+    async def stop(self) -> None:
+        self.flags[STOP] = 1
+        for st in self.states.values():
+            if st.process is not None:
+                await asyncio.to_thread(st.process.join, 30)
+                if st.process.is_alive():
+                    st.process.kill()
+        if self._spare:
+            proc, q = self._spare
+            q.put(None)
+            await asyncio.to_thread(proc.join, 10)
+            if proc.is_alive():
+                proc.kill()
+        self.poll()
