@@ -24,6 +24,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -95,6 +96,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _too_large(_: Request, exc: BodyTooLarge) -> Response:
         return error_response(413, str(exc) or "request body too large")
 
+    async def _gone(request: Request, exc: ClientDisconnect) -> Response:
+        # The client hung up mid-request (it was stopped or crashed): nothing to answer, nothing broken.
+        log.info("client disconnected during %s %s", request.method, request.url.path)
+        return error_response(400, "client disconnected before the request body arrived")
+
     async def _crash(_: Request, exc: Exception) -> Response:
         log.exception("unhandled error in HTTP handler", exc_info=exc)
         return error_response(500, f"internal error: {type(exc).__name__}")
@@ -103,6 +109,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(BodyTooLarge, _too_large)  # type: ignore[arg-type]
+    app.add_exception_handler(ClientDisconnect, _gone)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _crash)
 
 

@@ -67,6 +67,7 @@ def run(
             )
             raise typer.Exit(2)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("asyncio").addFilter(_GmqttTeardownFilter())
     options = RunOptions(
         out=out,
         broker=broker,
@@ -86,6 +87,21 @@ def run(
     _kpi_table(result.kpis, out)
     if not result.ok:
         raise typer.Exit(1)
+
+
+class _GmqttTeardownFilter(logging.Filter):
+    """gmqtt's protocol tasks raise AttributeError when their connection is torn down mid-read
+    (as on Ctrl-C): harmless, but asyncio prints each as a traceback. Keep them at debug level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[2] is not None:
+            tb = record.exc_info[2]
+            while tb is not None:
+                if "gmqtt" in tb.tb_frame.f_code.co_filename:
+                    logging.getLogger("gmqtt.teardown").debug("suppressed: %s", record.getMessage())
+                    return False
+                tb = tb.tb_next
+        return True
 
 
 def _slug(name: str) -> str:

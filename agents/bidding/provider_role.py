@@ -7,8 +7,8 @@ bookings), price (work time x cost rate). The offer holds its slot until it is
 accepted, rejected or expires; the protocol machine enforces the rest.
 
 On a virtual clock, calls that arrive at the same instant are answered in a
-fixed order (priority, product, step) once the plant is quiet, so a seeded run
-gives the same schedule every time.
+fixed order (priority, most remaining work, product, step) once the plant is
+quiet, so a seeded run gives the same schedule every time.
 """
 
 from __future__ import annotations
@@ -90,7 +90,9 @@ class BiddingProvider(Role):
             self.agent.clock.call_at(
                 self.agent.now(),
                 lambda: self._evaluate(p),
-                order=("eval", c.priority, c.product, c.step, p.cfp_id),
+                # Same-instant calls are answered by priority, then most work remaining first (the
+                # MWKR rule, from the call's own remaining_work), then by name: deterministic.
+                order=("eval", c.priority, -c.remaining_work, c.product, c.step, p.cfp_id),
             )
         else:
             await self._evaluate(p)
