@@ -20,8 +20,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,30 +27,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machineinfo import machine
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 ELEMENTS = 1000
 SUBMODEL_ID = "https://twinbid.dev/ids/bench/agent-0/sm/Big"
 TARGET_MS = 50.0
-
-
-def machine() -> dict[str, object]:
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "os": platform.platform(terse=True),
-    }
-
-
 FRESH = 20  # copies never read before: their first GET serialises everything
 
 

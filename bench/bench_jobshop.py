@@ -32,7 +32,6 @@ import asyncio
 import json
 import logging
 import os
-import platform
 import sqlite3
 import statistics
 import sys
@@ -45,40 +44,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jobshop_baselines as jb
+from machineinfo import machine
 
 from scenarios.jobshop import JobShopInstance, flexible_variant, read_instance, scenario_from_jobshop
 from scenarios.launcher import RunOptions, run
 from scenarios.schema import Scenario, Stop
 
-JOBSHOP_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "jobshop"
-RULES = tuple(jb.RULES)
 
-
-# --------------------------------------------------------------------------- machine
-
-
-def machine() -> dict[str, Any]:
-    model = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "os": platform.platform(),
-    }
+def _ortools_version() -> str | None:
     try:
         import ortools
-
-        info["ortools"] = ortools.__version__
     except ImportError:
-        info["ortools"] = None
-    return info
+        return None
+    return ortools.__version__
+
+
+JOBSHOP_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "jobshop"
+RULES = tuple(jb.RULES)
 
 
 # --------------------------------------------------------------------------- the swarm
@@ -365,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     results: dict[str, Any] = {
         "benchmark": "jobshop",
-        "machine": machine(),
+        "machine": machine(ortools=_ortools_version()),
         "settings": {
             "instances": [i.name for i in instances],
             "flexible": args.flex,

@@ -16,14 +16,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machineinfo import machine
 
 from scenarios.launcher import RunOptions, run
 from scenarios.loader import load_scenario_text
@@ -59,7 +59,9 @@ def reference_yaml(k: int, products: int, steps: int = 10, bidders_alone: bool =
 def one(k: int, processes: int, products: int) -> dict:
     scenario = load_scenario_text(reference_yaml(k, products), f"reference-k{k}.yaml")
     with tempfile.TemporaryDirectory() as tmp:
-        result = asyncio.run(run(scenario, RunOptions(out=Path(tmp) / "out", processes=processes, progress=False)))
+        result = asyncio.run(
+            run(scenario, RunOptions(out=Path(tmp) / "out", processes=processes, progress=False))
+        )
     k_ = result.kpis
     steps = k_["steps"]["completed"]
     span = _negotiation_span(k_)
@@ -81,18 +83,6 @@ def _negotiation_span(kpis: dict) -> float | None:
     return kpis.get("active_seconds") or kpis["wall_seconds"]
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "os": platform.platform()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--k", default="1,5,10")
@@ -110,13 +100,17 @@ def main() -> None:
             print(json.dumps(row), file=sys.stderr)
     alone = one(10, 1, 1)
     print(f"machine: {machine()}")
-    print(f"{'k':>3} {'procs':>5} {'steps':>6} {'steps/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'msg/step':>8} {'wall s':>7}")
+    print(
+        f"{'k':>3} {'procs':>5} {'steps':>6} {'steps/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'msg/step':>8} {'wall s':>7}"
+    )
     for r in rows:
         print(
             f"{r['k']:>3} {r['processes']:>5} {r['steps']:>6} {r['steps_per_s']!s:>8} {r['latency_p50_ms']!s:>8.8}"
             f" {r['latency_p99_ms']!s:>8.8} {r['messages_per_step']!s:>8} {r['wall_s']:>7}"
         )
-    print(f"single product alone, 10 bidders: p50 {alone['latency_p50_ms']} ms, p99 {alone['latency_p99_ms']} ms")
+    print(
+        f"single product alone, 10 bidders: p50 {alone['latency_p50_ms']} ms, p99 {alone['latency_p99_ms']} ms"
+    )
     if args.json:
         print(json.dumps({"machine": machine(), "runs": rows, "alone": alone}))
 

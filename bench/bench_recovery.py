@@ -19,8 +19,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machineinfo import machine
 
-from bench.bench_negotiation import machine
 from scenarios.chaos import Chaos
 from scenarios.kpis import percentile
 from scenarios.launcher import RunOptions, run
@@ -37,7 +38,12 @@ def main() -> None:
     chaos = Chaos(kills=args.kills, interval=(args.gap, args.gap + 0.5), down=0.0, broker_restarts=0, seed=3)
     with tempfile.TemporaryDirectory() as tmp:
         result = asyncio.run(
-            run(scenario, RunOptions(out=Path(tmp) / "out", progress=False, broker="mosquitto", processes=4, chaos=chaos))
+            run(
+                scenario,
+                RunOptions(
+                    out=Path(tmp) / "out", progress=False, broker="mosquitto", processes=4, chaos=chaos
+                ),
+            )
         )
     times = [r.seconds for r in result.recoveries if r.seconds is not None]
     figures = {
@@ -50,7 +56,9 @@ def main() -> None:
     }
     print(f"machine: {machine()}")
     print(f"kills {figures['kills']}, recoveries measured {figures['measured']}")
-    print(f"recovery (takeover -> first resumed action): p50 {figures['recovery_p50_s']} s, p99 {figures['recovery_p99_s']} s")
+    print(
+        f"recovery (takeover -> first resumed action): p50 {figures['recovery_p50_s']} s, p99 {figures['recovery_p99_s']} s"
+    )
     print(f"products completed: {figures['products_completed']}/{figures['products_total']}")
     if args.json:
         print(json.dumps({"machine": machine(), **figures}))

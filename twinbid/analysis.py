@@ -26,6 +26,7 @@ import pandas as pd
 
 from protocol.elements import Bid, Booking, Content, ElementError, Reason, StepCall, StepResult
 from protocol.topics import TopicError, parse_topic
+from scenarios.kpis import percentile  # one definition of the percentiles the KPIs report
 
 __all__ = [
     "MESSAGE_TYPES",
@@ -1040,16 +1041,6 @@ def _resources(run: Run, agents: pd.DataFrame, inbox: pd.DataFrame) -> pd.DataFr
 
 
 # --------------------------------------------------------------------------- stats
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear-interpolation percentile (the same as `scenarios.kpis`)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 def _num(x: Any, digits: int = 4) -> Any:
