@@ -34,6 +34,7 @@ from registry.service import RegistryServer
 from scenarios import assembly, gantt, kpis
 from scenarios.chaos import Chaos
 from scenarios.loader import load_scenario
+from scenarios.notifications import ScenarioNotifier
 from scenarios.schema import Scenario
 from scenarios.workers import Recovery, WorkerPool
 from shopfloor.clock import Clock, make_clock
@@ -183,12 +184,17 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
     chaos_task: asyncio.Task | None = None
     timed_out = interrupted = False
     finished: set[str] = set()
+    notifier: ScenarioNotifier | None = None
     try:
         registry_url = await registry.start()
         db = open_database(db_url)
         recorder = await asyncio.to_thread(
             Recorder(
-                broker.address, scenario.namespace, out / "messages.jsonl", client_id="twinbid-recorder", clean=False
+                broker.address,
+                scenario.namespace,
+                out / "messages.jsonl",
+                client_id="twinbid-recorder",
+                clean=False,
             ).start
         )
         wall_origin = _wall_origin(db, processes, options.resume)
@@ -202,6 +208,12 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
             clock.resume_at(_last_sim_time(db))
         node = Node(NodeConfig(scenario.namespace, broker.address, registry_url), clock, db)
         node.finished_hooks.append(lambda a: finished.add(a.name) if a.kind == "product" else None)
+        notifier = ScenarioNotifier(scenario, db)
+        if notifier.active:
+            if not local:
+                notices.append("vendor notifications are sent for products in this process only")
+            node.event_hooks.append(notifier.on_event)
+            await notifier.start()
         await node.start()
         if worker_shares:
             pool = WorkerPool(plant, worker_shares, count, on_finished=finished.add)
@@ -240,6 +252,9 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
             await pool.stop()
         if node is not None:
             await node.stop()
+        if notifier is not None:
+            with contextlib.suppress(Exception):
+                await notifier.stop()
         if clock is not None:
             await clock.stop()
         if recorder is not None:

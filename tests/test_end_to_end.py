@@ -207,3 +207,72 @@ def test_ctrl_c_stops_cleanly_and_leaves_a_record(tmp_path: Path) -> None:
     assert "Traceback" not in stderr, stderr
     kpis = json.loads((out / "kpis.json").read_text())
     assert kpis["products"]["total"] == 100 and kpis["products"]["completed"] < 100
+
+
+VENDOR_LINE = """
+name: vendor-line
+namespace: vendorline
+clock: {kind: virtual}
+transport: {default_time: 0}
+vendors:
+  - {name: acme, api_key_env: TWINBID_TEST_ACME_KEY, notify: "NOTIFY"}
+resources:
+  - {kind: workstation, name: ws-a, location: a, capabilities: [{name: turning, duration: 3, cost_rate: 1}]}
+  - {kind: workstation, name: ws-b, location: b, capabilities: [{name: polishing, duration: 2, cost_rate: 1}]}
+product_types:
+  - {name: pin, plan: [{capability: turning}, {capability: polishing}]}
+orders:
+  - {type: pin, quantity: 3, priority: 1, release: 0, vendor: acme}
+  - {type: pin, quantity: 1, priority: 5, release: 0}
+"""
+
+
+def test_vendors_hear_every_step_even_when_their_endpoint_fails_at_first(tmp_path: Path, monkeypatch) -> None:
+    """Scenario orders placed for a vendor: every progress event reaches its endpoint, signed, once per key."""
+    import http.server
+    import threading
+
+    from agents.ordertaking.auth import derive_webhook_secret
+    from agents.ordertaking.webhooks import verify_signature
+    from protocol.mosquitto import free_port
+
+    received: list[tuple[dict, dict]] = []
+    failures = {"left": 3}
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if failures["left"] > 0:  # the vendor's endpoint is down at first
+                failures["left"] -= 1
+                self.send_response(503)
+                self.end_headers()
+                return
+            received.append((dict(self.headers), json.loads(body) | {"_raw": body.decode()}))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    port = free_port()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("TWINBID_TEST_ACME_KEY", "tbk_acme_secret-key")
+    try:
+        scenario = load_scenario_text(
+            VENDOR_LINE.replace("NOTIFY", f"http://127.0.0.1:{port}/hook"), "v.yaml"
+        )
+        kpis = run_plant(scenario, tmp_path / "v")
+    finally:
+        server.shutdown()
+    assert kpis["products"]["completed"] == 4
+    secret = derive_webhook_secret("tbk_acme_secret-key")
+    keys = [h["Twinbid-Event-Id"] for h, _ in received]
+    assert len(keys) == len(set(keys)), "an event was delivered twice"
+    for headers, body in received:
+        assert verify_signature(secret, body["_raw"].encode(), headers["Twinbid-Signature"])
+    kinds = {(b["product"], b["type"]) for _, b in received}
+    for product in ("pin-1", "pin-2", "pin-3"):
+        for kind in ("manufacturing-accepted", "step-scheduled", "step-completed", "manufacturing-completed"):
+            assert (product, kind) in kinds, (product, kind)
+    assert not [b for _, b in received if b["product"] == "pin-4"]  # not a vendor's order
