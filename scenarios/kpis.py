@@ -29,7 +29,10 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def compute(db: Database, *, wall_seconds: float, plan_steps: int | None = None) -> dict[str, Any]:
+def compute(
+    db: Database, *, wall_seconds: float, plan_steps: int | None = None, products_total: int | None = None
+) -> dict[str, Any]:
+    """`plan_steps` / `products_total`: what the scenario asked for (a run stopped early has fewer rows)."""
     with db.session() as s:
         products = s.exec(select(ProductRecord)).all()
         steps = s.exec(select(StepRecord)).all()
@@ -76,7 +79,7 @@ def compute(db: Database, *, wall_seconds: float, plan_steps: int | None = None)
     total_steps = plan_steps if plan_steps is not None else len(steps)
     return {
         "products": {
-            "total": len(products),
+            "total": products_total if products_total is not None else len(products),
             "completed": sum(p.status == "completed" for p in products),
             "failed": sum(p.status == "failed" for p in products),
         },

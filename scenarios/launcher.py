@@ -263,7 +263,9 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
         await asyncio.to_thread(broker.stop)
     db = open_database(db_url)
     plan_steps = sum(len(p.plan) for p in scenario.product_instances())
-    figures = kpis.compute(db, wall_seconds=wall, plan_steps=plan_steps)
+    figures = kpis.compute(
+        db, wall_seconds=wall, plan_steps=plan_steps, products_total=len(scenario.product_instances())
+    )
     figures["recorded_messages"] = recorder.count if recorder else 0
     figures["clock"] = {"kind": clock_kind, "time_scale": time_scale}
     recoveries = pool.recoveries if pool else []
