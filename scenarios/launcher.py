@@ -369,28 +369,45 @@ def _stalled(clock: Clock, node: Node) -> bool:
 def _schedule_faults(
     scenario: Scenario, node: Node, plant: Plant, broker: RunningBroker, notices: list[str]
 ) -> None:
+    """The scenario's faults, at their simulated times; each one carried out is reported in the notices."""
     for fault in scenario.faults:
         if getattr(fault, "restart_broker", False):
-            node.clock.call_at(fault.at, lambda f=fault: _restart_broker(broker, f.down_for))
+            node.clock.call_at(fault.at, lambda f=fault: _restart_broker(node, broker, f.down_for, notices))
         else:
-            node.clock.call_at(fault.at, lambda f=fault: _crash_agent(node, plant, f.kill, f.restart_after))
+            node.clock.call_at(
+                fault.at, lambda f=fault: _crash_agent(node, plant, f.kill, f.restart_after, notices)
+            )
 
 
-async def _restart_broker(broker: RunningBroker, down_for: float) -> None:
+async def _restart_broker(node: Node, broker: RunningBroker, down_for: float, notices: list[str]) -> None:
+    if broker.kind == "external":
+        notices.append(f"t={node.clock.now():g}: cannot restart an external broker; fault skipped")
+        return
+    await asyncio.to_thread(broker.stop)
+    if down_for:
+        await asyncio.sleep(
+            down_for * (node.clock.time_scale / 1000 if hasattr(node.clock, "time_scale") else 0)
+        )
     await asyncio.to_thread(broker.restart)
+    notices.append(f"t={node.clock.now():g}: broker restarted")
 
 
-async def _crash_agent(node: Node, plant: Plant, name: str, restart_after: float | None) -> None:
+async def _crash_agent(
+    node: Node, plant: Plant, name: str, restart_after: float | None, notices: list[str]
+) -> None:
     """An in-process crash: the agent's connection and memory are dropped, its rows stay."""
     agent: Agent | None = node.agents.get(name)
     if agent is None:
+        notices.append(f"t={node.clock.now():g}: {name} is not running here; kill skipped")
         return
     await node.crash_agent(agent)
+    notices.append(f"t={node.clock.now():g}: {name} crashed")
     if restart_after is not None:
-        node.clock.call_later(restart_after, lambda: _restart_agent(node, plant, name))
+        node.clock.call_later(restart_after, lambda: _restart_agent(node, plant, name, notices))
 
 
-async def _restart_agent(node: Node, plant: Plant, name: str) -> None:
+async def _restart_agent(node: Node, plant: Plant, name: str, notices: list[str]) -> None:
+    notices.append(f"t={node.clock.now():g}: {name} restarted")
     scenario = plant.scenario
     config = assembly.requester_config(scenario, plant.clock_kind, plant.time_scale)
     for r in scenario.resources:

@@ -579,7 +579,7 @@ class Vendor(_Model):
 class KillFault(_Model):
     #: Simulated time of the fault.
     at: NonNegative
-    #: Short name of the agent (resource or product instance) to kill with SIGKILL.
+    #: Short name of the agent (resource or product instance) to crash (in-process; see docs/scenarios.md).
     kill: ShortName
     #: Restart it this long after; null: it stays dead.
     restart_after: NonNegative | None = None

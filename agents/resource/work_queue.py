@@ -47,6 +47,7 @@ class WorkQueue(Role):
         self.breakdown_policy = breakdown_policy
         self.orders: dict[str, dict] = {}  # cfp id -> work order row
         self.running: str | None = None
+        self._task: asyncio.Task | None = None
         self.executed = 0
         self.busy_time = 0.0
 
@@ -118,10 +119,12 @@ class WorkQueue(Role):
             self.schedule_dispatch(slot.ready)
             return
         self.running = slot.key
+        self._task = asyncio.current_task()
         try:
             await self._execute(slot)
         finally:
             self.running = None
+            self._task = None
         self.schedule_dispatch()
 
     async def _execute(self, slot: Slot) -> None:
@@ -194,7 +197,8 @@ class WorkQueue(Role):
                     exc,
                 )
             self.agent.node.directory.forget(row["product_aas"])  # its endpoint may have moved
-            await asyncio.sleep(delay)
+            with self.agent.clock.waiting():  # a virtual clock may move on meanwhile (e.g. to the restart)
+                await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
     async def _document_once(self, row: dict, record: ExecutionRecord) -> bool:
@@ -240,6 +244,10 @@ class WorkQueue(Role):
             updated_at=self.agent.now(),
         )
         store.changed(sm_id)
+
+    def on_crash(self) -> None:
+        if self._task is not None:
+            self._task.cancel()  # the asset's log keeps "started": the restarted agent resumes the step
 
     # --- recovery ---------------------------------------------------------------------------------
 

@@ -173,6 +173,8 @@ class Node:
         What it committed stays in the database; unpublished outbox rows go out after its restart.
         """
         agent.cancel_timers()
+        for role in agent.roles:
+            role.on_crash()
         task = self._publishers.pop(agent.name, None)
         if task:
             task.cancel()

@@ -39,3 +39,6 @@ class Role:
 
     async def on_stop(self) -> None:
         """Called on a clean stop."""
+
+    def on_crash(self) -> None:
+        """An in-process crash (fault injection): drop whatever is running, as a dead process would."""
