@@ -169,7 +169,7 @@ class Provider:
         return [Send(msg)]
 
     def _on_accept(self, msg: Message, now: int) -> list[object]:
-        """Local decision: decline the call (capability, feasibility or capacity)."""
+        """Accepted within validity: book the hold and confirm with the promised times; after validity: refuse and release."""
         if msg.in_reply_to != self.proposal_id:
             return self._not_understood(msg, "acceptProposal does not answer our proposal", "out-of-sequence")
         assert self.bid is not None and self.valid_until is not None
@@ -187,17 +187,17 @@ class Provider:
         return [Note("lapsed", f"call {self.cfp_id} not answered before its replyBy")]
 
     def _on_reject(self, msg: Message, now: int) -> list[object]:
-        """Accepted within validity: book the hold and confirm with the promised times; after validity: refuse and release."""
+        """Not selected: release the tentative hold."""
         self.state, self.deadline = PState.RELEASED, None
         return [Release("rejected")]
 
     def _on_expiry(self, _msg: None, now: int) -> list[object]:
-        """Not selected: release the tentative hold."""
+        """Validity passed without an answer: release the tentative hold."""
         self.state = PState.RELEASED
         return [Release("expired"), Note("expired", f"offer {self.proposal_id} expired unanswered")]
 
     def _on_cancel(self, msg: Message, now: int) -> list[object]:
-        """Validity passed without an answer: release the tentative hold."""
+        """The requester withdrew an award it had made: cancel the booking."""
         self.state = PState.RELEASED
         return [Release("cancelled", booked=True)]
 
@@ -208,23 +208,23 @@ class Provider:
         return [note, Send(Message.model_validate(last))] if last else [note]
 
     def _on_late_reject(self, msg: Message, now: int) -> list[object]:
-        """The requester withdrew an award it had made: cancel the booking."""
+        """A rejection for an offer already gone: noted only."""
         return [Note("out-of-sequence", f"rejectProposal {msg.id} in state {self.state}", msg.id)]
 
     def _do_complete(self, now: int, *, result: StepResult) -> list[object]:
-        """A rejection for an offer already gone: noted only."""
+        """Local event: the asset finished the step: inform the requester with the result."""
         self.state = PState.DONE
         return self._answer_accept(M.INFORM, result)
 
     def _do_fail(self, now: int, *, reason: Reason) -> list[object]:
-        """Local event: the asset finished the step: inform the requester with the result."""
+        """Local event: the step cannot be done: informFailure, the requester bids again."""
         self.state = PState.FAILED
         return self._answer_accept(M.INFORM_FAILURE, reason)
 
     # --- helpers ------------------------------------------------------------------------------------
 
     def _answer_accept(self, kind: MessageType, content: Any) -> list[object]:
-        """Local event: the step cannot be done: informFailure, the requester bids again."""
+        """Reply to the acceptance (inform / informFailure) and keep the reply for replays."""
         msg = make_message(
             kind,
             sender=self.me,

@@ -207,7 +207,7 @@ class Requester:
         return self._maybe_close(now)
 
     def _maybe_close(self, now: int) -> list[object]:
-        """Count the bidder as answered; close early once every expected bidder answered."""
+        """Close the round early once every expected bidder has answered."""
         if self.expected and self.expected <= self.answered:
             return self._close(None, now)
         return []
@@ -273,19 +273,19 @@ class Requester:
         return [Scheduled(msg.sender, booking)]
 
     def _on_repeated_confirm(self, msg: Message, now: int) -> list[object]:
-        """The winner booked the step: scheduled; a status query follows if it stays silent past the expected end."""
+        """A second confirmation with a new id: noted, nothing changes."""
         if not self._from_winner(msg, self.accept_id):
             return self._stray(msg, now)
         return [Note("duplicate", f"second informConfirm {msg.id} from {msg.sender}", msg.id)]
 
     def _on_withdrawn(self, msg: Message, now: int) -> list[object]:
-        """A second confirmation with a new id: noted, nothing changes."""
+        """The winner declined the acceptance (offer expired, cannot do it): bid the step again."""
         if not self._from_winner(msg, self.accept_id):
             return self._stray(msg, now)
         return self._rebid(now, f"{msg.sender} withdrew ({msg.type})")
 
     def _on_confirm_timeout(self, _msg: Message | None, now: int) -> list[object]:
-        """The winner declined the acceptance (offer expired, cannot do it): bid the step again."""
+        """No informConfirm in time: re-send the same acceptance (answered idempotently); after confirm_retries, cancel the award and bid again."""
         assert self.winner is not None
         if self.retries < self.config.confirm_retries:
             self.retries += 1
@@ -317,7 +317,7 @@ class Requester:
         return Send(Message.model_validate(self.accept_msg))
 
     def _on_inform(self, msg: Message, now: int) -> list[object]:
-        """No informConfirm in time: re-send the same acceptance (answered idempotently); after confirm_retries, cancel the award and bid again."""
+        """The step is done: record the result; the conversation ends."""
         if not self._from_winner(msg, self.accept_id):
             return self._stray(msg, now)
         try:
@@ -331,7 +331,7 @@ class Requester:
         return [Completed(msg.sender, result)]
 
     def _on_step_failure(self, msg: Message, now: int) -> list[object]:
-        """The step is done: record the result; the conversation ends."""
+        """The provider could not do the step: bid it again (up to max_failures)."""
         if not self._from_winner(msg, self.accept_id):
             return self._stray(msg, now)
         return self._rebid(now, f"{msg.sender} failed the step")
@@ -339,7 +339,7 @@ class Requester:
     # --- helpers ------------------------------------------------------------------------------------
 
     def _rebid(self, now: int, reason: str) -> list[object]:
-        """The provider could not do the step: bid it again (up to max_failures)."""
+        """Count a failed award and call again, or give the step up after max_failures."""
         self.failures += 1
         if self.winner is not None:
             self.cancelled.add(self.winner.provider)
