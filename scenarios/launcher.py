@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from protocol.transport import BrokerAddress
 from registry.service import RegistryServer
 from scenarios import assembly, gantt, kpis
 from scenarios.chaos import Chaos
+from scenarios.intake import OrderIntake
 from scenarios.loader import load_scenario
 from scenarios.notifications import ScenarioNotifier
 from scenarios.schema import Scenario
@@ -55,6 +57,9 @@ class RunOptions:
     progress: bool = True
     resume: bool = False  # continue the run recorded in `out` (same database): agents reload their state
     chaos: Chaos | None = None  # kill agent processes at random (needs processes > 1)
+    orders_host: str = "127.0.0.1"  # the order-taking service (started when the scenario lists vendors)
+    orders_port: int = 0
+    on_orders_url: Callable[[str], None] | None = None
 
 
 @dataclass
@@ -185,6 +190,7 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
     timed_out = interrupted = False
     finished: set[str] = set()
     notifier: ScenarioNotifier | None = None
+    intake: OrderIntake | None = None
     try:
         registry_url = await registry.start()
         db = open_database(db_url)
@@ -215,6 +221,14 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
             node.event_hooks.append(notifier.on_event)
             await notifier.start()
         await node.start()
+        if scenario.vendors and local:
+            # Vendors may order into the running plant: POST /orders, or TakeOrder on the service's AAS.
+            requester = assembly.requester_config(scenario, clock_kind, time_scale)
+            intake = OrderIntake(scenario, node, requester, registry_url=registry_url, outbox=notifier.outbox)
+            orders_url = await intake.start(options.orders_host, options.orders_port)
+            notices.append(f"order-taking service: {orders_url}")
+            if options.on_orders_url:
+                options.on_orders_url(orders_url)
         if worker_shares:
             pool = WorkerPool(plant, worker_shares, count, on_finished=finished.add)
             pool.start()
@@ -232,7 +246,13 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
         _schedule_faults(scenario, node, plant, broker, notices)
         if options.chaos is not None and pool is not None:
             chaos_task = asyncio.create_task(options.chaos.run(pool, broker, lambda: len(finished) >= total))
-        timed_out, interrupted = await _wait(scenario, clock, node, finished, total, pool, options.progress)
+
+        def expected() -> int:  # the scenario's products, and every vendor order taken so far
+            return total + (len(intake.accepted) if intake is not None else 0)
+
+        timed_out, interrupted = await _wait(
+            scenario, clock, node, finished, expected, pool, options.progress
+        )
     except asyncio.CancelledError:  # Ctrl-C: stop cleanly and still leave a complete record
         interrupted = True
         task = asyncio.current_task()
@@ -248,6 +268,9 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
             with contextlib.suppress(Exception):
                 await node.journal.commit()
                 _write_aasx(node, [n for n in node.agents if node.agents[n].kind == "product"], out / "aas")
+        if intake is not None:
+            with contextlib.suppress(Exception):
+                await intake.stop()
         if pool is not None:
             await pool.stop()
         if node is not None:
@@ -264,7 +287,7 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
     db = open_database(db_url)
     plan_steps = sum(len(p.plan) for p in scenario.product_instances())
     figures = kpis.compute(
-        db, wall_seconds=wall, plan_steps=plan_steps, products_total=len(scenario.product_instances())
+        db, wall_seconds=wall, plan_steps=plan_steps, products_total=len(scenario.product_instances()) + (len(intake.accepted) if intake else 0)
     )
     figures["recorded_messages"] = recorder.count if recorder else 0
     figures["clock"] = {"kind": clock_kind, "time_scale": time_scale}
@@ -315,7 +338,7 @@ async def _wait(
     clock: Clock,
     node: Node,
     finished: set[str],
-    total: int,
+    total: Callable[[], int],
     pool: WorkerPool | None,
     progress: bool,
 ) -> tuple[bool, bool]:
@@ -335,7 +358,7 @@ async def _wait(
     )
     last_msgs, last_t, idle = 0, time.monotonic(), 0
     with bar:
-        task = bar.add_task("products", total=total, info="")
+        task = bar.add_task("products", total=total(), info="")
         while True:
             if pool is not None:
                 pool.poll()
@@ -348,7 +371,7 @@ async def _wait(
             bar.update(
                 task, completed=len(finished), info=f"t={clock.now():.1f}  {rate:,.0f} msg/s (this process)"
             )
-            if stop.when == "all_done" and len(finished) >= total:
+            if stop.when == "all_done" and len(finished) >= total():
                 return False, False
             if stop.max_time is not None and clock.now() >= stop.max_time:
                 return False, False
@@ -356,7 +379,7 @@ async def _wait(
                 return True, False
             idle = idle + 1 if clock.kind == "virtual" and _stalled(clock, node) else 0
             if idle >= 10:  # a whole second with nothing to do and nothing pending
-                log.warning("the plant is idle but %d products are unfinished", total - len(finished))
+                log.warning("the plant is idle but %d products are unfinished", total() - len(finished))
                 return False, False
             await asyncio.sleep(0.1)
 

@@ -31,7 +31,8 @@ class ScenarioNotifier:
             if key:
                 secrets[v.name] = derive_webhook_secret(key)
         self.vendor_of = {p.name: p.vendor for p in scenario.product_instances() if p.vendor in self.urls}
-        self.outbox = WebhookOutbox(db, secrets) if self.vendor_of else None
+        # One outbox for the run: the order-taking service shares it for the orders it takes.
+        self.outbox = WebhookOutbox(db, secrets) if scenario.vendors else None
 
     @property
     def active(self) -> bool:

@@ -316,3 +316,79 @@ def test_scenario_faults_kill_and_restart_agents_and_the_broker(tmp_path: Path, 
         if json.loads(line).get("event") == "finished"
     ]
     assert len(finished) == len(set(finished)) == 40
+
+
+ORDERS_LINE = """
+name: open-line
+namespace: openline
+clock: {kind: accelerated, time_scale: 50}
+transport: {default_time: 0}
+vendors:
+  - {name: acme, api_key_env: TWINBID_TEST_ACME_KEY}
+resources:
+  - {kind: workstation, name: ws-a, location: a, capabilities: [{name: turning, duration: 4, cost_rate: 1}]}
+  - {kind: workstation, name: ws-b, location: b, capabilities: [{name: polishing, duration: 4, cost_rate: 1}]}
+product_types:
+  - {name: gear, plan: [{capability: turning}, {capability: polishing}]}
+orders:
+  - {type: gear, quantity: 2, priority: 3, release: 0}
+stop: {wall_timeout: 120}
+"""
+
+
+def test_a_vendor_orders_into_the_running_plant(tmp_path: Path, mosquitto, monkeypatch) -> None:
+    """`twinbid run` of a scenario with vendors exposes the order-taking service; an order posted while
+    the plant runs becomes a product twin, is manufactured, and the run waits for it."""
+    import httpx
+    from basyx.aas import model as aas_model
+
+    from agents.aas.io import environment_json
+
+    monkeypatch.setenv("TWINBID_TEST_ACME_KEY", "tbk_acme_0123456789abcdef")
+    sm = build.submodel(
+        "https://acme.example/sm/7/Tech", "Tech", "https://acme.example/sem/Tech", [build.prop("Teeth", 24)]
+    )
+    shell = build.shell(
+        "https://acme.example/aas/7", "Gear7", global_asset_id="https://acme.example/asset/7", asset_type="gear",
+        submodels=[sm],
+    )  # fmt: skip
+    urls: list[str] = []
+    posted: list[dict] = []
+
+    async def main() -> object:
+        scenario = load_scenario_text(ORDERS_LINE, "open-line.yaml")
+        ready = asyncio.Event()
+
+        def announced(url: str) -> None:
+            urls.append(url)
+            ready.set()
+
+        options = RunOptions(
+            out=tmp_path / "o", progress=False, broker=mosquitto.url, on_orders_url=announced
+        )
+        plant = asyncio.create_task(run(scenario, options))
+        await asyncio.wait_for(ready.wait(), 60)
+        async with httpx.AsyncClient(base_url=urls[0], timeout=30) as client:
+            r = await client.post(
+                "/orders",
+                content=environment_json([shell, sm]).encode(),
+                headers={
+                    "Content-Type": "application/json",
+                    "Authorization": "Bearer tbk_acme_0123456789abcdef",
+                },
+                params={"priority": "1"},
+            )
+            assert r.status_code in (201, 202), r.text
+            posted.append(r.json())
+        return await plant
+
+    result = asyncio.run(main())
+    assert result.kpis["products"] == {"total": 3, "completed": 3, "failed": 0}, result.kpis["products"]
+    vendor_product = posted[0]["product"]
+    packages = {p.stem: p for p in (tmp_path / "o" / "aas").glob("*.aasx")}
+    objects = list(read_aasx(packages[vendor_product]).objects)
+    (twin,) = [o for o in objects if isinstance(o, aas_model.AssetAdministrationShell)]
+    assert twin.id == "https://acme.example/aas/7"  # the vendor's shell, extended
+    assert {o.id_short for o in objects if isinstance(o, aas_model.Submodel)} >= {
+        "Tech", "Order", "ProcessPlan", "ProcessDocumentation", "Nameplate"
+    }  # fmt: skip

@@ -45,6 +45,9 @@ def run(
     processes: Annotated[int, typer.Option(min=1, help="agent processes")] = 1,
     seed: Annotated[int | None, typer.Option(help="random seed (overrides the scenario)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    orders_port: Annotated[
+        int, typer.Option(help="port of the order-taking service (scenarios with vendors; 0: any free port)")
+    ] = 0,
     resume: Annotated[
         Path | None, typer.Option(help="continue the stopped run in this output folder (same scenario)")
     ] = None,
@@ -76,6 +79,10 @@ def run(
         seed=seed,
         progress=not quiet,
         resume=resume is not None,
+        orders_port=orders_port,
+        on_orders_url=lambda url: err.print(
+            f"order-taking service: {url}  (POST /orders, see docs/vendors.md)"
+        ),
     )
     try:
         result = asyncio.run(run_plant(sc, options))
@@ -187,7 +194,9 @@ def _mount() -> None:
 
     for command in observe.app.registered_commands:
         app.registered_commands.append(command)
-    app.add_typer(vendor.app, name="vendor", help="Vendors: submit product AASs, serve the order-taking service.")
+    app.add_typer(
+        vendor.app, name="vendor", help="Vendors: submit product AASs, serve the order-taking service."
+    )
     for command in vendor.app.registered_commands:
         if command.name == "submit" or (command.callback and command.callback.__name__ == "submit"):
             app.registered_commands.append(command)  # `twinbid submit FILE --url --key`, as a vendor types it

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import sys
 import time
@@ -314,8 +313,6 @@ class VendorPlant:
         self._requester_config: Any = None
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        import agents.ordertaking.tables  # noqa: F401  (tables known before the schema is created)
-        from agents.ordertaking import OrderTakingConfig, OrderTakingService
         from agents.persistence import open_database
         from agents.persistence.database import sqlite_url
         from agents.resource.agent import start_resource
@@ -323,6 +320,7 @@ class VendorPlant:
         from protocol.broker import start_broker
         from registry.service import RegistryServer
         from scenarios import assembly
+        from scenarios.intake import OrderIntake
         from shopfloor.clock import make_clock
 
         sc = self.scenario
@@ -350,60 +348,21 @@ class VendorPlant:
                 validity=validity,
                 breakdown_policy=getattr(r, "breakdown_policy", "finish_late"),
             )
-        config = self.service_config or OrderTakingConfig(namespace=sc.namespace)
-        self.service = OrderTakingService(
-            db,
-            self.vendors,
-            {pt.name: pt for pt in sc.product_types},
-            self.take_order,
-            outbox=self.outbox,
+        self.intake = OrderIntake(
+            sc,
+            self.node,
+            self._requester_config,
+            vendors=self.vendors,
             registry_url=registry_url,
-            clock=self.clock,
-            config=config,
+            service_config=self.service_config,
+            outbox=self.outbox,
         )
-        self.node.event_hooks.append(self.service.on_node_event)
+        self.service = self.intake.service
         return await self.service.start(host, port)
 
     async def take_order(self, accepted: Any) -> None:
         """``on_order``: start (or, after a restart, resume) the product twin of an accepted order."""
-        from agents.product.agent import start_product
-        from scenarios import assembly
-        from scenarios.schema import ProductInstance
-
-        node = self.node
-        if accepted.product in node.agents:
-            return
-        pt = accepted.plan
-        instance = ProductInstance(
-            name=accepted.product,
-            type=pt.name,
-            order=-1,
-            priority=accepted.priority,
-            release=self.clock.now(),
-            due=accepted.due,
-            plan=tuple(pt.plan),
-            vendor=accepted.vendor,
-            location=None,
-        )
-        order = dataclasses.replace(
-            assembly.product_order(self.scenario, instance),
-            notify_url=accepted.notify_url,
-            customization=dict(accepted.customization),
-            aas_id=accepted.aas_id,
-        )
-        agent = await start_product(node, order, config=self._requester_config)
-        store = node.store
-        shell = store.get_shell(agent.aas_id)
-        for sm in accepted.submodels:
-            if store.get_submodel(sm.id) is None:
-                store.put_submodel(sm, owner=agent.name)
-        if shell is not None:
-            from agents.aas import build
-
-            build.link(shell, *accepted.submodels)
-            if accepted.global_asset_id:
-                shell.asset_information.global_asset_id = accepted.global_asset_id
-            store.changed(shell.id)
+        await self.intake.take_order(accepted)
 
     async def stop(self) -> None:
         if self.service is not None:
