@@ -296,8 +296,12 @@ class VendorPlant:
         seed: int | None = None,
         config: Any = None,
         outbox: Any = None,
+        registry_url: str | None = None,
+        resources: bool = True,
     ) -> None:
         self.scenario = scenario
+        self.registry_url = registry_url  # an existing plant's registry: serve orders into that plant
+        self.with_resources = resources
         self.vendors = vendors
         self.out = Path(out)
         self.broker_url = broker if broker is not None else scenario.broker
@@ -326,8 +330,11 @@ class VendorPlant:
         sc = self.scenario
         self.out.mkdir(parents=True, exist_ok=True)
         self._broker = await asyncio.to_thread(start_broker, self.broker_url, self.out)
-        self._registry = RegistryServer(sqlite_url(self.out / "registry.db"))
-        registry_url = await self._registry.start()
+        if self.registry_url:
+            registry_url = self.registry_url
+        else:
+            self._registry = RegistryServer(sqlite_url(self.out / "registry.db"))
+            registry_url = await self._registry.start()
         db = open_database(self.db_url or sqlite_url(self.out / "run.db"))
         self.clock = make_clock(sc.clock.kind, time_scale=sc.clock.time_scale or 1.0)
         self.node = Node(NodeConfig(sc.namespace, self._broker.address, registry_url), self.clock, db)
@@ -338,7 +345,7 @@ class VendorPlant:
         dist = assembly.distances(sc)
         log_dir = self.out / "assets"
         log_dir.mkdir(parents=True, exist_ok=True)
-        for r in sc.resources:
+        for r in sc.resources if self.with_resources else ():
             await start_resource(
                 self.node,
                 assembly.make_asset(sc, r, log_dir, self.seed),
@@ -394,8 +401,15 @@ def serve(
     db: Annotated[
         str | None, typer.Option(help="database URL (default: SQLite in the output folder)")
     ] = None,
+    registry: Annotated[
+        str | None, typer.Option(help="registry URL of a running plant (default: start one here)")
+    ] = None,
+    resources: Annotated[
+        bool, typer.Option(help="start the scenario's resources here (--no-resources: they run in the plant)")
+    ] = True,
 ) -> None:
-    """Run a plant of the scenario's resources and take vendors' orders over HTTP until interrupted."""
+    """Take vendors' orders over HTTP until interrupted: with the scenario's resources (a plant of its
+    own), or `--broker URL --registry URL --no-resources` to serve orders into a running plant."""
     import logging
 
     from agents.ordertaking.auth import VendorDirectory, VendorFileError
@@ -417,7 +431,15 @@ def serve(
         _err("no vendors: give --vendors FILE or list vendors in the scenario")
         raise typer.Exit(EXIT_USAGE)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    plant = VendorPlant(sc, directory, out or Path("runs") / f"{sc.name}-orders", broker=broker, db_url=db)
+    plant = VendorPlant(
+        sc,
+        directory,
+        out or Path("runs") / f"{sc.name}-orders",
+        broker=broker,
+        db_url=db,
+        registry_url=registry,
+        resources=resources,
+    )
 
     async def main() -> None:
         try:
