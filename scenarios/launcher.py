@@ -21,6 +21,7 @@ from typing import Any
 from sqlmodel import select
 
 from agents.aas.io import write_aasx
+from agents.ordertaking.auth import VendorFileError
 from agents.persistence import open_database
 from agents.persistence.database import sqlite_url
 from agents.product.agent import start_product
@@ -224,11 +225,17 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
         if scenario.vendors and local:
             # Vendors may order into the running plant: POST /orders, or TakeOrder on the service's AAS.
             requester = assembly.requester_config(scenario, clock_kind, time_scale)
-            intake = OrderIntake(scenario, node, requester, registry_url=registry_url, outbox=notifier.outbox)
-            orders_url = await intake.start(options.orders_host, options.orders_port)
-            notices.append(f"order-taking service: {orders_url}")
-            if options.on_orders_url:
-                options.on_orders_url(orders_url)
+            try:
+                intake = OrderIntake(
+                    scenario, node, requester, registry_url=registry_url, outbox=notifier.outbox
+                )
+            except VendorFileError as exc:  # e.g. a vendor's key variable is not set: run without intake
+                notices.append(f"order-taking service not started: {exc}")
+            else:
+                orders_url = await intake.start(options.orders_host, options.orders_port)
+                notices.append(f"order-taking service: {orders_url}")
+                if options.on_orders_url:
+                    options.on_orders_url(orders_url)
         if worker_shares:
             pool = WorkerPool(plant, worker_shares, count, on_finished=finished.add)
             pool.start()
@@ -287,7 +294,10 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
     db = open_database(db_url)
     plan_steps = sum(len(p.plan) for p in scenario.product_instances())
     figures = kpis.compute(
-        db, wall_seconds=wall, plan_steps=plan_steps, products_total=len(scenario.product_instances()) + (len(intake.accepted) if intake else 0)
+        db,
+        wall_seconds=wall,
+        plan_steps=plan_steps,
+        products_total=len(scenario.product_instances()) + (len(intake.accepted) if intake else 0),
     )
     figures["recorded_messages"] = recorder.count if recorder else 0
     figures["clock"] = {"kind": clock_kind, "time_scale": time_scale}
