@@ -63,7 +63,7 @@ def run(
             err.print(f"[red]{out} holds no run to resume[/red]", markup=True)
             raise typer.Exit(2)
     else:
-        out = out or Path("runs") / _slug(sc.name)
+        out = out or _fresh(Path("runs") / _slug(sc.name))
         if (out / "run.db").exists():
             err.print(
                 f"[red]{out} already holds a run[/red]; choose another --out, or --resume {out}", markup=True
@@ -109,6 +109,16 @@ class _GmqttTeardownFilter(logging.Filter):
                     return False
                 tb = tb.tb_next
         return True
+
+
+def _fresh(base: Path) -> Path:
+    """runs/<name>, or runs/<name>-2, -3, ... so that running the same scenario again never clashes."""
+    if not base.exists():
+        return base
+    n = 2
+    while base.with_name(f"{base.name}-{n}").exists():
+        n += 1
+    return base.with_name(f"{base.name}-{n}")
 
 
 def _slug(name: str) -> str:
