@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machineinfo import machine
 
 from protocol.broker import EmbeddedBroker
 from protocol.mosquitto import MosquittoProcess, find_mosquitto
@@ -169,23 +171,9 @@ async def run_broker(
     )
 
 
-def machine() -> dict[str, Any]:
-    model = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "os": platform.platform(),
-    }
-    if hasattr(os, "getloadavg"):
-        info["loadavg_before"] = [round(x, 2) for x in os.getloadavg()]
+def versions() -> dict[str, Any]:
+    """What this benchmark measures besides the machine: the broker and client versions."""
+    info: dict[str, Any] = {}
     binary = find_mosquitto()
     if binary:
         out = subprocess.run([binary, "-h"], capture_output=True, text=True, check=False).stdout
@@ -202,7 +190,7 @@ def machine() -> dict[str, Any]:
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
-        "machine": machine(),
+        "machine": machine(**versions()),
         "messages": args.messages,
         "repeat": args.repeat,
         "max_inflight": args.max_inflight,

@@ -4,14 +4,12 @@ per idempotency key, per-order ordering, and rows that survive a restart of the 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from pathlib import Path
 
 import pytest
-from fastapi import FastAPI, Request
 from sqlmodel import select
-from starlette.responses import Response
+from webhook_receiver import Receiver
 
 import agents.ordertaking.tables  # noqa: F401  (registers the tables before create_all)
 from agents.ordertaking.tables import WebhookOutboxRecord
@@ -19,50 +17,8 @@ from agents.ordertaking.webhooks import WebhookOutbox, event_key, sign, verify_s
 from agents.persistence import open_database
 from agents.persistence.database import sqlite_url
 from protocol.mosquitto import free_port
-from registry.part2 import InLoopServer
 
 SECRET = "s3cret-for-acme"
-
-
-class Receiver:
-    """A vendor's webhook endpoint: verifies signatures, fails its first ``fail_first`` deliveries with
-    ``fail_status``, and records what it acknowledged (by Twinbid-Event-Id)."""
-
-    def __init__(self, secret: str = SECRET, fail_first: int = 0, fail_status: int = 503) -> None:
-        self.secret = secret
-        self.fail_first = fail_first
-        self.fail_status = fail_status
-        self.calls = 0
-        self.bad_signatures = 0
-        self.acknowledged: dict[str, int] = {}
-        self.events: list[dict] = []
-        self.attempt_headers: dict[str, list[int]] = {}
-        app = FastAPI()
-
-        @app.post("/hook")
-        async def hook(request: Request) -> Response:
-            body = await request.body()
-            self.calls += 1
-            if not verify_signature(self.secret, body, request.headers.get("twinbid-signature")):
-                self.bad_signatures += 1
-                return Response(status_code=401)
-            key = request.headers["twinbid-event-id"]
-            self.attempt_headers.setdefault(key, []).append(int(request.headers["twinbid-delivery-attempt"]))
-            if self.calls <= self.fail_first:
-                return Response(status_code=self.fail_status)
-            self.acknowledged[key] = self.acknowledged.get(key, 0) + 1
-            self.events.append(json.loads(body))
-            return Response(status_code=204)
-
-        self.server = InLoopServer(app)
-        self.url = ""
-
-    async def start(self, port: int = 0) -> str:
-        self.url = await self.server.start("127.0.0.1", port) + "/hook"
-        return self.url
-
-    async def stop(self) -> None:
-        await self.server.stop()
 
 
 @pytest.fixture
@@ -100,7 +56,7 @@ def test_idempotency_keys() -> None:
 
 
 async def test_a_flaky_receiver_gets_every_event_exactly_once(db) -> None:
-    receiver = Receiver(fail_first=5)  # the first five deliveries fail with 503
+    receiver = Receiver(SECRET, fail_first=5)  # the first five deliveries fail with 503
     url = await receiver.start()
     outbox = WebhookOutbox(db, {"acme": SECRET}, backoff=0.02, max_backoff=0.2, max_attempts=20)
     await outbox.start()
@@ -173,7 +129,7 @@ async def test_undelivered_rows_are_sent_after_a_restart(db) -> None:
     assert all(state == "pending" for state, _ in states.values()), states
     assert states["o9:manufacturing-accepted:-"][1] >= 2
 
-    receiver = Receiver()
+    receiver = Receiver(SECRET)
     await receiver.start(port)
     again = WebhookOutbox(db, {"acme": SECRET}, backoff=0.05, max_backoff=0.1, max_attempts=50)
     await again.start()
@@ -187,8 +143,8 @@ async def test_undelivered_rows_are_sent_after_a_restart(db) -> None:
 
 
 async def test_gone_stops_retrying_and_attempts_run_out(db) -> None:
-    gone = Receiver(fail_first=10**6, fail_status=410)
-    broken = Receiver(fail_first=10**6, fail_status=500)
+    gone = Receiver(SECRET, fail_first=10**6, fail_status=410)
+    broken = Receiver(SECRET, fail_first=10**6, fail_status=500)
     gone_url, broken_url = await gone.start(), await broken.start()
     outbox = WebhookOutbox(db, {"acme": SECRET}, backoff=0.01, max_backoff=0.02, max_attempts=3)
     await outbox.start()
@@ -213,7 +169,7 @@ async def test_gone_stops_retrying_and_attempts_run_out(db) -> None:
 
 
 async def test_a_vendor_without_a_secret_gets_no_unsigned_webhooks(db) -> None:
-    receiver = Receiver()
+    receiver = Receiver(SECRET)
     url = await receiver.start()
     outbox = WebhookOutbox(db, backoff=0.01, max_backoff=0.02, max_attempts=2)
     await outbox.start()
