@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -240,6 +241,7 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
             pool = WorkerPool(plant, worker_shares, count, on_finished=finished.add)
             pool.start()
         await clock.start()
+        _write_plant_file(out, scenario, broker, registry_url, clock)
         # Two phases across processes: every resource is subscribed and registered before any
         # product calls for proposals, or the first calls would find nobody listening.
         if local:
@@ -314,6 +316,24 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
     db.dispose()
     chaos_log = options.chaos.log if options.chaos else []
     return RunResult(out, figures, timed_out, interrupted, notices, recoveries, chaos_log)
+
+
+def _write_plant_file(
+    out: Path, scenario: Scenario, broker: RunningBroker, registry_url: str, clock: Clock
+) -> None:
+    """``out/plant.json``: how another process joins the running plant (``twinbid vendor serve --plant OUT``):
+    namespace, broker (without password), registry and the clock's time base, which every process shares."""
+    info = {
+        "namespace": scenario.namespace,
+        "broker": broker.address.url(with_password=False),
+        "registry": registry_url,
+        "clock": {
+            "kind": clock.kind,
+            "time_scale": getattr(clock, "time_scale", None),
+            "wall_origin_ms": getattr(clock, "wall_origin_ms", None),
+        },
+    }
+    (out / "plant.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
 def _last_sim_time(db: Any) -> float:

@@ -2,7 +2,9 @@
 
 * ``submit FILE --url URL --key KEY`` — what a vendor runs: uploads an AAS (``.aasx`` or ``.json``), prints the
   order id and status; exit code 1 with the server's messages when the order is refused.
-* ``serve SCENARIO --vendors FILE`` — a plant (the scenario's resources) with the order-taking service in front.
+* ``serve SCENARIO --vendors FILE`` — a plant (the scenario's resources) with the order-taking service in front;
+  with ``--plant OUT`` (or ``--broker URL --registry URL --no-resources --clock-origin MS``) the service alone,
+  taking orders into another process's running plant (``twinbid run``), on that plant's time base.
 * ``new-key VENDOR``, ``hash-key``, ``webhook-secret`` — API keys and their hashes for the vendors file.
 
 :class:`VendorPlant` (used by ``serve`` and the tests) is the composition: broker, registry, one node with the
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -277,6 +280,44 @@ def webhook_secret(key: Annotated[str, typer.Option(envvar="TWINBID_API_KEY", he
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class PlantClock:
+    """A plant's clock as another process must copy it: kind, time scale (accelerated: wall ms per unit) and
+    ``wall_origin_ms`` (the wall epoch ms of simulated time 0; None: this process's start)."""
+
+    kind: str
+    time_scale: float | None = None
+    wall_origin_ms: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PlantInfo:
+    """What ``twinbid run`` writes to ``OUT/plant.json`` so that other processes can join the running plant."""
+
+    namespace: str | None
+    broker: str | None
+    registry: str | None
+    clock: PlantClock | None
+
+    @classmethod
+    def read(cls, path: Path) -> PlantInfo:
+        """Read ``plant.json`` (``path`` is the file or the run's output folder); ValueError if unusable."""
+        file = path / "plant.json" if path.is_dir() else path
+        try:
+            data = json.loads(file.read_text())
+        except OSError as exc:
+            raise ValueError(f"cannot read {file}: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise ValueError(f"{file} is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{file}: expected a JSON object")
+        c = data.get("clock")
+        clock = None
+        if isinstance(c, dict) and c.get("kind"):
+            clock = PlantClock(str(c["kind"]), c.get("time_scale"), c.get("wall_origin_ms"))
+        return cls(data.get("namespace"), data.get("broker"), data.get("registry"), clock)
+
+
 class VendorPlant:
     """A plant of a scenario's resources with the order-taking service in front (one process).
 
@@ -298,8 +339,11 @@ class VendorPlant:
         outbox: Any = None,
         registry_url: str | None = None,
         resources: bool = True,
+        clock: PlantClock | None = None,
     ) -> None:
         self.scenario = scenario
+        # Joining another process's plant: its clock's kind and time base, or simulated times would not agree.
+        self.plant_clock = clock
         self.registry_url = registry_url  # an existing plant's registry: serve orders into that plant
         self.with_resources = resources
         self.vendors = vendors
@@ -336,11 +380,12 @@ class VendorPlant:
             self._registry = RegistryServer(sqlite_url(self.out / "registry.db"))
             registry_url = await self._registry.start()
         db = open_database(self.db_url or sqlite_url(self.out / "run.db"))
-        self.clock = make_clock(sc.clock.kind, time_scale=sc.clock.time_scale or 1.0)
+        pc = self.plant_clock or PlantClock(sc.clock.kind, sc.clock.time_scale)
+        self.clock = make_clock(pc.kind, time_scale=pc.time_scale or 1.0, wall_origin_ms=pc.wall_origin_ms)
         self.node = Node(NodeConfig(sc.namespace, self._broker.address, registry_url), self.clock, db)
         await self.node.start()
         await self.clock.start()
-        self._requester_config = assembly.requester_config(sc, sc.clock.kind, sc.clock.time_scale)
+        self._requester_config = assembly.requester_config(sc, pc.kind, pc.time_scale)
         validity = assembly.offer_validity(sc, self._requester_config)
         dist = assembly.distances(sc)
         log_dir = self.out / "assets"
@@ -397,6 +442,13 @@ def serve(
     out: Annotated[
         Path | None, typer.Option(help="output folder (default: runs/<scenario name>-orders)")
     ] = None,
+    plant: Annotated[
+        Path | None,
+        typer.Option(
+            help="join a running plant: its output folder or plant.json (broker, registry, clock; "
+            "--broker/--registry override)"
+        ),
+    ] = None,
     broker: Annotated[str | None, typer.Option(help="broker URL, or 'mosquitto' for a private one")] = None,
     db: Annotated[
         str | None, typer.Option(help="database URL (default: SQLite in the output folder)")
@@ -405,11 +457,23 @@ def serve(
         str | None, typer.Option(help="registry URL of a running plant (default: start one here)")
     ] = None,
     resources: Annotated[
-        bool, typer.Option(help="start the scenario's resources here (--no-resources: they run in the plant)")
-    ] = True,
+        bool | None,
+        typer.Option(
+            help="start the scenario's resources here (default: yes for a plant of its own, "
+            "no when joining a running plant, whose resources do the work)"
+        ),
+    ] = None,
+    clock_origin: Annotated[
+        int | None,
+        typer.Option(
+            help="joining a running plant: the wall epoch ms of its simulated time 0 (clock.wall_origin_ms "
+            "in its plant.json; --plant reads it)"
+        ),
+    ] = None,
 ) -> None:
     """Take vendors' orders over HTTP until interrupted: with the scenario's resources (a plant of its
-    own), or `--broker URL --registry URL --no-resources` to serve orders into a running plant."""
+    own), or into a running plant: `--plant OUT` (the folder of its `twinbid run`), or `--broker URL
+    --registry URL --no-resources [--clock-origin MS]`."""
     import logging
 
     from agents.ordertaking.auth import VendorDirectory, VendorFileError
@@ -430,8 +494,20 @@ def serve(
     if not len(directory):
         _err("no vendors: give --vendors FILE or list vendors in the scenario")
         raise typer.Exit(EXIT_USAGE)
+    try:
+        clock = _plant_clock(sc, plant, broker, registry, clock_origin)
+    except ValueError as exc:
+        _err(str(exc))
+        raise typer.Exit(EXIT_USAGE) from None
+    if plant is not None:
+        info = PlantInfo.read(plant)
+        broker = broker or info.broker
+        registry = registry or info.registry
+    joining = registry is not None
+    if resources is None:
+        resources = not joining
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    plant = VendorPlant(
+    vendor_plant = VendorPlant(
         sc,
         directory,
         out or Path("runs") / f"{sc.name}-orders",
@@ -439,18 +515,61 @@ def serve(
         db_url=db,
         registry_url=registry,
         resources=resources,
+        clock=clock,
     )
 
     async def main() -> None:
         try:
-            url = await plant.start(host, port)
+            url = await vendor_plant.start(host, port)
+            into = f"; plant at {registry}" if joining else ""
             sys.stdout.write(
-                f"order-taking service at {url}/orders (vendors: {', '.join(directory.names())}); Ctrl-C stops\n"
+                f"order-taking service at {url}/orders (vendors: {', '.join(directory.names())}{into}); Ctrl-C stops\n"
             )
             sys.stdout.flush()
             await asyncio.Event().wait()
         finally:
-            await plant.stop()
+            await vendor_plant.stop()
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main())
+
+
+def _plant_clock(
+    sc: Any, plant: Path | None, broker: str | None, registry: str | None, clock_origin: int | None
+) -> PlantClock | None:
+    """The clock to run on when joining a running plant (None: a plant of our own, the scenario's clock).
+
+    Product twins here and resources there compare simulated times and ``replyBy`` instants, so both must
+    count from the same origin at the same rate; a virtual clock cannot span processes at all.
+    """
+    info = PlantInfo.read(plant) if plant is not None else None
+    if info is None and registry is None:
+        if clock_origin is not None:
+            raise ValueError("--clock-origin is for joining a running plant (--registry or --plant)")
+        return None
+    if info is not None and info.namespace and info.namespace != sc.namespace:
+        raise ValueError(
+            f"the plant runs namespace {info.namespace!r} but the scenario says {sc.namespace!r}: "
+            "serve with the plant's scenario"
+        )
+    if info is not None and not (info.registry or registry):
+        raise ValueError(f"{plant}: no registry URL in it; give --registry")
+    clock = info.clock if info is not None and info.clock else PlantClock(sc.clock.kind, sc.clock.time_scale)
+    if clock_origin is not None:
+        clock = dataclasses.replace(clock, wall_origin_ms=clock_origin)
+    if clock.kind == "virtual":
+        raise ValueError(
+            "the plant runs a virtual clock, which cannot span processes: run the plant with a real or "
+            "accelerated clock (and `stop: {when: max_time, ...}` to keep it serving)"
+        )
+    if clock.wall_origin_ms is None and clock.kind == "real":
+        _err(
+            "warning: the plant's clock origin is unknown (--plant OUT or --clock-origin MS): deadlines agree, "
+            "but simulated times here are counted from this service's start, not the plant's"
+        )
+    elif clock.wall_origin_ms is None:
+        raise ValueError(
+            "joining a running plant needs its time base: give --plant OUT (its output folder), or "
+            "--clock-origin MS (clock.wall_origin_ms in its plant.json)"
+        )
+    return clock
