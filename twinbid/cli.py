@@ -198,6 +198,111 @@ def registry_serve(
         pass
 
 
+# --- benchmarks ---------------------------------------------------------------------------------------------------
+
+BENCH_DIR_ENV = "TWINBID_BENCH_DIR"
+
+
+def bench_dir() -> Path:
+    """The repository's ``bench/`` folder: scripts beside the packages, not installed. Found next to the
+    source tree of an editable install (or at ``$TWINBID_BENCH_DIR``); FileNotFoundError says what to do."""
+    import os
+
+    import twinbid
+
+    given = os.environ.get(BENCH_DIR_ENV)
+    folder = Path(given) if given else Path(twinbid.__file__).resolve().parents[1] / "bench"
+    if not any(folder.glob("bench_*.py")):
+        where = f"${BENCH_DIR_ENV} = {folder}" if given else f"{folder} (beside the twinbid package)"
+        raise FileNotFoundError(
+            f"no benchmarks in {where}. The benchmarks are scripts in the repository's bench/ folder and are "
+            "not installed with the package: run from a checkout installed in editable mode "
+            "(python3 -m pip install -e '.[bench]'), or set " + BENCH_DIR_ENV + " to its bench/ folder"
+        )
+    return folder
+
+
+def benchmarks(folder: Path) -> dict[str, tuple[Path, str]]:
+    """``bench_NAME.py`` in ``folder``: NAME -> (script, first line of its module docstring)."""
+    import ast
+
+    found: dict[str, tuple[Path, str]] = {}
+    for script in sorted(folder.glob("bench_*.py")):
+        try:
+            doc = ast.get_docstring(ast.parse(script.read_text(encoding="utf-8"))) or ""
+        except (OSError, SyntaxError, ValueError):
+            doc = ""
+        found[script.stem.removeprefix("bench_")] = (script, doc.strip().split("\n", 1)[0])
+    return found
+
+
+def _accepts_json(script: Path) -> bool:
+    """Does the benchmark take ``--json``? (Some always end with their JSON line and refuse the option.)"""
+    import re
+
+    text = script.read_text(encoding="utf-8")
+    return re.search(r"add_argument\(\s*[\"']--json[\"']", text) is not None
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    epilog="Options after NAME that are not twinbid's go to the benchmark; `twinbid bench NAME -- --help` "
+    "shows its own. See docs/benchmarks.md.",
+)
+def bench(
+    ctx: typer.Context,
+    name: Annotated[str | None, typer.Argument(help="the benchmark: bench/bench_NAME.py")] = None,
+    list_: Annotated[bool, typer.Option("--list", help="list the benchmarks and what they measure")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="end with one JSON object of every figure (passed on if it asks)")
+    ] = False,
+) -> None:
+    """Run a benchmark of bench/ with this Python, passing the remaining arguments on."""
+    import subprocess
+
+    try:
+        folder = bench_dir()
+    except FileNotFoundError as exc:
+        err.print(f"[red]{exc}[/red]", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+    found = benchmarks(folder)
+    if list_ or name is None:
+        width = max(len(n) for n in found)
+        for n, (_, doc) in found.items():
+            sys.stdout.write(f"{n:<{width}}  {doc}".rstrip() + "\n")
+        if name is None and not list_:
+            err.print("usage: twinbid bench NAME [--json] [ARGS...]   (twinbid bench --list)")
+            raise typer.Exit(2)
+        return
+    if name not in found:
+        err.print(
+            f"[red]no benchmark {name!r}[/red]; there are: {', '.join(found)}  (twinbid bench --list)",
+            markup=True,
+            highlight=False,
+        )
+        raise typer.Exit(2)
+    script = found[name][0]
+    args = list(ctx.args)
+    if args[:1] == ["--"]:
+        args = args[1:]
+    if as_json and _accepts_json(script) and "--json" not in args:
+        args.append("--json")
+    # A child process with this Python: the script's `if __name__ == "__main__"` guard and multiprocessing's
+    # spawn work as when it is run by hand.
+    proc = subprocess.Popen([sys.executable, str(script), *args])
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:  # the benchmark got the Ctrl-C too: let it clean up
+        try:
+            proc.wait(timeout=30)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            proc.kill()
+            proc.wait()
+        raise typer.Exit(130) from None
+    if code:
+        raise typer.Exit(code if code > 0 else 128 - code)
+
+
 def _mount() -> None:
     """Commands that live in their own modules: observation (log, trace, stats, report, observe)."""
     from twinbid import observe, vendor
