@@ -51,18 +51,57 @@ class Recovery:
 
 
 STOP, GO = 0, 1
+SPARE_DELAY = 3.0  # seconds a takeover has the CPU to itself before the next spare is started
 
 
 def _spare_main(plant: Any, count: int, assign_q: Any, report_q: Any, flags: Any) -> None:
-    """A worker process: import everything, then wait for the share to run."""
+    """A worker process: import everything and warm up, then wait for the share to run."""
     logging.basicConfig(level=logging.WARNING)
     from scenarios import launcher  # noqa: F401 - the heavy imports happen here, before any assignment
 
+    node = _warm_up(plant)
     assignment = assign_q.get()
     if assignment is None:
         return
     share, incarnation = assignment
-    asyncio.run(_share_main(plant, share, incarnation, count, report_q, flags))
+    asyncio.run(_share_main(plant, share, incarnation, count, report_q, flags, node))
+
+
+def _warm_up(plant: Any) -> Any:
+    """Build the node before the share is known, and pay the first-use costs a takeover would.
+
+    A node (database engine, FastAPI app of the AAS server, HTTP clients) takes ~100 ms to build;
+    it binds nothing until started, so the share's AAS port is filled in at assignment. The first
+    product twin's AAS objects and JSON codecs cost more than the next; one is built and thrown away.
+    """
+    from agents.aas.io import environment_json, read_json
+    from agents.persistence import open_database
+    from agents.product.agent import build_shell
+    from agents.runtime.node import Node
+    from scenarios import assembly
+    from scenarios.launcher import _clock
+
+    try:
+        node = Node(_node_config(plant, None), _clock(plant), open_database(plant.db_url, create=False))
+        for p in plant.scenario.product_instances()[:1]:
+            objects = build_shell(assembly.product_order(plant.scenario, p), plant.scenario.namespace)
+            read_json(environment_json(objects).encode())
+        return node
+    except Exception:  # a warm-up is an optimisation: the takeover builds what is missing
+        log.debug("warm-up failed", exc_info=True)
+        return None
+
+
+def _node_config(plant: Any, share: int | None) -> Any:
+    from agents.runtime.node import NodeConfig
+
+    return NodeConfig(
+        plant.scenario.namespace,
+        plant.broker,
+        plant.registry_url,
+        aas_port=plant.aas_ports[share] if share is not None else 0,
+        passwords=getattr(plant, "passwords", {}),
+    )
 
 
 async def _until(flags: Any, index: int) -> None:
@@ -73,18 +112,17 @@ async def _until(flags: Any, index: int) -> None:
 
 
 async def _share_main(
-    plant: Any, share: int, incarnation: int, count: int, report_q: Any, flags: Any
+    plant: Any, share: int, incarnation: int, count: int, report_q: Any, flags: Any, node: Any = None
 ) -> None:
     from agents.persistence import open_database
-    from agents.runtime.node import Node, NodeConfig
+    from agents.runtime.node import Node
     from scenarios.launcher import _clock, _start_products, _start_resources, _write_aasx
 
-    clock = _clock(plant)
-    db = open_database(plant.db_url, create=False)
-    config = NodeConfig(
-        plant.scenario.namespace, plant.broker, plant.registry_url, aas_port=plant.aas_ports[share]
-    )
-    node = Node(config, clock, db)
+    if node is None:
+        node = Node(_node_config(plant, share), _clock(plant), open_database(plant.db_url, create=False))
+    else:
+        node.config.aas_port = plant.aas_ports[share]
+    clock = node.clock
     node.finished_hooks.append(lambda a: report_q.put(("finished", a.name)) if a.kind == "product" else None)
     node.first_publish_hooks.append(lambda ms: report_q.put(("first-action", share, ms, incarnation)))
     await node.start()
@@ -109,12 +147,27 @@ async def _share_main(
     report_q.put(("stopped", share))
 
 
+def _context() -> Any:
+    """Worker processes are forked from a fork server that has already imported the plant's code.
+
+    A spawned process spends seconds importing (asyncio, basyx, SQLAlchemy, FastAPI ...) before it
+    can take a share over; a fork of the server starts in milliseconds with all of it loaded. The
+    server is a clean interpreter (no threads, no event loop), so forking it is safe, unlike
+    forking the launcher itself.
+    """
+    if "forkserver" not in mp.get_all_start_methods():  # pragma: no cover - not Linux
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["scenarios.launcher"])
+    return ctx
+
+
 @dataclass
 class WorkerPool:
     plant: Any
     shares: list[int]
     count: int  # how many shares the plant is cut into
-    ctx: Any = field(default_factory=lambda: mp.get_context("spawn"))
+    ctx: Any = field(default_factory=lambda: _context())
     states: dict[int, ShareState] = field(default_factory=dict)
     recoveries: list[Recovery] = field(default_factory=list)
     on_finished: Callable[[str], None] | None = None
@@ -124,6 +177,8 @@ class WorkerPool:
         self.flags = self.ctx.RawArray("b", 2)
         self._resources_ready: set[int] = set()
         self._spare: tuple[Any, Any] | None = None
+        self._spare_due: float | None = None
+        self._started = False
         # One report queue per process: a process killed while writing can only break its own.
         self._queues: list[Any] = []
 
@@ -148,11 +203,28 @@ class WorkerPool:
         q.put((share, st.incarnation))
         st.process, st.spawned_ms, st.ready_ms, st.first_action_ms = proc, int(time.time() * 1000), None, None
         st.assign_q = q  # keep it alive: a queue collected here unlinks the semaphore the child still needs
-        self._spare = self._new_process()  # the next takeover is warm too
+        # The next takeover is warm too, but its process is started only once this share has
+        # resumed (see poll): its imports would otherwise take the CPU the takeover needs.
+        self._spare_due = time.monotonic() + (SPARE_DELAY if self._started else 0.0)
 
     def start(self) -> None:
         for share in self.shares:
             self._assign(share)
+        self._started = True
+        self._ensure_spare(force=True)
+
+    def _ensure_spare(self, force: bool = False) -> None:
+        """Start the warm spare when it is due: at once at start, else after the last takeover
+        resumed (its first action) or SPARE_DELAY seconds, whichever comes first."""
+        if self._spare is not None or self._spare_due is None or self.stopping:
+            return
+        resuming = any(
+            r.first_action_ms is None and self.states[r.share].incarnation == r.incarnation
+            for r in self.recoveries
+        )
+        if force or not resuming or time.monotonic() >= self._spare_due:
+            self._spare = self._new_process()
+            self._spare_due = None
 
     def kill(self, share: int) -> int:
         """SIGKILL the process of a share; returns the wall time (ms)."""
@@ -190,6 +262,7 @@ class WorkerPool:
                         r.first_action_ms = ms
         if self.stopping:
             return
+        self._ensure_spare()
         for st in self.states.values():
             if st.process is not None and not st.killed and not st.process.is_alive():
                 log.warning(
