@@ -20,6 +20,7 @@ def machine(**extra: Any) -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu": model,
         "cores": os.cpu_count(),
+        "implementation": platform.python_implementation(),
         "python": platform.python_version(),
         "os": platform.platform(),
     }
