@@ -7,6 +7,12 @@
 * ``"mosquitto"``: a private mosquitto on a free loopback port with a generated config and
   persistence in ``workdir``.
 * an ``mqtt://`` / ``mqtts://`` URL: an external broker; nothing is started or stopped.
+
+With ``credentials=`` (``protocol.credentials.Credentials``) a broker we start admits only the
+run's accounts and enforces their topic rules (mosquitto: password file and per-user ACL, reloaded
+by SIGHUP when an account is added; embedded: its accounts file, re-read when it changes).  With
+``tls=`` (``protocol.mosquitto.MosquittoTLS``) its listener speaks TLS, and the returned address
+trusts ``tls.cafile``.  Neither applies to an external broker, whose accounts are its own.
 """
 
 from __future__ import annotations
@@ -21,10 +27,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from protocol.mosquitto import MosquittoProcess, find_mosquitto, free_port, wait_for_port
+from protocol.mosquitto import MosquittoProcess, MosquittoTLS, find_mosquitto, free_port, wait_for_port
 from protocol.transport import BrokerAddress
+
+if TYPE_CHECKING:
+    from protocol.credentials import Credentials
 
 __all__ = ["BrokerStartError", "EmbeddedBroker", "RunningBroker", "start_broker"]
 
@@ -51,6 +60,8 @@ class EmbeddedBroker:
         session_expiry: int = 3600,
         start_timeout: float = 20.0,
         python: str | None = None,
+        accounts_file: str | Path | None = None,
+        tls: MosquittoTLS | None = None,
     ) -> None:
         self.workdir = (
             Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="twinbid-amqtt-"))
@@ -61,6 +72,8 @@ class EmbeddedBroker:
         self.session_expiry = session_expiry
         self.start_timeout = start_timeout
         self.python = python or sys.executable
+        self.accounts_file = Path(accounts_file).resolve() if accounts_file is not None else None
+        self.tls = tls
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
 
@@ -70,6 +83,10 @@ class EmbeddedBroker:
 
     @property
     def address(self) -> BrokerAddress:
+        if self.tls is not None:
+            return BrokerAddress(
+                host=self.host, port=self.port, protocol="3.1.1", tls=True, tls_ca=self.tls.cafile
+            )
         return BrokerAddress(host=self.host, port=self.port, protocol="3.1.1")
 
     @property
@@ -125,6 +142,10 @@ class EmbeddedBroker:
             "--session-expiry",
             str(self.session_expiry),
         ]
+        if self.accounts_file is not None:
+            cmd += ["--accounts", str(self.accounts_file)]
+        if self.tls is not None:
+            cmd += ["--certfile", str(self.tls.certfile), "--keyfile", str(self.tls.keyfile)]
         self._proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
@@ -185,6 +206,9 @@ class EmbeddedBroker:
             self._proc.wait(5)
         self.stop()
 
+    def reload(self) -> None:
+        """Nothing to do: the child reads its accounts file again whenever the file changed."""
+
     def restart(self) -> EmbeddedBroker:
         """Stop and start again on the same port.  amqtt keeps nothing: sessions are gone."""
         self.stop()
@@ -244,6 +268,11 @@ class RunningBroker:
         if self.process is not None:
             self.process.stop()
 
+    def reload(self) -> None:
+        """Make a broker we started read its accounts again (after one was added)."""
+        if self.process is not None:
+            self.process.reload()
+
     def restart(self) -> None:
         if self.process is None:
             raise RuntimeError("an external broker cannot be restarted from here")
@@ -265,22 +294,41 @@ class RunningBroker:
         return f"<RunningBroker {self.kind} {self.address}>"
 
 
-def start_broker(url: str | None, workdir: Path, **options: Any) -> RunningBroker:
+def start_broker(
+    url: str | None,
+    workdir: Path,
+    *,
+    credentials: Credentials | None = None,
+    tls: MosquittoTLS | None = None,
+    **options: Any,
+) -> RunningBroker:
     """Start (or just point at) the broker for a run; see the module docstring.
 
     ``options`` go to ``MosquittoProcess`` (and from there to ``mosquitto_config``) or to
-    ``EmbeddedBroker``.
+    ``EmbeddedBroker``.  ``credentials``: only its accounts may connect, each within its grant
+    (accounts added later are picked up by the running broker).  ``tls``: a TLS listener.
     """
     workdir = Path(workdir)
     if url is None or url.strip().lower() in ("", "embedded", "amqtt"):
-        broker = EmbeddedBroker(workdir / "broker", **options).start()
-        return RunningBroker("embedded", broker.address, broker)
-    if url.strip().lower() == "mosquitto":
+        if credentials is not None:
+            options["accounts_file"] = credentials.write_embedded(workdir / "broker" / "accounts.json")
+        broker = EmbeddedBroker(workdir / "broker", tls=tls, **options).start()
+        running = RunningBroker("embedded", broker.address, broker)
+    elif url.strip().lower() == "mosquitto":
         if find_mosquitto() is None:
             raise BrokerStartError(
                 "mosquitto is not installed (Debian: apt-get install mosquitto); "
                 "leave the broker URL out to use the embedded broker"
             )
+        if credentials is not None:
+            pw, acl = credentials.write_mosquitto(workdir / "mosquitto" / "auth")
+            options.update(password_file=pw, acl_file=acl, allow_anonymous=False)
+        if tls is not None:
+            options["tls"] = tls
         process = MosquittoProcess(workdir / "mosquitto", **options).start()
-        return RunningBroker("mosquitto", process.address, process)
-    return RunningBroker("external", BrokerAddress.from_url(url))
+        running = RunningBroker("mosquitto", process.address, process)
+    else:
+        return RunningBroker("external", BrokerAddress.from_url(url))
+    if credentials is not None:
+        credentials.on_change = running.reload
+    return running

@@ -16,13 +16,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from dataclasses import dataclass
 from typing import Any
 
 from amqtt.broker import Broker
-from amqtt.plugins.base import BaseAuthPlugin
+from amqtt.contexts import Action
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+
+from protocol.credentials import Grant, load_grants, verify_password_hash
 
 log = logging.getLogger("protocol.embedded_broker")
 
@@ -43,11 +47,116 @@ class SessionAuthPlugin(BaseAuthPlugin):
         return True
 
 
-def broker_config(host: str, port: int, session_expiry: int) -> dict[str, Any]:
+class _Accounts:
+    """The accounts file written by ``Credentials.write_embedded``, read again whenever it changes.
+
+    Accounts are added while a run goes on (products ordered by vendors); the file is replaced
+    atomically, so a changed modification time or size means a complete new file.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+        self.users: dict[str, tuple[str, Grant]] = {}
+
+    def current(self) -> dict[str, tuple[str, Grant]]:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return self.users
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp != self._stamp:
+            try:
+                self.users = load_grants(self.path)
+                self._stamp = stamp
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("accounts file %s unreadable, keeping the previous accounts: %s", self.path, exc)
+        return self.users
+
+
+_ACCOUNTS: dict[str, _Accounts] = {}
+
+
+def _accounts(path: str) -> _Accounts:
+    if path not in _ACCOUNTS:
+        _ACCOUNTS[path] = _Accounts(path)
+    return _ACCOUNTS[path]
+
+
+class CredentialAuthPlugin(SessionAuthPlugin):
+    """Only the run's accounts get in: user name and password checked against PBKDF2 hashes.
+
+    A client without a user name, with an unknown one or a wrong password is refused (CONNACK
+    "bad user name or password").  Sessions are not marked anonymous, so persistent sessions work
+    as with ``SessionAuthPlugin``.
+    """
+
+    @dataclass
+    class Config:
+        accounts_file: str = ""
+
+    async def authenticate(self, *, session: Any) -> bool:
+        users = _accounts(self.config.accounts_file).current()
+        entry = users.get(session.username or "")
+        if entry is None or not isinstance(session.password, str):
+            return False
+        return verify_password_hash(session.password, entry[0])
+
+
+class GrantTopicPlugin(BaseTopicPlugin):
+    """The same topic rules as the mosquitto ACL (``protocol.credentials.Grant``).
+
+    amqtt asks on PUBLISH (a refused message is acknowledged but not delivered, as mosquitto does
+    over MQTT 3.1.1), on SUBSCRIBE (refused with SUBACK 0x80) and before delivering each message to
+    each subscriber (RECEIVE).
+    """
+
+    @dataclass
+    class Config:
+        accounts_file: str = ""
+
+    async def topic_filtering(
+        self, *, session: Any = None, topic: str | None = None, action: Action | None = None
+    ) -> bool:
+        if session is None or not topic:
+            return False
+        entry = _accounts(self.config.accounts_file).current().get(session.username or "")
+        if entry is None:
+            return False
+        grant = entry[1]
+        if action == Action.PUBLISH:
+            return grant.allows("write", topic)
+        if action == Action.SUBSCRIBE:
+            return grant.allows("subscribe", topic)
+        if action == Action.RECEIVE:
+            return grant.allows("read", topic)
+        return False
+
+
+def broker_config(
+    host: str,
+    port: int,
+    session_expiry: int,
+    *,
+    accounts_file: str | None = None,
+    certfile: str | None = None,
+    keyfile: str | None = None,
+) -> dict[str, Any]:
+    """amqtt's configuration: one listener; with ``accounts_file`` only the run's accounts, with
+    their topic rules; with ``certfile``/``keyfile`` the listener speaks TLS."""
+    listener: dict[str, Any] = {"type": "tcp", "bind": f"{host}:{port}"}
+    if certfile:
+        listener.update(ssl=True, certfile=certfile, keyfile=keyfile)
+    plugins: dict[str, Any] = {f"{__name__}.SessionAuthPlugin": {}}
+    if accounts_file:
+        plugins = {
+            f"{__name__}.CredentialAuthPlugin": {"accounts_file": accounts_file},
+            f"{__name__}.GrantTopicPlugin": {"accounts_file": accounts_file},
+        }
     return {
-        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
+        "listeners": {"default": listener},
         "session_expiry_interval": session_expiry,
-        "plugins": {f"{__name__}.SessionAuthPlugin": {}},
+        "plugins": plugins,
     }
 
 
@@ -60,13 +169,13 @@ def _quiet_client_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any
     loop.default_exception_handler(context)
 
 
-async def serve(host: str, port: int, session_expiry: int) -> None:
+async def serve(host: str, port: int, session_expiry: int, **security: Any) -> None:
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_quiet_client_errors)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    broker = Broker(broker_config(host, port, session_expiry))
+    broker = Broker(broker_config(host, port, session_expiry, **security))
     await broker.start()
     print(f"READY {host} {port}", flush=True)
     try:
@@ -82,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--session-expiry", type=int, default=3600, help="seconds an offline session is kept")
+    parser.add_argument("--accounts", help="accounts file (Credentials.write_embedded): only these log in")
+    parser.add_argument("--certfile", help="TLS: the broker's certificate (PEM)")
+    parser.add_argument("--keyfile", help="TLS: the broker's private key (PEM)")
     parser.add_argument("--log-level", default="WARNING")
     parser.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
     args = parser.parse_args(argv)
@@ -97,7 +209,16 @@ def main(argv: list[str] | None = None) -> int:
             pass
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(serve(args.host, args.port, args.session_expiry))
+            runner.run(
+                serve(
+                    args.host,
+                    args.port,
+                    args.session_expiry,
+                    accounts_file=args.accounts,
+                    certfile=args.certfile,
+                    keyfile=args.keyfile,
+                )
+            )
     except Exception as exc:  # bind errors and the like: say it on stderr, exit non-zero
         print(f"embedded broker failed: {exc!r}", file=sys.stderr, flush=True)
         return 1

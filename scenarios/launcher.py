@@ -30,7 +30,8 @@ from agents.resource.agent import start_resource
 from agents.runtime.agent import Agent
 from agents.runtime.node import Node, NodeConfig
 from protocol.broker import RunningBroker, start_broker
-from protocol.mosquitto import free_port
+from protocol.credentials import Credentials
+from protocol.mosquitto import MosquittoTLS, free_port
 from protocol.recorder import Recorder
 from protocol.transport import BrokerAddress
 from registry.service import RegistryServer
@@ -39,7 +40,7 @@ from scenarios.chaos import Chaos
 from scenarios.intake import OrderIntake
 from scenarios.loader import load_scenario
 from scenarios.notifications import ScenarioNotifier
-from scenarios.schema import Scenario
+from scenarios.schema import WAREHOUSE_CAPABILITIES, Scenario
 from scenarios.workers import Recovery, WorkerPool
 from shopfloor.clock import Clock, make_clock
 
@@ -96,6 +97,7 @@ class Plant:
     aas_ports: dict[int, int] = field(
         default_factory=dict
     )  # share -> AAS server port (stable across restarts)
+    passwords: dict[str, str] = field(default_factory=dict)  # agent -> MQTT password (broker auth on)
 
 
 def _clock(plant: Plant) -> Clock:
@@ -181,7 +183,11 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
     count = processes - 1 if options.chaos is not None else processes
     local = options.chaos is None
     broker_url = options.broker if options.broker is not None else scenario.broker
-    broker: RunningBroker = await asyncio.to_thread(start_broker, broker_url, out)
+    credentials, tls = _broker_security(scenario, broker_url, out, notices)
+    broker: RunningBroker = await asyncio.to_thread(
+        lambda: start_broker(broker_url, out, credentials=credentials, tls=tls)
+    )
+    passwords = credentials.passwords if credentials is not None else {}
     registry = RegistryServer(sqlite_url(out / "registry.db"))
     started = time.perf_counter()
     recorder: Recorder | None = None
@@ -198,7 +204,7 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
         db = open_database(db_url)
         recorder = await asyncio.to_thread(
             Recorder(
-                broker.address,
+                credentials.observer_address(broker.address) if credentials else broker.address,
                 scenario.namespace,
                 out / "messages.jsonl",
                 client_id="twinbid-recorder",
@@ -209,12 +215,14 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
         worker_shares = list(range(1 if local else 0, count))
         plant = Plant(
             scenario, out, broker.address, registry_url, db_url, clock_kind, time_scale, wall_origin, seed,
-            aas_ports={share: free_port() for share in worker_shares},
+            aas_ports={share: free_port() for share in worker_shares}, passwords=dict(passwords),
         )  # fmt: skip
         clock = _clock(plant)
         if options.resume and hasattr(clock, "resume_at"):
             clock.resume_at(_last_sim_time(db))
-        node = Node(NodeConfig(scenario.namespace, broker.address, registry_url), clock, db)
+        node = Node(
+            NodeConfig(scenario.namespace, broker.address, registry_url, passwords=passwords), clock, db
+        )
         node.finished_hooks.append(lambda a: finished.add(a.name) if a.kind == "product" else None)
         notifier = ScenarioNotifier(scenario, db)
         if notifier.active:
@@ -334,6 +342,42 @@ def _write_plant_file(
         },
     }
     (out / "plant.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _broker_security(
+    scenario: Scenario, broker_url: str | None, out: Path, notices: list[str]
+) -> tuple[Credentials | None, MosquittoTLS | None]:
+    """Accounts (one per agent, and an observer) and TLS for a broker the launcher starts.
+
+    The accounts are saved in ``OUT/broker/credentials.json`` (0600): the observer's password
+    there lets ``twinbid observe`` follow the run.  An external broker keeps its own accounts.
+    """
+    security = scenario.security
+    if broker_url is not None and broker_url.strip().lower() not in ("", "embedded", "amqtt", "mosquitto"):
+        if security.tls is not None:
+            notices.append("security.tls applies to a broker the launcher starts; ignored for " + broker_url)
+        return None, None
+    tls = None
+    if security.tls is not None:
+        tls = MosquittoTLS(certfile=security.tls.cert, keyfile=security.tls.key, cafile=security.tls.ca)
+    if not security.auth:
+        return None, tls
+    credentials = Credentials(scenario.namespace, out / "broker")
+    for r in scenario.resources:
+        credentials.add_agent(r.name, offered_capabilities(r))
+    for p in scenario.product_instances():
+        credentials.add_agent(p.name)
+    credentials.add_observer()
+    credentials.save()
+    return credentials, tls
+
+
+def offered_capabilities(resource: Any) -> tuple[str, ...]:
+    """The capabilities whose calls a resource's agent subscribes to (a simulated warehouse
+    offers both of its operations, whichever the scenario prices)."""
+    if resource.kind == "warehouse":
+        return tuple(WAREHOUSE_CAPABILITIES)
+    return tuple(resource.capability_names())
 
 
 def _last_sim_time(db: Any) -> float:

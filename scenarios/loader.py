@@ -83,7 +83,29 @@ def load_scenario(path: str | PathLike[str]) -> Scenario:
         raw = Path(path).read_bytes()
     except OSError as exc:
         raise ScenarioError([Problem(source, "", f"cannot read the file: {exc.strerror or exc}")]) from None
-    return load_scenario_text(raw, source=source)
+    return _resolve_files(load_scenario_text(raw, source=source), Path(path).parent, source)
+
+
+def _resolve_files(scenario: Scenario, base: Path, source: str) -> Scenario:
+    """Paths in the scenario (TLS certificates) are relative to the file; each must exist."""
+    tls = scenario.security.tls
+    if tls is None:
+        return scenario
+    resolved: dict[str, str] = {}
+    problems = []
+    for name in ("cert", "key", "ca"):
+        value = getattr(tls, name)
+        if value is None:
+            continue
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else (base / path)
+        if not path.is_file():
+            problems.append(Problem(source, f"security.tls.{name}", f"no such file: {str(path)!r}"))
+        resolved[name] = str(path.resolve())
+    if problems:
+        raise ScenarioError(problems)
+    security = scenario.security.model_copy(update={"tls": tls.model_copy(update=resolved)})
+    return scenario.model_copy(update={"security": security})
 
 
 def load_scenario_text(text: str | bytes, source: str = "<string>") -> Scenario:

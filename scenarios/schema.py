@@ -49,6 +49,7 @@ __all__ = [
     "Bidding",
     "Breakdown",
     "BrokerFault",
+    "BrokerTLS",
     "Clock",
     "CrossFieldErrors",
     "Duration",
@@ -58,6 +59,7 @@ __all__ = [
     "ProductInstance",
     "ProductType",
     "Scenario",
+    "Security",
     "Stop",
     "Transport",
     "TransportLeg",
@@ -576,6 +578,34 @@ class Vendor(_Model):
         return self
 
 
+class BrokerTLS(_Model):
+    """TLS on the listener of a broker the launcher starts (PEM files).
+
+    Relative paths are read relative to the scenario file.  The certificate must name the host
+    the agents connect to (``127.0.0.1`` for the launcher's brokers, e.g. ``subjectAltName =
+    IP:127.0.0.1``).
+    """
+
+    #: The broker's certificate (PEM).
+    cert: Text
+    #: Its private key (PEM).
+    key: Text
+    #: The CA the agents and the recorder trust for the broker's certificate; null: the system's.
+    ca: Text | None = None
+
+
+class Security(_Model):
+    """Who may connect to the broker and what each may do; see docs/security.md."""
+
+    #: Per-agent accounts for the run and an ACL (each agent publishes only under its own name,
+    #: reads its inbox, the calls for the capabilities it offers and events; an observer account
+    #: reads everything).  Applies to a broker the launcher starts (null or 'mosquitto'); an
+    #: external broker's accounts are its own.
+    auth: bool = True
+    #: TLS for the launcher's broker; null: plain TCP on the loopback interface.
+    tls: BrokerTLS | None = None
+
+
 class KillFault(_Model):
     #: Simulated time of the fault.
     at: NonNegative
@@ -697,6 +727,8 @@ class Scenario(_Model):
     broker: str | None = None
     #: null: SQLite in the run's output folder; otherwise a database URL.
     database: str | None = None
+    #: Broker accounts, ACL and TLS (see :class:`Security`).
+    security: Security = Security()
     clock: Clock = Clock()
     #: Seed of every random draw in the run (durations, breakdowns, flexible variants).
     seed: int = 0
@@ -953,6 +985,15 @@ class Scenario(_Model):
                     ("faults", i, "restart_broker"),
                     ("the launcher can only restart a broker it starts (broker: null or 'mosquitto')"),
                 )
+
+        if self.security.tls is not None and self.broker_mode == "external":
+            yield (
+                ("security", "tls"),
+                (
+                    "TLS is set up only on a broker the launcher starts (broker: null or 'mosquitto'); "
+                    "for an external broker use an mqtts:// URL with ?ca=..."
+                ),
+            )
 
         if self.stop.max_time is not None:
             for i, fault in enumerate(self.faults):

@@ -1,0 +1,196 @@
+"""Helpers of the security and fuzz tests: a live plant in this process, and the fuzz tally.
+
+``LivePlant`` starts what ``twinbid run`` starts - a broker with the run's accounts, the registry,
+one node with every agent of a scenario - but leaves the test in charge: it can reach each agent's
+inbound handler (``agent.on_raw``), read its counters, and talk to the broker with any account.
+
+``Tally`` counts fuzz cases per surface and prints one line per surface
+(``FUZZ surface=... cases=... rejected=... accepted=... crashed=0 hangs=0``), also appended as
+JSON to ``$TWINBID_FUZZ_REPORT`` when that is set, so a run's figures can be quoted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agents.persistence import open_database
+from agents.persistence.database import sqlite_url
+from agents.runtime.agent import Agent
+from agents.runtime.node import Node, NodeConfig
+from protocol.broker import RunningBroker, start_broker
+from protocol.credentials import Credentials
+from protocol.mosquitto import MosquittoTLS
+from protocol.transport import BrokerAddress
+from registry.service import RegistryServer
+from scenarios.launcher import Plant, _start_products, _start_resources, offered_capabilities
+from scenarios.schema import Scenario
+from shopfloor.clock import make_clock
+
+
+class LivePlant:
+    """A scenario's agents on one node, with a broker that enforces the run's accounts."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        out: Path,
+        *,
+        broker: str | None = "mosquitto",
+        auth: bool = True,
+        tls: MosquittoTLS | None = None,
+        clock: str = "virtual",
+        time_scale: float = 1.0,
+    ) -> None:
+        self.scenario = scenario
+        self.out = Path(out)
+        self.broker_url = broker
+        self.credentials = Credentials(scenario.namespace, self.out / "broker") if auth else None
+        self.tls = tls
+        self.clock_kind = clock
+        self.time_scale = time_scale
+        self.broker: RunningBroker | None = None
+        self.registry: RegistryServer | None = None
+        self.node: Node | None = None
+        self.products: list[str] = []
+
+    async def __aenter__(self) -> LivePlant:
+        sc, out = self.scenario, self.out
+        out.mkdir(parents=True, exist_ok=True)
+        if self.credentials is not None:
+            for r in sc.resources:
+                self.credentials.add_agent(r.name, offered_capabilities(r))
+            for p in sc.product_instances():
+                self.credentials.add_agent(p.name)
+            self.credentials.add_observer()
+        self.broker = await asyncio.to_thread(
+            lambda: start_broker(self.broker_url, out, credentials=self.credentials, tls=self.tls)
+        )
+        self.registry = RegistryServer(sqlite_url(out / "registry.db"))
+        registry_url = await self.registry.start()
+        db_url = sqlite_url(out / "run.db")
+        db = open_database(db_url)
+        plant = Plant(
+            sc, out, self.broker.address, registry_url, db_url, self.clock_kind, self.time_scale, None, 1
+        )
+        clock = make_clock(self.clock_kind, time_scale=self.time_scale)
+        passwords = self.credentials.passwords if self.credentials is not None else {}
+        self.node = Node(
+            NodeConfig(sc.namespace, self.broker.address, registry_url, passwords=passwords), clock, db
+        )
+        await self.node.start()
+        await clock.start()
+        await _start_resources(self.node, plant, 0, 1)
+        self.products = await _start_products(self.node, plant, 0, 1)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.node is not None:
+            await self.node.stop()
+            await self.node.clock.stop()
+        if self.registry is not None:
+            await self.registry.stop()
+        if self.broker is not None:
+            await asyncio.to_thread(self.broker.stop)
+
+    def agent(self, name: str) -> Agent:
+        assert self.node is not None
+        return self.node.agents[name]
+
+    def address(self, name: str | None = None) -> BrokerAddress:
+        """The broker address with ``name``'s account (the observer's when None)."""
+        assert self.broker is not None
+        if self.credentials is None:
+            return self.broker.address
+        if name is None:
+            return self.credentials.observer_address(self.broker.address)
+        return self.credentials.address(self.broker.address, name)
+
+    async def until_done(self, limit: float = 60.0) -> None:
+        """Wait until every product twin finished (or fail the test)."""
+        deadline = time.monotonic() + limit
+        while True:
+            if all(self.agent(p).finished for p in self.products):
+                return
+            if time.monotonic() > deadline:
+                unfinished = [p for p in self.products if not self.agent(p).finished]
+                raise AssertionError(f"products not finished after {limit}s: {unfinished}")
+            await asyncio.sleep(0.05)
+
+    def counter(self, kind: str) -> int:
+        """Sum of one counter over every agent (e.g. ``note:forged-sender``)."""
+        assert self.node is not None
+        return sum(a.counters.get(kind, 0) for a in self.node.agents.values())
+
+
+#: Notes an agent writes when it refuses an input (agents/runtime/agent.py, the bidding machines).
+REJECTION_NOTES = (
+    "bad-topic",
+    "bad-frame",
+    "forged-sender",
+    "wrong-receiver",
+    "no-role",
+    "not-participant",
+    "not-understood",
+    "duplicate",
+    "late",
+    "out-of-sequence",
+    "bad-elements",
+    "stray-confirm",
+)
+
+
+def rejections(agents: list[Agent]) -> int:
+    """Every refusal the agents counted (a note of a kind that means 'input not acted upon')."""
+    total = 0
+    for a in agents:
+        for key, n in a.counters.items():
+            if key.startswith("note:") and key[5:] in REJECTION_NOTES:
+                total += n
+    return total
+
+
+@dataclass
+class Tally:
+    """Fuzz cases of one surface: how many ran, were refused, accepted, crashed or hung."""
+
+    surface: str
+    cases: int = 0
+    rejected: int = 0
+    accepted: int = 0
+    crashed: int = 0
+    hangs: int = 0
+    started: float = field(default_factory=time.monotonic)
+    failures: list[str] = field(default_factory=list)
+
+    def crash(self, what: str) -> None:
+        self.crashed += 1
+        if len(self.failures) < 20:
+            self.failures.append(what)
+
+    def report(self) -> dict[str, Any]:
+        line = {
+            "surface": self.surface,
+            "cases": self.cases,
+            "rejected": self.rejected,
+            "accepted": self.accepted,
+            "crashed": self.crashed,
+            "hangs": self.hangs,
+            "seconds": round(time.monotonic() - self.started, 2),
+        }
+        print("FUZZ " + " ".join(f"{k}={v}" for k, v in line.items()), flush=True)
+        target = os.environ.get("TWINBID_FUZZ_REPORT")
+        if target:
+            with open(target, "a", encoding="utf-8") as f:
+                f.write(json.dumps(line) + "\n")
+        return line
+
+    def check(self) -> None:
+        """Report, then fail the test if anything crashed or hung."""
+        self.report()
+        assert self.crashed == 0 and self.hangs == 0, "\n".join(self.failures)
