@@ -201,6 +201,8 @@ def parse_message(payload: bytes | str, *, max_bytes: int = DEFAULT_MAX_MESSAGE_
         data = json.loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
         raise FrameError(f"not JSON: {exc}") from None
+    except RecursionError:  # found by the fuzz suite: '[[[[...' escaped as RecursionError
+        raise FrameError("not JSON a receiver accepts: nested too deeply") from None
     if not isinstance(data, dict):
         raise FrameError(f"top level must be an object, not {type(data).__name__}")
     try:

@@ -26,6 +26,7 @@ from agents.runtime.node import Node, NodeConfig
 from protocol.broker import RunningBroker, start_broker
 from protocol.credentials import Credentials
 from protocol.mosquitto import MosquittoTLS
+from protocol.recorder import Recorder
 from protocol.transport import BrokerAddress
 from registry.service import RegistryServer
 from scenarios.launcher import Plant, _start_products, _start_resources, offered_capabilities
@@ -46,6 +47,7 @@ class LivePlant:
         tls: MosquittoTLS | None = None,
         clock: str = "virtual",
         time_scale: float = 1.0,
+        record: bool = False,
     ) -> None:
         self.scenario = scenario
         self.out = Path(out)
@@ -58,6 +60,8 @@ class LivePlant:
         self.registry: RegistryServer | None = None
         self.node: Node | None = None
         self.products: list[str] = []
+        self.record = record
+        self.recorder: Recorder | None = None
 
     async def __aenter__(self) -> LivePlant:
         sc, out = self.scenario, self.out
@@ -71,6 +75,9 @@ class LivePlant:
         self.broker = await asyncio.to_thread(
             lambda: start_broker(self.broker_url, out, credentials=self.credentials, tls=self.tls)
         )
+        if self.record:  # what the broker delivered, through the observer account (messages.jsonl)
+            recorder = Recorder(self.address(), sc.namespace, out / "messages.jsonl", client_id="recorder")
+            self.recorder = await asyncio.to_thread(recorder.start)
         self.registry = RegistryServer(sqlite_url(out / "registry.db"))
         registry_url = await self.registry.start()
         db_url = sqlite_url(out / "run.db")
@@ -95,6 +102,8 @@ class LivePlant:
             await self.node.clock.stop()
         if self.registry is not None:
             await self.registry.stop()
+        if self.recorder is not None:
+            await asyncio.to_thread(self.recorder.stop)
         if self.broker is not None:
             await asyncio.to_thread(self.broker.stop)
 
@@ -194,3 +203,55 @@ class Tally:
         """Report, then fail the test if anything crashed or hung."""
         self.report()
         assert self.crashed == 0 and self.hangs == 0, "\n".join(self.failures)
+
+
+class PlantThread:
+    """A ``LivePlant`` on an event loop of its own thread, so synchronous tests (hypothesis,
+    schemathesis) can drive it: ``call(coroutine)`` runs a coroutine there and waits for it.
+
+    Exceptions that nothing awaited (a task of an agent that failed in the background) are
+    collected in ``loop_errors`` by the loop's exception handler: the fuzz suite counts them as
+    crashes too.
+    """
+
+    def __init__(self, plant: LivePlant, *, extra: Any = None) -> None:
+        self.plant = plant
+        self.extra = extra  # async callable(plant) -> anything, run after the plant is up
+        self.extra_result: Any = None
+        self.loop = asyncio.new_event_loop()
+        self.loop_errors: list[str] = []
+        self._thread: Any = None
+
+    def _handle(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, (ConnectionError, asyncio.CancelledError)):
+            return
+        self.loop_errors.append(f"{context.get('message')}: {exc!r}")
+
+    def start(self, timeout: float = 120.0) -> PlantThread:
+        import threading
+
+        self.loop.set_exception_handler(self._handle)
+        self._thread = threading.Thread(target=self.loop.run_forever, name="live-plant", daemon=True)
+        self._thread.start()
+        self.call(self.plant.__aenter__(), timeout)
+        if self.extra is not None:
+            self.extra_result = self.call(self.extra(self.plant), timeout)
+        return self
+
+    def call(self, coro: Any, timeout: float) -> Any:
+        """Run ``coro`` on the plant's loop; ``TimeoutError`` after ``timeout`` seconds (a hang)."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise
+
+    def stop(self) -> None:
+        try:
+            self.call(self.plant.__aexit__(None, None, None), 60)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
