@@ -6,14 +6,25 @@ start from product arrival, transport, setup and the timeline of holds and
 bookings), price (work time x cost rate). The offer holds its slot until it is
 accepted, rejected or expires; the protocol machine enforces the rest.
 
+Where the job goes in the resource's queue is `Timeline.place`'s rule: a booked
+job may be overtaken by a more urgent newcomer unless its product chose this
+resource among alternatives (then the promise is firm). Urgency is the queue
+`rank`: the product's priority first, then the work the product still has
+(`remaining_work`, carried in the call) per square root of this step's
+processing time — between MWKR (most work remaining) and SPT/TWKR (shortest
+processing time over total work remaining), a product with much left to do and
+a short step here goes first. Bookings that a newcomer delays are re-confirmed
+with their products (a new informConfirm with the new times, see WorkQueue).
+
 On a virtual clock, calls that arrive at the same instant are answered in a
-fixed order (priority, most remaining work, product, step) once the plant is
-quiet, so a seeded run gives the same schedule every time.
+fixed order (priority, urgency, product, step) once the plant is quiet, so a
+seeded run gives the same schedule every time.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Protocol
 
 import orjson
@@ -24,7 +35,7 @@ from agents.resource.timeline import Slot, Timeline
 from agents.runtime.role import Role
 from protocol.bidding.effects import Book, Evaluate, Release
 from protocol.bidding.provider import Provider, ProviderRounds, PState
-from protocol.elements import Bid
+from protocol.elements import Bid, Booking, StepCall
 from protocol.frame import Message, MessageType
 from protocol.topics import Channel, Topic, cfp_filter
 from shopfloor.asset import Asset, Job
@@ -37,6 +48,19 @@ class WorkOrders(Protocol):
     def held(self, p: Provider, slot: Slot, bid: Bid) -> None: ...
     def booked(self, p: Provider, slot: Slot) -> None: ...
     def released(self, p: Provider, slot: Slot | None, *, booked: bool) -> None: ...
+    def frontier(self) -> tuple[float, str | None]: ...
+    async def resync(self) -> None: ...
+
+
+def rank(call: StepCall, duration: float) -> tuple:
+    """The queue order of a step (smaller first): priority, then urgency, then names.
+
+    Urgency is sqrt(processing time) / remaining work, remaining work counting this step: the
+    product with most work left per unit of this machine's (square-rooted) time goes first.
+    """
+    remaining = max(call.remaining_work, duration, 1e-9)
+    urgency = math.sqrt(max(duration, 0.0)) / remaining
+    return (call.priority, round(urgency, 12), -remaining, call.product, call.step)
 
 
 def job_id(product: str, step: int) -> str:
@@ -87,13 +111,15 @@ class BiddingProvider(Role):
         await self._apply(p, [e for e in effects if not isinstance(e, Evaluate)])
         if self.agent.clock.kind == "virtual":
             c = p.call
-            self.agent.clock.call_at(
-                self.agent.now(),
-                lambda: self._evaluate(p),
-                # Same-instant calls are answered by priority, then most work remaining first (the
-                # MWKR rule, from the call's own remaining_work), then by name: deterministic.
-                order=("eval", c.priority, -c.remaining_work, c.product, c.step, p.cfp_id),
-            )
+            if await self._had_alternatives(c):
+                # Firm bookings are never re-queued, so the answer order is their queue order:
+                # priority, then most work remaining first (MWKR), then by name.
+                order = ("eval", c.priority, -c.remaining_work, c.product, c.step, p.cfp_id)
+            else:
+                # Queue-rank order (priority, urgency, name): the more urgent are queued first and
+                # rarely overtake.
+                order = ("eval", *self._call_rank(c), p.cfp_id)
+            self.agent.clock.call_at(self.agent.now(), lambda: self._evaluate(p), order=order)
         else:
             await self._evaluate(p)
 
@@ -109,22 +135,29 @@ class BiddingProvider(Role):
         job = Job(job_id(call.product, call.step), capability, dict(call.parameters), call.product)
         transport = self.distances.travel_time(call.location, self.asset.location)
         ready = max(now, call.release + transport, self.asset.available_from(now))
-        last = self.timeline.last()
-        previous = last.capability if last else self.asset.last_capability
-        estimate = self.asset.estimate(job, previous_capability=previous)
+        # Setup as after a job of another capability; `place` drops it behind the same capability.
+        estimate = self.asset.estimate(job, previous_capability=None)
         if estimate is None:
             return await self._apply(
                 p, p.refuse("infeasible", f"{self.asset.name} cannot do {job.job_id} now", now_ms)
             )
-        start, setup = self.timeline.append_start(ready), estimate.setup
-        # A job with no setup may fill an earlier gap without moving anyone.
-        no_setup = self.asset.estimate(job, previous_capability=capability)
-        if no_setup is not None and no_setup.setup == 0 and setup == 0:
-            gap = self.timeline.gap_start(ready, estimate.duration)
-            if gap is not None and gap < start:
-                start = gap
         duration = estimate.duration
-        end = start + setup + duration
+        slot = Slot(
+            p.cfp_id,
+            job.job_id,
+            capability,
+            ready,
+            ready,
+            ready + estimate.total,
+            estimate.setup,
+            duration=duration,
+            setup_change=estimate.setup,
+            rank=rank(call, duration),
+            firm=await self._had_alternatives(call),
+        )
+        base, previous = self.orders.frontier()
+        index, (start, end, setup) = self.timeline.place(slot, base, previous)
+        slot.start, slot.end, slot.setup = start, end, setup
         if not self.asset.reserve(job):
             return await self._apply(
                 p, p.refuse("capacity", f"{self.asset.name} has no room for {job.job_id}", now_ms)
@@ -145,27 +178,56 @@ class BiddingProvider(Role):
             valid_until=valid_until,
             location=self.asset.location,
         )
-        slot = Slot(p.cfp_id, job.job_id, capability, ready, start, end, setup)
-        self.timeline.hold(slot)
+        self.timeline.hold(slot, index)
         self.orders.held(p, slot, bid)
         await self._apply(p, p.propose(bid, self.agent.clock.epoch_ms(valid_until), now_ms))
 
+    def _call_rank(self, call: StepCall) -> tuple:
+        capability = next((c for c in call.capabilities if c in self.asset.capabilities()), None)
+        job = Job(job_id(call.product, call.step), capability or "", dict(call.parameters), call.product)
+        estimate = self.asset.estimate(job, previous_capability=None) if capability else None
+        return rank(call, estimate.duration if estimate else 0.0)
+
+    async def _had_alternatives(self, call: StepCall) -> bool:
+        """Could the product have gone elsewhere? Then its booking here is firm (never delayed).
+
+        It chose this resource on the promised times; delaying it would void the reason for its
+        choice. A product that only this resource can serve loses no choice when re-queued.
+        """
+        if len(call.capabilities) > 1:
+            return True
+        try:
+            bidders = await self.agent.node.directory.bidders(call.capabilities[0])
+        except Exception:  # registry unreachable: assume the product had a choice (keep promises)
+            return True
+        return bool(bidders - {self.agent.aas_id})
+
     async def _apply(self, p: Provider, effects: list[object]) -> None:
+        changed = False
         for e in effects:
             if isinstance(e, Book):
                 slot = self.timeline.book(p.cfp_id)
                 if slot:
                     self.orders.booked(p, slot)
+                    changed = True
             elif isinstance(e, Release):
                 slot = self.timeline.release(p.cfp_id)
                 cap = slot.capability if slot else p.call.capability
                 self.asset.release(Job(job_id(p.call.product, p.call.step), cap, {}, p.call.product))
                 self.orders.released(p, slot, booked=e.booked)
+                changed = slot is not None
         self.persist(p)
         await self.agent.carry_out(effects)
         self.rounds.index(p)
         key = p.cfp_id
         self.agent.set_timer_ms(f"offer:{key}", p.deadline, lambda: self._tick(key))
+        if changed:
+            await self.orders.resync()  # bookings the change moved are re-confirmed with their products
+
+    async def reschedule(self, p: Provider, start: float, end: float) -> None:
+        """Tell the product of a booking that its times moved (a new informConfirm)."""
+        if p.state is PState.BOOKED:
+            await self._apply(p, p.reschedule(Booking(self.agent.name, start, end), self.agent.now_ms()))
 
     async def _tick(self, key: str) -> None:
         p = self.rounds.by_cfp.get(key)

@@ -1,9 +1,22 @@
-"""A resource's commitments in simulated time: tentative holds and booked work.
+"""A resource's commitments in simulated time: its queue of tentative holds and booked work.
 
-Bids are computed against this timeline, so an offer never promises a slot that
-an earlier, still-binding offer already holds: concurrent calls cannot
-double-book. A new job goes after the last commitment; it may be slotted into a
-gap only where that changes nobody else's setup (no setup before it, none after).
+The queue is an *order*; every time in it follows from packing that order behind what the
+machine is doing now (each job starts when its predecessor ends and its product is there, with a
+setup when the capability changes). Bids are computed by packing the queue with the newcomer in
+the place it would really take, so an offer is what the resource will do given what it knows.
+
+Where a newcomer goes (:meth:`Timeline.place`):
+
+* ahead of a queued job only if that job may be *overtaken*: it is booked (an open offer is
+  binding and never delayed by a later one), it is not *firm*, and the newcomer is more urgent by
+  the queue's rank (smaller ``rank`` first). A booking is firm when its product chose it among
+  alternatives on the strength of the promised times (see ``BiddingProvider``); a product with
+  only this resource to go to loses no choice when it is re-queued;
+* among the places that rule allows, the earliest one that adds no setup time;
+* anywhere earlier where it fits into idle time without moving anyone (gap filling).
+
+Overtaking delays the overtaken bookings: whoever changes the queue calls :meth:`repack`, which
+returns the bookings whose times moved, and the resource re-confirms those with their products.
 """
 
 from __future__ import annotations
@@ -17,36 +30,85 @@ class Slot:
     job_id: str
     capability: str
     ready: float  # the product can be here from then on
-    start: float
-    end: float
+    start: float  # the promised start (the offer's, then the latest confirmed)
+    end: float  # the promised end
     setup: float
     booked: bool = False
+    duration: float = -1.0  # work time without setup; -1: derive from the promised times
+    setup_change: float = -1.0  # setup needed after a job of another capability; -1: `setup`
+    rank: tuple = ()  # queue order: a smaller rank is more urgent
+    firm: bool = True  # no newcomer may be queued ahead of it (delaying it)
+    started: bool = False
+
+    def __post_init__(self) -> None:
+        if self.duration < 0:
+            self.duration = max(0.0, self.end - self.start - self.setup)
+        if self.setup_change < 0:
+            self.setup_change = self.setup
+
+
+Times = tuple[float, float, float]  # start, end, setup
+
+
+def pack(seq: list[Slot], base: float, previous: str | None) -> list[Times]:
+    """The times of `seq` run in that order from `base`, after a job of capability `previous`."""
+    t, out = base, []
+    for s in seq:
+        setup = 0.0 if s.capability == previous else s.setup_change
+        start = max(t, s.ready)
+        t = start + setup + s.duration
+        out.append((start, t, setup))
+        previous = s.capability
+    return out
 
 
 class Timeline:
     def __init__(self) -> None:
         self.slots: dict[str, Slot] = {}
+        self.order: list[str] = []  # the keys of the slots not started yet, in queue order
 
-    def last(self) -> Slot | None:
-        return max(self.slots.values(), key=lambda s: (s.end, s.start), default=None)
+    # --- the queue ---------------------------------------------------------------------------------
 
-    def append_start(self, ready: float) -> float:
-        last = self.last()
-        return max(ready, last.end) if last else ready
+    def pending(self) -> list[Slot]:
+        return [self.slots[k] for k in self.order]
 
-    def gap_start(self, ready: float, length: float) -> float | None:
-        """Earliest start >= ready of a gap that fits `length` before an existing slot, else None."""
-        t = ready
-        for s in sorted(self.slots.values(), key=lambda s: s.start):
-            if s.end <= t:
-                continue
-            if s.start - t >= length and s.setup == 0:
-                return t
-            t = max(t, s.end)
-        return None
+    def place(self, new: Slot, base: float, previous: str | None) -> tuple[int, Times]:
+        """Where `new` would go in the queue and its times there (nothing changes yet)."""
+        queue = self.pending()
+        now_times = pack(queue, base, previous)
+        allowed = 0  # the newcomer goes at or after this index by rank
+        for i, s in enumerate(queue):
+            if s.firm or not s.booked or not new.rank < s.rank:
+                allowed = i + 1
+        # Idle time before `allowed` that takes the newcomer without moving anyone.
+        for i in range(allowed):
+            trial = pack([*queue[:i], new, *queue[i:]], base, previous)
+            if trial[:i] + trial[i + 1 :] == now_times:
+                return i, trial[i]
+        best: tuple[float, int, Times] | None = None
+        for i in range(allowed, len(queue) + 1):
+            trial = pack([*queue[:i], new, *queue[i:]], base, previous)
+            setups = sum(x[2] for x in trial)
+            if best is None or setups < best[0]:
+                best = (setups, i, trial[i])
+        assert best is not None
+        return best[1], best[2]
 
-    def hold(self, slot: Slot) -> None:
+    def hold(self, slot: Slot, index: int | None = None) -> None:
+        """Queue `slot` at `index` (its place from `place`); None: in order of its promised start."""
         self.slots[slot.key] = slot
+        if slot.key in self.order:
+            self.order.remove(slot.key)
+        if slot.started:
+            return
+        if index is None:
+            index = len(self.order)
+            for i, k in enumerate(self.order):
+                other = self.slots[k]
+                if (slot.start, slot.key) < (other.start, other.key):
+                    index = i
+                    break
+        self.order.insert(index, slot.key)
 
     def book(self, key: str) -> Slot | None:
         slot = self.slots.get(key)
@@ -55,7 +117,33 @@ class Timeline:
         return slot
 
     def release(self, key: str) -> Slot | None:
+        if key in self.order:
+            self.order.remove(key)
         return self.slots.pop(key, None)
+
+    def start(self, key: str, start: float, end: float, setup: float) -> Slot:
+        """The machine begins `key` now: it leaves the queue with its real times."""
+        slot = self.slots[key]
+        if key in self.order:
+            self.order.remove(key)
+        slot.started = True
+        slot.start, slot.end, slot.setup = start, end, setup
+        return slot
+
+    def next_booked(self) -> Slot | None:
+        """The booked job the machine does next (open offers are skipped: they may still be rejected)."""
+        return next((s for s in self.pending() if s.booked), None)
+
+    def repack(self, base: float, previous: str | None) -> list[Slot]:
+        """Recompute the queue's times; return the bookings whose promised times moved (now updated)."""
+        moved = []
+        for s, (start, end, setup) in zip(self.pending(), pack(self.pending(), base, previous), strict=True):
+            if s.booked and (abs(s.start - start) > 1e-9 or abs(s.end - end) > 1e-9):
+                s.start, s.end, s.setup = start, end, setup
+                moved.append(s)
+        return moved
+
+    # --- views -------------------------------------------------------------------------------------
 
     def booked(self) -> list[Slot]:
         return sorted((s for s in self.slots.values() if s.booked), key=lambda s: (s.start, s.key))

@@ -1,8 +1,14 @@
 """The work queue: booked steps, executed one after another through the asset.
 
-Steps run in the order of their booked start times, each as soon as the machine
-is free and the product has arrived, so a promised completion time is kept
-unless the asset breaks down. When a step ends the resource documents it in the
+Steps run in the timeline's queue order (see `Timeline`), each as soon as the
+machine is free and the product has arrived. Whenever the queue changes (a
+booking, a release, a step starting or ending, a breakdown), its times are
+packed again and every booking whose times moved is re-confirmed with its
+product (a new informConfirm), so what the product holds is always what the
+resource will do; without breakdowns a step ends exactly at its last confirmed
+time. On a virtual clock the machine picks its next step only after everything
+else due at that instant (dispatch timers sort last), so a product arriving at
+the instant the machine frees up competes for it. When a step ends the resource documents it in the
 product's AAS (over HTTP, at the address the registry gives) *before* it tells
 the product, so a product that hears `inform` finds the documentation there.
 
@@ -18,7 +24,7 @@ import logging
 
 from sqlmodel import select
 
-from agents.aas import build
+from agents.aas import build, docjson
 from agents.aas.ids import submodel_id
 from agents.aas.store import WriteKind, WriteRequest
 from agents.persistence.tables import WorkOrderRecord
@@ -48,6 +54,7 @@ class WorkQueue(Role):
         self.orders: dict[str, dict] = {}  # cfp id -> work order row
         self.running: str | None = None
         self._task: asyncio.Task | None = None
+        self._timer = None  # the dispatch timer
         self.executed = 0
         self.busy_time = 0.0
 
@@ -95,7 +102,29 @@ class WorkQueue(Role):
             self._save(p.cfp_id, {**row, "state": "released"}, keep=False)
         if booked:
             self._status()
-            self.schedule_dispatch()
+        self.schedule_dispatch()
+
+    def frontier(self) -> tuple[float, str | None]:
+        """From when the machine is free for the queue, and the capability it is set up for then."""
+        now = self.agent.now()
+        slot = self.timeline.slots.get(self.running) if self.running else None
+        if slot is not None:
+            return max(now, slot.end), slot.capability
+        return max(now, self.asset.available_from(now)), self.asset.last_capability
+
+    async def resync(self) -> None:
+        """Pack the queue again; re-confirm every booking whose times moved with its product."""
+        base, previous = self.frontier()
+        for slot in self.timeline.repack(base, previous):
+            await self._reconfirm(slot)
+
+    async def _reconfirm(self, slot: Slot) -> None:
+        row = self.orders.get(slot.key)
+        if row is not None:
+            self._save(slot.key, {**row, "start": slot.start, "end": slot.end, "setup": slot.setup})
+        p = self.provider.rounds.by_cfp.get(slot.key)
+        if p is not None:
+            await self.provider.reschedule(p, slot.start, slot.end)
 
     def _save(self, key: str, row: dict, keep: bool = True) -> None:
         if keep:
@@ -105,15 +134,25 @@ class WorkQueue(Role):
     # --- execution --------------------------------------------------------------------------------
 
     def schedule_dispatch(self, at: float | None = None) -> None:
-        self.agent.set_timer("dispatch", self.agent.now() if at is None else at, self._dispatch)
+        """Pick the next step at `at` (default now) — on a virtual clock after all else due then."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.agent.finished:
+            return
+        now = self.agent.now()
+        when = now if at is None else max(at, now)
+        # A tuple first sorts after every (name, key) / ("eval", ...) order: the machine chooses
+        # once every product that arrives at this instant has been queued.
+        self._timer = self.agent.clock.call_at(when, self._dispatch, order=((), self.agent.name, "dispatch"))
 
     async def _dispatch(self) -> None:
+        self._timer = None
         if self.running is not None:
             return
-        slots = self.timeline.booked()
-        if not slots:
+        slot = self.timeline.next_booked()
+        if slot is None:
             return
-        slot = slots[0]
         now = self.agent.now()
         if slot.ready > now:
             self.schedule_dispatch(slot.ready)
@@ -125,7 +164,28 @@ class WorkQueue(Role):
         finally:
             self.running = None
             self._task = None
+        await self.resync()
         self.schedule_dispatch()
+
+    async def on_stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    async def _begin(self, slot: Slot, job: Job, fresh: bool) -> None:
+        """The step leaves the queue: its real times are re-confirmed if they differ, the rest repacked."""
+        if fresh:
+            now = self.agent.now()
+            previous = self.asset.last_capability
+            setup = 0.0 if slot.capability == previous else slot.setup_change
+            start = max(now, self.asset.available_from(now))
+            promised = (slot.start, slot.end)
+            self.timeline.start(slot.key, now, start + setup + slot.duration, setup)
+            if abs(promised[0] - slot.start) > 1e-9 or abs(promised[1] - slot.end) > 1e-9:
+                await self._reconfirm(slot)
+        else:  # resumed after a restart: the asset's planned times stand
+            self.timeline.start(slot.key, slot.start, slot.end, slot.setup)
+        await self.resync()
 
     async def _execute(self, slot: Slot) -> None:
         p = self.provider.rounds.by_cfp.get(slot.key)
@@ -146,6 +206,8 @@ class WorkQueue(Role):
             await self.provider.complete_or_fail(p, p.fail("breakdown", text, self.agent.now_ms()))
             self._status()
             return
+        await self._begin(slot, job, fresh)
+        row = self.orders.get(slot.key, row)
         self._save(slot.key, {**row, "state": "running", "started": now})
         self._status(current=job.job_id, product=row["product"])
         record = await self.asset.execute(job, self.agent.clock, previous_capability=self._previous())
@@ -207,25 +269,17 @@ class WorkQueue(Role):
         entry = await self.agent.node.directory.by_id(row["product_aas"])
         if entry is None or entry.base_url is None:
             return False
-        element = build.smc(
-            build.step_id_short(row["step"]),
-            [
-                build.time_prop("Started", record.start),
-                build.time_prop("Finished", record.end),
-                build.prop("Resource", self.agent.name),
-                build.prop("Outcome", "completed"),
-            ],
-        )
+        body = docjson.completion(row["step"], record.start, record.end, self.agent.name)
         doc_id = submodel_id(product, "ProcessDocumentation", self.agent.node.ns)
         path = build.step_id_short(row["step"])
         node = self.agent.node
         if entry.base_url == node.base_url and node.store.owner_of(doc_id):
             # The product lives in this process: hand the write to its owner exactly as the
             # AAS server's PATCH route would, without the HTTP round trip.
-            op = WriteRequest(WriteKind.PATCH, doc_id, path, element, node.store.owner_of(doc_id))
+            op = WriteRequest(WriteKind.PATCH, doc_id, path, None, node.store.owner_of(doc_id), body)
             await node.store.submit(op)
             return True
-        await node.aas_client(entry.base_url).patch_element(doc_id, path, element)
+        await node.aas_client(entry.base_url).patch_element(doc_id, path, body)
         return True
 
     def _status(self, current: str | None = None, product: str | None = None) -> None:
@@ -246,6 +300,9 @@ class WorkQueue(Role):
         store.changed(sm_id)
 
     def on_crash(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._task is not None:
             self._task.cancel()  # the asset's log keeps "started": the restarted agent resumes the step
 
@@ -259,6 +316,8 @@ class WorkQueue(Role):
                     WorkOrderRecord.state.in_(("held", "booked", "running")),  # type: ignore[attr-defined]
                 )
             ).all()
+        # Running first, then in the order of the promised starts: the queue as it was promised.
+        rows = sorted(rows, key=lambda r: (r.state != "running", r.start, r.cfp_id))
         for r in rows:
             row = r.model_dump()
             self.orders[row["cfp_id"]] = row
@@ -271,12 +330,22 @@ class WorkQueue(Role):
                 row["end"],
                 row["setup"],
                 booked=row["state"] != "held",
+                duration=row["duration"],
+                setup_change=self._setup_change(row),
             )
-            self.timeline.hold(slot)
+            self.timeline.hold(slot, len(self.timeline.order))
             if row["state"] != "held":
                 self.asset.reserve(
                     Job(slot.job_id, slot.capability, json.loads(row["params"]), row["product"])
                 )
+
+    def _setup_change(self, row: dict) -> float:
+        job = Job(f"{row['product']}/{row['step']}", row["capability"], json.loads(row["params"]), row["product"])
+        try:
+            estimate = self.asset.estimate(job, previous_capability=None)
+        except Exception:
+            estimate = None
+        return estimate.setup if estimate is not None else row["setup"]
 
     async def on_start(self) -> None:
         """Work orders that were running resume (the asset knows how far they got); then the queue goes on."""

@@ -39,7 +39,7 @@ class PState(StrEnum):
 TERMINAL = frozenset({PState.REFUSED, PState.DONE, PState.FAILED, PState.RELEASED})
 
 #: (state, event) -> handler. Events are message types, DEADLINE, or the local
-#: decisions "propose" / "refuse" / "complete" / "fail". Pairs not listed: a
+#: decisions "propose" / "refuse" / "complete" / "fail" / "reschedule". Pairs not listed: a
 #: notUnderstood is noted, an acceptance of a dead offer is refused, anything
 #: else is answered with notUnderstood.
 TABLE: dict[tuple[PState, str], str] = {
@@ -53,6 +53,7 @@ TABLE: dict[tuple[PState, str], str] = {
     (PState.BOOKED, M.ACCEPT_PROPOSAL): "_on_repeated_accept",
     (PState.BOOKED, "complete"): "_do_complete",
     (PState.BOOKED, "fail"): "_do_fail",
+    (PState.BOOKED, "reschedule"): "_do_reschedule",
     (PState.DONE, M.ACCEPT_PROPOSAL): "_on_repeated_accept",
     (PState.FAILED, M.ACCEPT_PROPOSAL): "_on_repeated_accept",
     (PState.RELEASED, M.REJECT_PROPOSAL): "_on_late_reject",
@@ -116,6 +117,10 @@ class Provider:
 
     def fail(self, code: str, text: str, now: int) -> list[object]:
         return self._decide("fail", now, reason=Reason(code, text))
+
+    def reschedule(self, booking: Booking, now: int) -> list[object]:
+        """The booked step's times changed: re-confirm them with the requester."""
+        return self._decide("reschedule", now, booking=booking)
 
     def _decide(self, event: str, now: int, **kw: Any) -> list[object]:
         handler = TABLE.get((self.state, event))
@@ -215,6 +220,10 @@ class Provider:
         """Local event: the asset finished the step: inform the requester with the result."""
         self.state = PState.DONE
         return self._answer_accept(M.INFORM, result)
+
+    def _do_reschedule(self, now: int, *, booking: Booking) -> list[object]:
+        """Local event: the booked times moved (the queue changed): a new informConfirm with the new times."""
+        return self._answer_accept(M.INFORM_CONFIRM, booking)
 
     def _do_fail(self, now: int, *, reason: Reason) -> list[object]:
         """Local event: the step cannot be done: informFailure, the requester bids again."""

@@ -273,10 +273,17 @@ class Requester:
         return [Scheduled(msg.sender, booking)]
 
     def _on_repeated_confirm(self, msg: Message, now: int) -> list[object]:
-        """A second confirmation with a new id: noted, nothing changes."""
+        """A new confirmation from the winner: the booking's times moved; scheduled again with them."""
         if not self._from_winner(msg, self.accept_id):
             return self._stray(msg, now)
-        return [Note("duplicate", f"second informConfirm {msg.id} from {msg.sender}", msg.id)]
+        try:
+            booking = Booking.from_json_elements(msg.interactionElements)
+        except ElementError as exc:
+            return [Note("bad-elements", f"informConfirm from {msg.sender}: {exc}", msg.id)]
+        self.deadline = now + self.config.status_interval_ms
+        moved = f"{msg.sender} moved the booking to {booking.start:g}-{booking.completion:g}"
+        note = Note("rescheduled", moved, msg.id)
+        return [note, Scheduled(msg.sender, booking)]
 
     def _on_withdrawn(self, msg: Message, now: int) -> list[object]:
         """The winner declined the acceptance (offer expired, cannot do it): bid the step again."""
