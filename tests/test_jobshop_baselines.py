@@ -223,6 +223,8 @@ def test_benchmark_smoke_run_on_ft06(capsys: pytest.CaptureFixture[str]) -> None
     swarm = row["twinbid"]
     assert swarm["ok"] and swarm["feasible"] is True, swarm
     assert swarm["makespan"] >= 55
+    # The resources' urgency queue (issue #11): never worse than FIFO; 59 since it came in (MWKR 61).
+    assert swarm["makespan"] <= min(row["FIFO"], 59)
     (flex,) = figures["flexible"]
     assert flex["twinbid"]["feasible"] is True, flex["twinbid"]
     if jb.cpsat_available():

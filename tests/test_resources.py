@@ -11,7 +11,13 @@ from sqlmodel import select
 
 from agents.persistence import open_database
 from agents.persistence.database import sqlite_url
-from agents.persistence.tables import ConversationRecord, ProductRecord, StepRecord, WorkOrderRecord
+from agents.persistence.tables import (
+    ConversationRecord,
+    NoteRecord,
+    ProductRecord,
+    StepRecord,
+    WorkOrderRecord,
+)
 from scenarios.launcher import RunOptions, run
 from scenarios.loader import load_scenario_text
 
@@ -86,6 +92,44 @@ def test_a_long_queue_runs_in_order_and_keeps_every_promise(tmp_path: Path, mosq
         assert a.finished <= b.started  # one after another, never overlapping
     log = [e for e in asset_log(tmp_path, "ws") if e.get("event") == "finished"]
     assert len(log) == len({e["job_id"] for e in log}) == 16
+
+
+OVERTAKE = """
+name: overtake
+namespace: overtake
+clock: {kind: virtual}
+transport: {default_time: 0}
+resources:
+  - {kind: workstation, name: ws, location: a,
+     capabilities: [{name: turning, duration: 10, cost_rate: 1}, {name: milling, duration: 2, cost_rate: 1}]}
+  - {kind: workstation, name: drill, location: a, capabilities: [{name: drilling, duration: 20, cost_rate: 1}]}
+product_types:
+  - {name: busy, plan: [{capability: turning}]}
+  - {name: short, plan: [{capability: milling}]}
+  - {name: long, plan: [{capability: milling}, {capability: drilling}]}
+orders:
+  - {type: busy, quantity: 1, priority: 1, release: 0}
+  - {type: short, quantity: 1, priority: 1, release: 1}
+  - {type: long, quantity: 1, priority: 1, release: 2}
+"""
+
+
+def test_a_more_urgent_product_overtakes_and_the_overtaken_booking_is_re_confirmed(
+    tmp_path: Path, mosquitto
+) -> None:
+    # ws is turning until 10. "short" books milling for 10-12 at 1; "long" arrives at 2 with 22
+    # units of work left and goes first (10-12): "short" is told its step now runs 12-14.
+    kpis, db = plant(OVERTAKE, tmp_path, mosquitto)
+    assert kpis["products"]["completed"] == 3
+    steps = {(s.product, s.step): s for s in rows(db, StepRecord)}
+    short, long_ = steps[("short-1", 1)], steps[("long-1", 1)]
+    assert (long_.started, long_.finished) == (10.0, 12.0)
+    assert (short.started, short.finished) == (12.0, 14.0)
+    for st in steps.values():  # every promise, as last confirmed, was kept
+        assert (st.started, st.finished) == (st.scheduled_start, st.scheduled_end), st
+    assert kpis["messages"]["by_type"]["informConfirm"] == len(steps) + 1  # one re-confirmation
+    notes = rows(db, NoteRecord, NoteRecord.kind == "rescheduled")
+    assert [n.agent for n in notes] == ["short-1"] and "12-14" in notes[0].detail
 
 
 CONCURRENT = """

@@ -340,7 +340,9 @@ class WorkQueue(Role):
                 )
 
     def _setup_change(self, row: dict) -> float:
-        job = Job(f"{row['product']}/{row['step']}", row["capability"], json.loads(row["params"]), row["product"])
+        job = Job(
+            f"{row['product']}/{row['step']}", row["capability"], json.loads(row["params"]), row["product"]
+        )
         try:
             estimate = self.asset.estimate(job, previous_capability=None)
         except Exception:
