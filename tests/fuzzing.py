@@ -60,6 +60,7 @@ class LivePlant:
         self.registry: RegistryServer | None = None
         self.node: Node | None = None
         self.products: list[str] = []
+        self.registry_url = ""
         self.record = record
         self.recorder: Recorder | None = None
 
@@ -79,7 +80,7 @@ class LivePlant:
             recorder = Recorder(self.address(), sc.namespace, out / "messages.jsonl", client_id="recorder")
             self.recorder = await asyncio.to_thread(recorder.start)
         self.registry = RegistryServer(sqlite_url(out / "registry.db"))
-        registry_url = await self.registry.start()
+        registry_url = self.registry_url = await self.registry.start()
         db_url = sqlite_url(out / "run.db")
         db = open_database(db_url)
         plant = Plant(

@@ -441,6 +441,10 @@ def _read_aasx(data: bytes, limits: UploadLimits) -> ReadResult:
         raise Rejection(422, Problem("aasx", str(exc))) from None
     except RecursionError:
         raise Rejection(422, Problem("aasx", "the package's content is nested too deeply")) from None
+    except (SyntaxError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        # Found by the fuzz suite: a damaged XML part (lxml's XMLSyntaxError is a SyntaxError) or
+        # package relationship came out of basyx as a 500.
+        raise Rejection(422, Problem("aasx", f"the package could not be read: {type(exc).__name__}: {exc}"[:500])) from None
     return _strict(result, "aasx", "the package is not valid AAS V3.1")
 
 
