@@ -400,3 +400,119 @@ def test_store_json_matches_basyx_after_writes() -> None:
         b.put_step_record(sm, b.StepRecord(3, "milling", outcome="cancelled"))
     assert json.loads(store.submodel_json(doc.id)) == aio.to_jsonable(doc)
     assert json.loads(store.submodel_json(order.id)) == aio.to_jsonable(order)
+
+
+_times = st.one_of(
+    st.floats(min_value=-1e9, max_value=1e12, allow_nan=False),
+    st.integers(min_value=0, max_value=10**9),
+    st.datetimes(
+        min_value=dt.datetime(1970, 1, 2), max_value=dt.datetime(2100, 1, 1), timezones=st.just(UTC)
+    ),
+)
+_text = st.text(min_size=1, max_size=20).filter(lambda s: s.strip() == s and "\x00" not in s)
+_bids = st.builds(
+    b.BidRecord,
+    resource=_text,
+    start=_times,
+    completion=_times,
+    price=st.floats(min_value=0, max_value=1e9, allow_nan=False),
+    score=st.one_of(st.none(), st.floats(min_value=-1e9, max_value=1e9, allow_nan=False)),
+    proposal_id=st.one_of(st.none(), _text),
+)
+_records = st.builds(
+    b.StepRecord,
+    index=st.integers(min_value=0, max_value=999),
+    capability=st.from_regex(r"[a-z][a-z0-9-]{0,15}", fullmatch=True),
+    call_for_proposal_id=st.one_of(st.none(), _text),
+    bids=st.lists(_bids, max_size=4).map(tuple),
+    winner=st.one_of(st.none(), _text),
+    reason=st.one_of(st.none(), _text),
+    scheduled_start=st.one_of(st.none(), _times),
+    scheduled_end=st.one_of(st.none(), _times),
+    started=st.one_of(st.none(), _times),
+    finished=st.one_of(st.none(), _times),
+    resource=st.one_of(st.none(), _text),
+    outcome=st.sampled_from(b.OUTCOMES),
+    outcome_text=st.one_of(st.none(), _text),
+    recorded_at=st.one_of(st.none(), st.datetimes(timezones=st.just(UTC))),
+)
+
+
+@given(_records)
+def test_step_record_json_is_what_basyx_writes(record: b.StepRecord) -> None:
+    """The hot path writes records as JSON directly; it must be byte for byte basyx's JSON of the object."""
+    from agents.aas import docjson
+
+    data = docjson.step_record(record)
+    assert json.dumps(data) == aio.to_json(b.step_record_element(record))
+    parsed = aio.element_from_json(data)  # basyx's strict decoder takes it
+    doc = b.process_documentation("urn:d")
+    b.replace_child(doc, parsed)
+    (back,) = b.read_step_records(doc)
+    assert (back.index, back.outcome, len(back.bids)) == (record.index, record.outcome, len(record.bids))
+
+
+def test_completion_json_parses_and_carries_the_template_semantics() -> None:
+    from agents.aas import docjson
+
+    data = docjson.completion(4, 10.5, dt.datetime(2026, 1, 1, tzinfo=UTC), "mill-1")
+    element = aio.element_from_json(data)
+    assert aio.to_json(element) == json.dumps(data)
+    assert b.semantic_value(b.child(element, "Finished")) == ProcessDocumentation.FINISHED
+    assert b.element_value(b.child(element, "Outcome")) == "completed"
+    with pytest.raises(ValueError, match="non-finite"):
+        docjson.completion(4, float("inf"), 1.0, "mill-1")
+    with pytest.raises(ValueError, match="timezone-aware"):
+        docjson.completion(4, dt.datetime(2026, 1, 1), 1.0, "mill-1")
+
+
+def test_pending_json_elements_are_served_and_built_where_basyx_would_put_them() -> None:
+    """put_element_json defers building objects; JSON readers and object readers see the same submodel."""
+    from agents.aas import docjson
+    from agents.aas.store import AasStore, StoreError
+
+    store = AasStore()
+    shell, (order, plan, doc) = product_aas()
+    store.add("gear-7", shell, order, plan, doc)
+    b.put_step_record(doc, step_record(1))
+    store.changed(doc.id)
+    generation = store.generation(doc.id)
+    store.put_element_json(doc.id, docjson.step_record(step_record(2)))
+    store.put_element_json(doc.id, docjson.step_record(b.StepRecord(1, "milling", outcome="failed")))
+    assert store.generation(doc.id) == generation + 2
+    served = json.loads(store.submodel_json(doc.id))
+    assert [e["idShort"] for e in served["submodelElements"]] == ["Step001", "Step002"]
+    assert store.has_element(doc.id, "Step002")
+    with pytest.raises(StoreError):
+        store.has_element(doc.id, "Step009")
+    sm = store.get_submodel(doc.id)  # builds the pending elements, in place
+    assert [e.id_short for e in sm.submodel_element] == ["Step001", "Step002"]
+    assert aio.to_jsonable(sm) == served
+    assert json.loads(store.submodel_json(doc.id)) == served
+    assert [r.outcome for r in b.read_step_records(sm)] == ["failed", b.read_step_records(sm)[1].outcome]
+    assert verify_objects([shell, order, plan, sm]) == []
+
+
+def test_documentation_merge_keeps_a_final_outcome_and_moves_replaced_children_last() -> None:
+    from agents.aas import docjson
+    from agents.product.documentation import merge_record, outcome_of
+
+    booked = docjson.step_record(
+        b.StepRecord(2, "milling", outcome="scheduled", winner="mill-1", scheduled_start=1)
+    )
+    done = docjson.completion(2, 1.0, 3.0, "mill-1")
+    merged = merge_record(booked, done)
+    assert outcome_of(merged) == "completed"
+    assert [c["idShort"] for c in merged["value"]][-4:] == ["Started", "Finished", "Resource", "Outcome"]
+    assert outcome_of(booked) == "scheduled"  # inputs are not changed
+    late = merge_record(merged, docjson.step_record(b.StepRecord(2, "milling", outcome="scheduled")))
+    assert outcome_of(late) == "completed"  # a booking arriving after completion does not undo it
+    # the same merge on basyx objects gives the same record
+    doc = b.process_documentation("urn:doc")
+    b.replace_child(doc, aio.element_from_json(booked))
+    existing = b.child(doc, "Step002")
+    patch = aio.element_from_json(done)
+    for item in list(patch.value):
+        patch.value.remove(item)
+        b.replace_child(existing, item)
+    assert aio.to_jsonable(existing) == merged

@@ -114,8 +114,11 @@ class AasClient:
         response = await self._send("PUT", self._el(submodel_id, path), **self._body(element))
         return response.status_code == 201
 
-    async def patch_element(self, submodel_id: str, path: str, element: model.SubmodelElement) -> None:
-        """Merge ``element`` into the existing one (collections merge their children by idShort)."""
+    async def patch_element(
+        self, submodel_id: str, path: str, element: model.SubmodelElement | dict[str, Any]
+    ) -> None:
+        """Merge ``element`` (an object, or its AAS JSON) into the existing one (collections merge
+        their children by idShort)."""
         await self._send("PATCH", self._el(submodel_id, path), **self._body(element))
 
     async def post_element(

@@ -373,15 +373,18 @@ def create_app(
             elif kind is WriteKind.PUT:
                 parts = model.Referable.parse_id_short_path(path or "")
                 parent = model.Referable.build_id_short_path(parts[:-1]) if len(parts) > 1 else None
-                store.resolve(sm_id, parent)
+                if parent is not None:
+                    store.resolve(sm_id, parent)
+                elif store.owner_of(sm_id) is None:
+                    raise StoreError(404, f"submodel {sm_id!r} not found")
                 try:
-                    store.resolve(sm_id, path)
+                    store.has_element(sm_id, path or "")
                 except StoreError as exc:
                     if exc.status != 404:
                         raise
                     existed = False
             else:
-                store.resolve(sm_id, path)
+                store.has_element(sm_id, path or "")
         except StoreError as exc:
             raise _store_error(exc) from None
         op = WriteRequest(

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+import orjson
 from basyx.aas import model
 
 from .io import FastAASToJsonEncoder, from_json
@@ -118,6 +119,9 @@ class _Entry:
     # Submodels: JSON of each top-level element, keyed by idShort, with the element object it was made from
     # (a replaced element is a different object, so it can never be served stale from here).
     parts: dict[str, tuple[object, bytes]] = field(default_factory=dict)
+    # Submodels: top-level elements given as AAS JSON (put_element_json) and not yet built as basyx
+    # objects; they replace the element of the same idShort, and are built on the first object read.
+    pending: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class StoreError(Exception):
@@ -182,7 +186,55 @@ class AasStore:
 
     def get_submodel(self, submodel_id: str) -> model.Submodel | None:
         entry = self._submodels.get(submodel_id)
-        return entry.obj if entry else None  # type: ignore[return-value]
+        return self._materialize(entry).obj if entry else None  # type: ignore[return-value]
+
+    def put_element_json(self, submodel_id: str, data: dict[str, Any]) -> None:
+        """Put (or replace) a top-level element of a submodel given as AAS JSON, without building it.
+
+        The hot path documents steps this way: readers of the JSON get it as given, and the
+        basyx object is built only when someone asks for the submodel as objects. ``data`` must
+        be valid AAS JSON of one SubmodelElement (the writer builds it; nothing is checked here).
+        """
+        entry = self._submodels.get(submodel_id)
+        if entry is None:
+            raise StoreError(404, f"submodel {submodel_id!r} not found")
+        entry.pending[data["idShort"]] = data
+        entry.generation += 1
+        entry.cached = None
+
+    def has_element(self, submodel_id: str, path: str) -> bool:
+        """Whether ``path`` exists (StoreError 404/400 like :meth:`resolve`), without building pending elements."""
+        entry = self._submodels.get(submodel_id)
+        if entry is not None and path in entry.pending:
+            return True
+        self.resolve(submodel_id, path)
+        return True
+
+    @staticmethod
+    def _materialize(entry: _Entry) -> _Entry:
+        """Build the pending JSON elements into the basyx submodel (keeping their positions)."""
+        if not entry.pending:
+            return entry
+        sm: model.Submodel = entry.obj  # type: ignore[assignment]
+        pending, entry.pending = entry.pending, {}
+        members = sm.submodel_element
+        for id_short, data in pending.items():
+            element = from_json(data, model.SubmodelElement)  # type: ignore[type-abstract]
+            existing = _find(sm, id_short)
+            if existing is None:
+                members.add(element)
+            else:
+                tail = list(members)
+                tail = tail[tail.index(existing) :]
+                for el in tail:
+                    members.remove(el)
+                members.add(element)
+                for el in tail[1:]:
+                    members.add(el)
+            cached = entry.parts.get(id_short)
+            if cached is not None and cached[0] is data:
+                entry.parts[id_short] = (element, cached[1])  # the same JSON: keep the fragment
+        return entry
 
     def owner_of(self, identifier: str) -> str | None:
         entry = self._submodels.get(identifier) or self._shells.get(identifier)
@@ -198,7 +250,11 @@ class AasStore:
         return [e.obj for e in self._shells.values() if owner is None or e.owner == owner]  # type: ignore[misc]
 
     def submodels(self, owner: str | None = None) -> list[model.Submodel]:
-        return [e.obj for e in self._submodels.values() if owner is None or e.owner == owner]  # type: ignore[misc]
+        return [
+            self._materialize(e).obj  # type: ignore[misc]
+            for e in self._submodels.values()
+            if owner is None or e.owner == owner
+        ]
 
     def identifiables(self, owner: str | None = None) -> list[model.Identifiable]:
         return [*self.shells(owner), *self.submodels(owner)]
@@ -229,7 +285,7 @@ class AasStore:
         if entry is None:
             raise KeyError(identifier)
         try:
-            yield entry.obj
+            yield self._materialize(entry).obj
         finally:
             self.changed(identifier, path)
 
@@ -251,7 +307,7 @@ class AasStore:
             return None
         if entry.cached is None:
             if isinstance(entry.obj, model.Submodel):
-                entry.cached = _encode_submodel(entry.obj, entry.parts)
+                entry.cached = _encode_submodel(entry.obj, entry.parts, entry.pending)
             else:
                 entry.cached = _encode(entry.obj)
         return entry.cached
@@ -457,22 +513,38 @@ def _top(path: str) -> str:
     return path.split(".", 1)[0].split("[", 1)[0]
 
 
-def _encode_submodel(sm: model.Submodel, parts: dict[str, tuple[object, bytes]]) -> bytes:
-    """The submodel's JSON, re-serialising only top-level elements without an up-to-date cached fragment."""
+def _encode_submodel(
+    sm: model.Submodel, parts: dict[str, tuple[object, bytes]], pending: dict[str, dict[str, Any]]
+) -> bytes:
+    """The submodel's JSON, re-serialising only top-level elements without an up-to-date cached fragment.
+
+    ``pending`` elements (AAS JSON not yet built as objects) replace their namesakes in place or
+    come last, in the order they were put — where :meth:`AasStore._materialize` will put them.
+    """
     encoder = FastAASToJsonEncoder(ensure_ascii=False, separators=(",", ":"))
     envelope = encoder.default(sm)
     envelope.pop("submodelElements", None)  # type: ignore[union-attr]
     head = encoder.encode(envelope).encode("utf-8")
     fragments = []
     seen = set()
+
+    def fragment(key: str, source: object) -> bytes:
+        cached = parts.get(key)
+        if cached is None or cached[0] is not source:
+            body = (
+                orjson.dumps(source) if isinstance(source, dict) else encoder.encode(source).encode("utf-8")
+            )
+            cached = parts[key] = (source, body)
+        return cached[1]
+
     for element in sm.submodel_element:
         key = element.id_short or ""
         seen.add(key)
-        cached = parts.get(key)
-        if cached is None or cached[0] is not element:
-            cached = (element, encoder.encode(element).encode("utf-8"))
-            parts[key] = cached
-        fragments.append(cached[1])
+        fragments.append(fragment(key, pending.get(key, element)))
+    for key, data in pending.items():
+        if key not in seen:
+            seen.add(key)
+            fragments.append(fragment(key, data))
     for key in [k for k in parts if k not in seen]:
         del parts[key]
     if not fragments:

@@ -13,7 +13,7 @@ from sqlmodel import select
 
 from agents.aas import build
 from agents.aas.ids import asset_id, shell_id, submodel_id
-from agents.aas.io import environment_json, read_json
+from agents.aas.io import environment_json, read_json, to_jsonable
 from agents.aas.store import WriteKind, WriteRejected, WriteRequest
 from agents.bidding.requester_role import BiddingRequester
 from agents.persistence.tables import ProductRecord, StepRecord
@@ -94,10 +94,12 @@ async def start_product(
             node.store.put_shell(obj, owner=agent.name)
         else:
             node.store.put_submodel(obj, owner=agent.name)
-    doc = node.store.get_submodel(submodel_id(order.name, "ProcessDocumentation", ns))
-    documentation.restore(node.db, order.name, doc)
-    node.store.set_write_hook(agent.name, _documentation_hook(agent, doc.id))
-    driver = ManufacturingDriver(order, record)
+    docs = documentation.Documentation(
+        node.store, node.journal, order.name, submodel_id(order.name, "ProcessDocumentation", ns)
+    )
+    docs.restore(node.db)
+    node.store.set_write_hook(agent.name, _documentation_hook(docs))
+    driver = ManufacturingDriver(order, record, docs)
     driver.steps = {r.step: r.model_dump() for r in steps}
     agent.add_role(Notifier())
     agent.add_role(driver)
@@ -107,24 +109,32 @@ async def start_product(
     return agent
 
 
-def _documentation_hook(agent: Agent, doc_id: str):
-    """Resources document their step here: only step records of our documentation, merged, then made durable."""
+def _documentation_hook(docs: documentation.Documentation):
+    """Resources document their step here: only step records of our documentation, merged, then made durable.
+
+    Over HTTP the AAS server has parsed the body with basyx's strict decoder (``op.body`` is that
+    JSON); a resource in this process hands over the JSON it built (docjson) without an object.
+    """
 
     async def hook(op: WriteRequest) -> None:
-        if op.submodel_id != doc_id:
+        if op.submodel_id != docs.doc_id:
             raise WriteRejected("only the ProcessDocumentation submodel of a product accepts writes", 403)
         if op.kind not in (WriteKind.PATCH, WriteKind.PUT) or not op.path or "." in op.path:
             raise WriteRejected("document a step with PUT or PATCH on its StepNNN record", 400)
-        if not isinstance(op.element, model.SubmodelElementCollection) or op.element.id_short != op.path:
+        body = (
+            op.body if op.body is not None else (to_jsonable(op.element) if op.element is not None else None)
+        )
+        if (
+            not isinstance(body, dict)
+            or body.get("modelType") != "SubmodelElementCollection"
+            or body.get("idShort") != op.path
+        ):
             raise WriteRejected(f"the body must be the {op.path} collection", 400)
         try:
             step = int(op.path.removeprefix("Step"))
+            docs.merge(step, body, "resource")
         except ValueError:
             raise WriteRejected(f"{op.path!r} is not a step record (StepNNN)", 400) from None
-        doc = agent.node.store.get_submodel(doc_id)
-        merged = documentation.merge_record(doc, op.element)
-        documentation.mirror(agent.node.journal, agent.name, step, merged, "resource")
-        agent.node.store.changed(doc_id)
-        await agent.node.journal.commit()  # durable before the resource hears "done"
+        await docs.journal.commit()  # durable before the resource hears "done"
 
     return hook

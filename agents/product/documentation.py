@@ -5,67 +5,102 @@ outcome is never overwritten by an earlier-phase one (a resource may report
 completion before the product has recorded the booking, when a step takes no
 time). Every change is mirrored into the run database so a restarted product
 rebuilds the same submodel.
+
+Records are held as AAS JSON (agents/aas/docjson.py): documenting is on the
+path of every negotiated step, and basyx objects cost milliseconds each. The
+AAS store builds the objects only when someone reads the submodel as objects.
 """
 
 from __future__ import annotations
 
-import json
+from typing import Any
 
-from basyx.aas import model
+import orjson
 from sqlmodel import select
 
-from agents.aas import build
-from agents.aas.io import element_from_json, to_json
+from agents.aas import docjson
+from agents.aas.build import step_id_short
+from agents.aas.store import AasStore
 from agents.persistence.database import Database
 from agents.persistence.journal import Journal
 from agents.persistence.tables import DocumentationRecord
 
 FINAL = ("completed", "failed")
 
-
-def outcome_of(record: model.SubmodelElementCollection | None) -> str | None:
-    if record is None:
-        return None
-    value = build.element_value(build.child(record, "Outcome"))
-    return str(value) if value is not None else None
+Record = dict[str, Any]
 
 
-def merge_record(
-    doc: model.Submodel, element: model.SubmodelElementCollection
-) -> model.SubmodelElementCollection:
-    """Merge `element` (a StepNNN collection) into the documentation; returns the merged record."""
-    existing = build.child(doc, element.id_short)
-    if not isinstance(existing, model.SubmodelElementCollection):
-        build.replace_child(doc, element)
-        return element
+def outcome_of(record: Record | None) -> str | None:
+    return docjson.child_text(record, "Outcome")
+
+
+def merge_record(existing: Record | None, update: Record) -> Record:
+    """``update`` merged into ``existing`` (a new dict; neither is changed).
+
+    A child replaces its namesake and moves last, as basyx's replace does; the Outcome of a
+    finished record stays.
+    """
+    if existing is None:
+        return update
     final = outcome_of(existing) in FINAL
-    for item in list(element.value):
-        if item.id_short == "Outcome" and final:
+    children = list(existing.get("value") or ())
+    for item in update.get("value") or ():
+        name = item["idShort"]
+        if name == "Outcome" and final:
             continue
-        element.value.remove(item)  # an element has one parent: move it, no copy needed
-        build.replace_child(existing, item)
-    return existing
+        children = [c for c in children if c["idShort"] != name]
+        children.append(item)
+    merged = dict(existing)
+    merged["value"] = children
+    return merged
 
 
-def mirror(
-    journal: Journal, product: str, step: int, record: model.SubmodelElementCollection, author: str
-) -> None:
-    journal.put(
-        DocumentationRecord,
-        {
-            "product": product,
-            "step": step,
-            "part": "record",
-            "author": author,
-            "element": to_json(record),
-            "writes": 1,
-        },
-    )
+class Documentation:
+    """One product's step records, by step index, kept in step with its AAS store and the database."""
 
+    def __init__(self, store: AasStore, journal: Journal, product: str, doc_id: str) -> None:
+        self.store = store
+        self.journal = journal
+        self.product = product
+        self.doc_id = doc_id
+        self.records: dict[int, Record] = {}
 
-def restore(db: Database, product: str, doc: model.Submodel) -> int:
-    with db.session() as s:
-        rows = s.exec(select(DocumentationRecord).where(DocumentationRecord.product == product)).all()
-    for row in rows:
-        build.replace_child(doc, element_from_json(json.loads(row.element)))
-    return len(rows)
+    def outcome(self, step: int) -> str | None:
+        return outcome_of(self.records.get(step))
+
+    def merge(self, step: int, update: Record, author: str, *, mirror: bool = True) -> Record:
+        """Merge ``update`` (a StepNNN collection) into the step's record; mirror it unless told not to."""
+        if update.get("idShort") != step_id_short(step):
+            raise ValueError(
+                f"a record for step {step} must be {step_id_short(step)}, not {update.get('idShort')!r}"
+            )
+        merged = merge_record(self.records.get(step), update)
+        self.records[step] = merged
+        if mirror:
+            self.journal.put(
+                DocumentationRecord,
+                {
+                    "product": self.product,
+                    "step": step,
+                    "part": "record",
+                    "author": author,
+                    "element": orjson.dumps(merged).decode(),
+                    "writes": 1,
+                },
+            )
+        self.store.put_element_json(self.doc_id, merged)
+        return merged
+
+    def restore(self, db: Database) -> int:
+        """Reload the mirrored records (a restart); returns how many there were."""
+        with db.session() as s:
+            rows = s.exec(
+                select(DocumentationRecord).where(DocumentationRecord.product == self.product)
+            ).all()
+        for row in rows:
+            self.load(row.step, orjson.loads(row.element))
+        return len(rows)
+
+    def load(self, step: int, record: Record) -> None:
+        self.records[step] = record
+        self.store.put_element_json(self.doc_id, record)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from agents.aas import build
+from agents.aas import build, docjson
 from agents.aas.ids import submodel_id
 from agents.bidding.requester_role import BiddingRequester
 from agents.persistence.tables import ProductRecord, StepRecord
@@ -25,18 +25,13 @@ from protocol.elements import StepCall
 
 
 class ManufacturingDriver(Role):
-    def __init__(self, order: ProductOrder, record: dict) -> None:
+    def __init__(self, order: ProductOrder, record: dict, docs: documentation.Documentation) -> None:
         self.order = order
         self.record = record  # the ProductRecord row (status, location)
         self.steps: dict[int, dict] = {}  # StepRecord rows by index
+        self.docs = docs  # the ProcessDocumentation's records
 
     # --- helpers ----------------------------------------------------------------------------------
-
-    @property
-    def doc(self):
-        return self.agent.node.store.get_submodel(
-            submodel_id(self.agent.name, "ProcessDocumentation", self.agent.node.ns)
-        )
 
     @property
     def requester(self) -> BiddingRequester:
@@ -48,10 +43,8 @@ class ManufacturingDriver(Role):
 
     def next_step(self) -> PlannedStep | None:
         """The first plan step whose documentation does not say completed."""
-        doc = self.doc
         for s in self.order.steps:
-            record = build.child(doc, build.step_id_short(s.index))
-            if documentation.outcome_of(record) != "completed":  # type: ignore[arg-type]
+            if self.docs.outcome(s.index) != "completed":
                 return s
         return None
 
@@ -74,11 +67,7 @@ class ManufacturingDriver(Role):
     def _document(self, step: int, *, mirror: bool = True, **fields: object) -> None:
         plan = next(s for s in self.order.steps if s.index == step)
         record = build.StepRecord(index=step, capability=plan.capability, **fields)  # type: ignore[arg-type]
-        element = build.step_record_element(record)
-        merged = documentation.merge_record(self.doc, element)
-        if mirror:
-            documentation.mirror(self.agent.node.journal, self.agent.name, step, merged, self.agent.name)
-        self.agent.node.store.changed(self.doc.id)
+        self.docs.merge(step, docjson.step_record(record), self.agent.name, mirror=mirror)
 
     # --- lifecycle --------------------------------------------------------------------------------
 

@@ -7,12 +7,16 @@ cached for a short time, so newly registered resources are seen in later rounds.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
 from protocol.elements import capability_semantic_id
 from registry.client import RegistryClient
 from registry.descriptors import aas_server_base, capabilities_of, short_name_of
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +34,7 @@ class Directory:
         self._by_id: dict[str, Entry] = {}
         self._by_name: dict[str, Entry] = {}
         self._bidders: dict[str, tuple[float, frozenset[str]]] = {}
+        self._lookups: dict[str, asyncio.Future[frozenset[str]]] = {}
         self._local: set[str] = set()
 
     def add(self, entry: Entry, *, local: bool = False) -> None:
@@ -62,22 +67,40 @@ class Directory:
         return entry
 
     async def bidders(self, capability: str) -> frozenset[str]:
-        """AAS ids of the shells registered as offering `capability`."""
+        """AAS ids of the shells registered as offering `capability`.
+
+        A stale answer is returned at once while one lookup refreshes it in the background, and
+        concurrent misses share one lookup: a hundred products calling for the same capability
+        when its entry expires would otherwise ask the registry a hundred times.
+        """
         cached = self._bidders.get(capability)
         now = time.monotonic()
         if cached and now - cached[0] < self.capability_ttl:
             return cached[1]
         if self.registry is None:
             ids = frozenset(e.aas_id for e in self._by_id.values() if capability in e.capabilities)
-        else:
-            found = await self.registry.find_by_capability(capability_semantic_id(capability))
-            ids = frozenset()
-            for descriptor in found:
-                entry = _entry(descriptor)
-                if entry:
-                    self.add(entry)
-                    ids |= {entry.aas_id}
-        self._bidders[capability] = (now, ids)
+            self._bidders[capability] = (now, ids)
+            return ids
+        lookup = self._lookups.get(capability)
+        if lookup is None:
+            lookup = self._lookups[capability] = asyncio.ensure_future(self._lookup(capability))
+            lookup.add_done_callback(lambda _: self._lookups.pop(capability, None))
+        if cached:  # stale: answer now, the refresh lands for the next call
+            lookup.add_done_callback(_consume)
+            return cached[1]
+        return await asyncio.shield(lookup)
+
+    async def _lookup(self, capability: str) -> frozenset[str]:
+        assert self.registry is not None
+        started = time.monotonic()
+        found = await self.registry.find_by_capability(capability_semantic_id(capability))
+        ids: frozenset[str] = frozenset()
+        for descriptor in found:
+            entry = _entry(descriptor)
+            if entry:
+                self.add(entry)
+                ids |= {entry.aas_id}
+        self._bidders[capability] = (started, ids)
         return ids
 
     def forget(self, aas_id: str) -> None:
@@ -87,6 +110,12 @@ class Directory:
         entry = self._by_id.pop(aas_id, None)
         if entry:
             self._by_name.pop(entry.name, None)
+
+
+def _consume(future: asyncio.Future) -> None:
+    """A background refresh nobody awaits: its failure is logged here, not lost."""
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("capability lookup failed: %r", future.exception())
 
 
 def _entry(descriptor: dict) -> Entry | None:

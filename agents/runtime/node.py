@@ -49,7 +49,7 @@ class NodeConfig:
     passwords: dict[str, str] = field(default_factory=dict)  # agent name -> MQTT password
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_inflight: int = 16
-    registry_ttl: float = 60.0
+    registry_ttl: float = 300.0  # renewed every 100 s: each renewal is a registry write
     aas_host: str = "127.0.0.1"
     aas_port: int = 0
 
