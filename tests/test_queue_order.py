@@ -125,3 +125,46 @@ def test_only_a_booking_can_be_rescheduled() -> None:
     assert p is not None
     with pytest.raises(ProtocolError):
         p.reschedule(Booking("a", 1, 2), 2)
+
+
+# --- the product: commit only to an offer that starts now ----------------------------------------
+
+
+def _round(priority: int = 1, starts: tuple[float, ...] = (7.0, 9.0), now: int = 3_000):
+    """A requester (clock origin 0: 1 unit = 1000 ms) closing a round with offers starting at `starts`."""
+    call = StepCall("p-1", 0, "milling", "store", 3.0, priority=priority)
+    names = [f"urn:{i}" for i in range(len(starts))]
+    config = RequesterConfig(clock_origin_ms=0)
+    r = Requester("urn:p", "conv-1", call, frozenset(names), config)
+    (cfp,) = [e.message for e in r.start(now - 10) if isinstance(e, Send)]
+    out: list[object] = []
+    for name, start in zip(names, starts, strict=True):
+        p, _ = Provider.on_call(name, cfp, now - 5)
+        assert p is not None
+        offer = Bid(name, "milling", start, start + 5, 5, 0, 0, 5, 100, "x")
+        (proposal,) = [e.message for e in p.propose(offer, 99_000, now - 4)]
+        out = r.receive(proposal, now)
+    return r, out
+
+
+def test_with_a_choice_and_every_resource_busy_the_product_calls_again_when_the_best_starts() -> None:
+    r, out = _round()
+    rejected = [e.message for e in out if isinstance(e, Send)]
+    assert len(rejected) == 2 and all(m.type is M.REJECT_PROPOSAL for m in rejected)
+    assert r.state is RState.BACKOFF and r.deadline == 7_000 and r.winner is None
+    assert [n.kind for n in out if isinstance(n, Note)] == ["deferred"]
+    again = r.tick(7_000)
+    assert [e.message.type for e in again if isinstance(e, Send)] == [M.CALL_FOR_PROPOSAL]
+    assert r.round == 2 and r.empty_rounds == 0  # waiting is not an empty round
+    assert Requester.restore(r.snapshot()).deferrals == 1
+
+
+@pytest.mark.parametrize(
+    "priority, starts",
+    [(1, (3.0, 9.0)), (1, (7.0,)), (3, (7.0, 9.0))],
+    ids=["starts-now", "no-choice", "priority-3"],
+)
+def test_the_product_accepts_at_once_otherwise(priority: int, starts: tuple[float, ...]) -> None:
+    r, out = _round(priority, starts)
+    assert r.state is RState.AWARDING
+    assert next(e.message.type for e in out if isinstance(e, Send)) is M.ACCEPT_PROPOSAL

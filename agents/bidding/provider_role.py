@@ -111,14 +111,16 @@ class BiddingProvider(Role):
         await self._apply(p, [e for e in effects if not isinstance(e, Evaluate)])
         if self.agent.clock.kind == "virtual":
             c = p.call
+            # "~eval" sorts after every agent's own timers ((name, key)): products that deferred
+            # their call to this instant have called again before any call of it is answered.
             if await self._had_alternatives(c):
                 # Firm bookings are never re-queued, so the answer order is their queue order:
                 # priority, then most work remaining first (MWKR), then by name.
-                order = ("eval", c.priority, -c.remaining_work, c.product, c.step, p.cfp_id)
+                order = ("~eval", c.priority, -c.remaining_work, c.product, c.step, p.cfp_id)
             else:
                 # Queue-rank order (priority, urgency, name): the more urgent are queued first and
                 # rarely overtake.
-                order = ("eval", *self._call_rank(c), p.cfp_id)
+                order = ("~eval", *self._call_rank(c), p.cfp_id)
             self.agent.clock.call_at(self.agent.now(), lambda: self._evaluate(p), order=order)
         else:
             await self._evaluate(p)

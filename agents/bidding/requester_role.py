@@ -7,6 +7,7 @@ the listener's business.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Protocol
 
@@ -46,6 +47,8 @@ class BiddingRequester(Role):
     async def request(self, call: StepCall) -> Requester:
         """Start the bidding procedure for one step."""
         expected = await self._bidders(call)
+        if self.config.clock_origin_ms is None:  # bids are in simulated time: the machine converts
+            self.config = dataclasses.replace(self.config, clock_origin_ms=self.agent.clock.epoch_ms(0.0))
         r = Requester(self.agent.aas_id, new_id(), call, expected, self.config, self.policy)
         self.machines[r.conversation_id] = r
         await self._step(r, r.start(self.agent.now_ms()))

@@ -77,6 +77,12 @@ class RequesterConfig:
     confirm_retries: int = 2  # the acceptance is re-sent this often before the award is withdrawn
     status_interval_ms: int = 60_000  # after a booking: ask again this long past the expected completion
     max_failures: int = 3  # withdrawn awards and informFailure before the step fails
+    # Top priority with a choice of resources: commit only to an offer that starts now. While the
+    # best offer starts later (every capable resource busy), reject the offers and call again when
+    # it would start; the resources then give a machine that frees up to the most urgent caller.
+    defer_until_start: bool = True
+    max_deferrals: int = 1_000
+    clock_origin_ms: int | None = None  # epoch ms of simulated time 0 (bids are in simulated time)
 
 
 @dataclass
@@ -106,6 +112,7 @@ class Requester:
     cancelled: set[str] = field(default_factory=set)  # bidders whose award we withdrew
     empty_rounds: int = 0
     failures: int = 0
+    deferrals: int = 0
     reason: str = ""
 
     # --- inputs -------------------------------------------------------------------------------------
@@ -213,7 +220,7 @@ class Requester:
         return []
 
     def _close(self, _msg: Message | None, now: int) -> list[object]:
-        """replyBy passed (or all answered): rank valid bids by priority, accept the best, reject the rest; none valid: back off, or fail after max_rounds."""
+        """replyBy passed (or all answered): rank valid bids by priority, accept the best, reject the rest; top priority with a choice whose best bid starts later: reject all, call again when it starts; none valid: back off, or fail after max_rounds."""
         valid, expired = [], []
         for offer in self.offers.values():
             until = self.offer_valid.get(offer.proposal_id)
@@ -228,6 +235,17 @@ class Requester:
             self.deadline = now + wait
             return [Note("no-proposals", f"round {self.round}: none valid; calling again in {wait} ms")]
         ranking = tuple(self.policy.rank(valid, self.call.priority))
+        wait_until = self._defer_until(ranking, now)
+        if wait_until is not None:
+            self.deferrals += 1
+            self.state, self.deadline = RState.BACKOFF, wait_until
+            best = ranking[0].offer.bid
+            text = f"the best offer ({best.resource}) starts at {best.earliest_start:g}: calling again then"
+            return [
+                Note("deferred", f"round {self.round}: {text}"),
+                *(self._reject_offer(o.provider, o.proposal_id, "deferred", text) for o in valid),
+                *(self._reject_offer(o.provider, o.proposal_id, "expired", "offer expired") for o in expired),
+            ]
         self.winner = ranking[0].offer
         self.accept_id = new_id()
         self.state = RState.AWARDING
@@ -254,6 +272,16 @@ class Requester:
                 self._reject_offer(o.provider, o.proposal_id, "expired", "offer expired before the decision")
             )
         return effects
+
+    def _defer_until(self, ranking: tuple, now: int) -> int | None:
+        """When to call again instead of accepting (epoch ms), or None to accept now."""
+        c = self.config
+        if not c.defer_until_start or c.clock_origin_ms is None or self.call.priority != 1:
+            return None
+        if len(ranking) < 2 or self.deferrals >= c.max_deferrals:
+            return None  # no choice to keep open, or waited long enough
+        start_ms = c.clock_origin_ms + round(ranking[0].offer.bid.earliest_start * 1000.0)
+        return start_ms if start_ms > now + 1 else None
 
     def _on_confirm(self, msg: Message, now: int) -> list[object]:
         """The winner booked the step: scheduled; a status query follows if it stays silent past the expected end."""
@@ -464,6 +492,7 @@ class Requester:
             "cancelled": sorted(self.cancelled),
             "empty_rounds": self.empty_rounds,
             "failures": self.failures,
+            "deferrals": self.deferrals,
             "reason": self.reason,
         }
 
@@ -490,6 +519,7 @@ class Requester:
         r.accept_id, r.cancelled = data["accept_id"], set(data["cancelled"])
         r.accept_msg, r.retries, r.queries = data["accept_msg"], data["retries"], data.get("queries", 0)
         r.empty_rounds, r.failures, r.reason = data["empty_rounds"], data["failures"], data["reason"]
+        r.deferrals = data.get("deferrals", 0)
         return r
 
 
