@@ -45,7 +45,7 @@ from scenarios.loader import load_scenario_text
 ROOT = Path(__file__).resolve().parents[1]
 REQUEST_TIMEOUT = 10.0
 #: Cases per operation and mode in CI (the long run multiplies by LONG); AASX mutations.
-PER_OPERATION, AASX_CASES, LONG = 12, 250, 10
+PER_OPERATION, AASX_CASES, LONG = 12, 400, 10
 
 pytestmark = pytest.mark.timeout(900)
 KEY = generate_api_key("fuzzer")
@@ -345,6 +345,17 @@ def mutate_aasx(data: bytes, rng: random.Random) -> bytes:
     return out.getvalue()
 
 
+def _keep(body: bytes) -> None:
+    """Save a package that broke the service, to reproduce it (``$TWINBID_FUZZ_KEEP`` folder)."""
+    import hashlib
+    import os
+
+    folder = os.environ.get("TWINBID_FUZZ_KEEP")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / f"{hashlib.sha256(body).hexdigest()[:16]}.aasx").write_bytes(body)
+
+
 def fuzz_aasx(servers: dict[str, Any], n: int, seed: int) -> Tally:
     rng = random.Random(seed)
     tally = Tally("http-aasx-uploads")
@@ -362,9 +373,11 @@ def fuzz_aasx(servers: dict[str, Any], n: int, seed: int) -> Tally:
             continue
         except requests.ConnectionError as exc:
             tally.crash(f"AASX upload of {len(body)} bytes: connection broke: {exc}")
+            _keep(body)
             continue
         if r.status_code >= 500:
             tally.crash(f"AASX upload -> {r.status_code}: {r.text[:300]}")
+            _keep(body)
         elif r.status_code >= 400:
             tally.rejected += 1
             assert r.json().get("messages"), r.text  # a clear error, in the API's error format
@@ -403,3 +416,19 @@ def test_aasx_mutations_are_mostly_still_zips() -> None:
         z.writestr("aasx/x.xml", "<a/>")
     zips = sum(zipfile.is_zipfile(io.BytesIO(mutate_aasx(buf.getvalue(), rng))) for _ in range(50))
     assert zips > 25
+
+
+def test_a_damaged_deflate_stream_is_a_422() -> None:
+    """Found by this suite: a flipped byte inside a compressed member raised zlib.error (a 500)."""
+    from agents.ordertaking.errors import Rejection
+    from agents.ordertaking.upload import UploadLimits, check_aasx
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("aasx/data.xml", "<environment/>" * 500)
+    damaged = bytearray(buf.getvalue())
+    damaged[60] ^= 0xFF
+    damaged[70] ^= 0x55
+    with pytest.raises(Rejection) as refused:
+        check_aasx(bytes(damaged), UploadLimits())
+    assert refused.value.status == 422

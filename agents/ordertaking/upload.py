@@ -28,6 +28,7 @@ import io as _io
 import json
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 
 from basyx.aas import model
@@ -353,7 +354,7 @@ def check_aasx(data: bytes, limits: UploadLimits) -> None:
             raise Rejection(
                 422, Problem(field_name, f"corrupt entry {info.filename[:200]!r}: {exc}")
             ) from None
-        except (zipfile.LargeZipFile, ValueError, EOFError, OSError, NotImplementedError) as exc:
+        except (zipfile.LargeZipFile, ValueError, EOFError, OSError, NotImplementedError, zlib.error) as exc:
             raise Rejection(
                 422, Problem(field_name, f"unreadable entry {info.filename[:200]!r}: {exc}")
             ) from None
@@ -441,10 +442,13 @@ def _read_aasx(data: bytes, limits: UploadLimits) -> ReadResult:
         raise Rejection(422, Problem("aasx", str(exc))) from None
     except RecursionError:
         raise Rejection(422, Problem("aasx", "the package's content is nested too deeply")) from None
-    except (SyntaxError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-        # Found by the fuzz suite: a damaged XML part (lxml's XMLSyntaxError is a SyntaxError) or
-        # package relationship came out of basyx as a 500.
-        raise Rejection(422, Problem("aasx", f"the package could not be read: {type(exc).__name__}: {exc}"[:500])) from None
+    except Exception as exc:
+        # Found by the fuzz suite: basyx lets the errors of hostile packages through (lxml's
+        # XMLSyntaxError for a damaged XML part, zlib.error for a damaged deflate stream, ...),
+        # which came out as 500s. Whatever the reader could not read is the package's fault.
+        raise Rejection(
+            422, Problem("aasx", f"the package could not be read: {type(exc).__name__}: {exc}"[:500])
+        ) from None
     return _strict(result, "aasx", "the package is not valid AAS V3.1")
 
 
