@@ -134,11 +134,15 @@ class Timeline:
         """The booked job the machine does next (open offers are skipped: they may still be rejected)."""
         return next((s for s in self.pending() if s.booked), None)
 
-    def repack(self, base: float, previous: str | None) -> list[Slot]:
-        """Recompute the queue's times; return the bookings whose promised times moved (now updated)."""
+    def repack(self, base: float, previous: str | None, tolerance: float = 1e-9) -> list[Slot]:
+        """Recompute the queue's times; return the bookings whose promised times moved (now updated).
+
+        A move within `tolerance` is no move: on a wall clock the queue drifts by the milliseconds
+        the agents themselves take, which is no news for a product.
+        """
         moved = []
         for s, (start, end, setup) in zip(self.pending(), pack(self.pending(), base, previous), strict=True):
-            if s.booked and (abs(s.start - start) > 1e-9 or abs(s.end - end) > 1e-9):
+            if s.booked and (abs(s.start - start) > tolerance or abs(s.end - end) > tolerance):
                 s.start, s.end, s.setup = start, end, setup
                 moved.append(s)
         return moved
