@@ -331,4 +331,8 @@ def start_broker(
         return RunningBroker("external", BrokerAddress.from_url(url))
     if credentials is not None:
         credentials.on_change = running.reload
+        if running.kind == "mosquitto" and running.process is not None:
+            credentials.broker["reload_pid"] = running.process.pid
+        if (credentials.directory / credentials.FILE).exists():
+            credentials.save()  # now with where the broker reads the accounts
     return running

@@ -191,6 +191,9 @@ class Credentials:
         self.passwords = PasswordBook(self._issue_on_demand)
         self.on_change: Callable[[], None] | None = None
         self._outputs: list[Callable[[], None]] = []
+        #: Where the broker reads these accounts and how to make it reload them (set by
+        #: ``start_broker``, saved with the accounts): lets another process of the run add one.
+        self.broker: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- issuing
 
@@ -241,6 +244,7 @@ class Credentials:
         data = {
             "ns": self.ns,
             "observer": self.observer,
+            "broker": self.broker,
             "accounts": {
                 n: {"password": a.password, "kind": a.kind, "read": a.grant.read, "write": a.grant.write}
                 for n, a in self.accounts.items()
@@ -251,7 +255,12 @@ class Credentials:
 
     @classmethod
     def load(cls, directory: str | Path) -> Credentials:
-        """The accounts a run saved (``save()``), e.g. to observe it from another process."""
+        """The accounts a run saved (``save()``), from another process of the run.
+
+        Such a process can observe the run (``observer_address``), connect its agents
+        (``passwords``) and issue accounts for new ones: the broker's files are rewritten and a
+        mosquitto started by the run is told to reload them (SIGHUP to its process).
+        """
         directory = Path(directory)
         data = json.loads((directory / cls.FILE).read_text())
         creds = cls(data["ns"], directory, observer=data.get("observer", OBSERVER))
@@ -260,6 +269,14 @@ class Credentials:
             creds.accounts[name] = Account(name, a["password"], grant, a.get("kind", "agent"))
             if a.get("kind", "agent") == "agent":
                 dict.__setitem__(creds.passwords, name, a["password"])
+        creds.broker = dict(data.get("broker") or {})
+        if creds.broker.get("mosquitto_dir"):
+            creds.write_mosquitto(creds.broker["mosquitto_dir"])
+        if creds.broker.get("embedded_file"):
+            creds.write_embedded(creds.broker["embedded_file"])
+        pid = creds.broker.get("reload_pid")
+        if pid:
+            creds.on_change = lambda: _hangup(int(pid))
         return creds
 
     def write_mosquitto(self, directory: str | Path) -> tuple[Path, Path]:
@@ -273,6 +290,7 @@ class Credentials:
             _write_private(directory / "acl", acl_rules_text(self.grants()))
 
         self._outputs.append(write)
+        self.broker["mosquitto_dir"] = str(directory.resolve())
         write()
         return directory / "passwords", directory / "acl"
 
@@ -289,6 +307,7 @@ class Credentials:
             _write_private(path, json.dumps(data))
 
         self._outputs.append(write)
+        self.broker["embedded_file"] = str(path.resolve())
         write()
         return path
 
@@ -304,6 +323,20 @@ def load_grants(path: str | Path) -> dict[str, tuple[str, Grant]]:
     """Read an embedded-broker accounts file: ``{user: (hash, grant)}``."""
     data: Mapping[str, Any] = json.loads(Path(path).read_text())
     return {n: (a["hash"], Grant(tuple(a["read"]), tuple(a["write"]))) for n, a in data.items()}
+
+
+def _hangup(pid: int) -> None:
+    """Tell a mosquitto to reload its password file and ACL; give it a moment to do so."""
+    import signal
+    import time
+
+    try:  # the pid may be stale (the broker restarted): never signal anything but a mosquitto
+        if b"mosquitto" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return
+        os.kill(pid, signal.SIGHUP)
+    except OSError:
+        return
+    time.sleep(0.1)
 
 
 def _write_private(path: Path, text: str) -> None:

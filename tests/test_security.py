@@ -462,3 +462,27 @@ async def test_forged_senders_and_strangers_are_refused_by_the_receiver(tmp_path
         assert next(o.resource for o in done if o.product == product) == winner
         for c in (liar, other, observer):
             await c.close(timeout=2)
+
+
+@pytest.mark.parametrize("kind", BROKERS)
+async def test_another_process_of_the_run_can_add_an_account(tmp_path: Path, kind: str) -> None:
+    """``Credentials.load(OUT/broker)`` in another process: observe, and issue an account that works."""
+    creds = _accounts(tmp_path / "broker")
+    creds.save()
+    broker = await asyncio.to_thread(lambda: start_broker(kind, tmp_path, credentials=creds))
+    try:
+        other = Credentials.load(tmp_path / "broker")  # what a second process would do
+        assert other.passwords["alice"] == creds.passwords["alice"]
+        password = other.passwords.get("late-product")
+        assert (
+            password
+            and "late-product"
+            in json.loads((tmp_path / "broker" / "credentials.json").read_text())["accounts"]
+        )
+        t = await _client(other.address(broker.address, "late-product"), "late-product")
+        await t.close()
+        watcher = await _client(other.observer_address(broker.address), "watcher")
+        await watcher.subscribe("i40/plant/#")
+        await watcher.close()
+    finally:
+        await asyncio.to_thread(broker.stop)
