@@ -106,6 +106,18 @@ def _clock(plant: Plant) -> Clock:
     )
 
 
+def _share(items: list[Any], share: int, shares: int) -> list[Any]:
+    """The items (resources, product instances) run by process ``share`` of ``shares``."""
+    return [x for i, x in enumerate(items) if i % shares == share]
+
+
+def _preload_share(node: Node, plant: Plant, share: int, shares: int) -> None:
+    """A restart: read back the state of every agent of the share in a few queries."""
+    scenario = plant.scenario
+    items = _share(scenario.resources, share, shares) + _share(scenario.product_instances(), share, shares)
+    node.state.preload(x.name for x in items)
+
+
 async def _start_resources(node: Node, plant: Plant, share: int, shares: int) -> None:
     """Start this process's share of the resources (before any product, in every process)."""
     scenario = plant.scenario
@@ -129,14 +141,14 @@ async def _start_resources(node: Node, plant: Plant, share: int, shares: int) ->
                 breakdown_policy=getattr(r, "breakdown_policy", "finish_late"),
             )
 
-    await asyncio.gather(*(resource(r) for i, r in enumerate(scenario.resources) if i % shares == share))
+    await asyncio.gather(*(resource(r) for r in _share(scenario.resources, share, shares)))
 
 
 async def _start_products(node: Node, plant: Plant, share: int, shares: int) -> list[str]:
     """Start this process's share of the products; return their names."""
     scenario = plant.scenario
     config = assembly.requester_config(scenario, plant.clock_kind, plant.time_scale)
-    instances = [p for i, p in enumerate(scenario.product_instances()) if i % shares == share]
+    instances = _share(scenario.product_instances(), share, shares)
     sem = asyncio.Semaphore(32)
 
     async def product(p: Any) -> None:
@@ -253,6 +265,8 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
         # Two phases across processes: every resource is subscribed and registered before any
         # product calls for proposals, or the first calls would find nobody listening.
         if local:
+            if options.resume:
+                _preload_share(node, plant, 0, count)
             await _start_resources(node, plant, 0, count)
         if pool is not None:
             await pool.resources_ready(timeout=120)

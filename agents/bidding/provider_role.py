@@ -28,7 +28,6 @@ import math
 from typing import Protocol
 
 import orjson
-from sqlmodel import select
 
 from agents.persistence.tables import ConversationRecord
 from agents.resource.timeline import Slot, Timeline
@@ -256,13 +255,7 @@ class BiddingProvider(Role):
         )
 
     async def recover(self) -> None:
-        with self.agent.node.db.session() as s:
-            rows = s.exec(
-                select(ConversationRecord).where(
-                    ConversationRecord.agent == self.agent.name, ConversationRecord.role == "provider"
-                )
-            ).all()
-        for row in rows:
+        for row in self.agent.node.state.conversations(self.agent.name, "provider"):
             self.rounds.add(Provider.restore(json.loads(row.snapshot)))
 
     async def on_start(self) -> None:

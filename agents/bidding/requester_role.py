@@ -12,7 +12,6 @@ import json
 from typing import Protocol
 
 import orjson
-from sqlmodel import select
 
 from agents.persistence.tables import ConversationRecord
 from agents.runtime.role import Role
@@ -95,13 +94,7 @@ class BiddingRequester(Role):
         )
 
     async def recover(self) -> None:
-        with self.agent.node.db.session() as s:
-            rows = s.exec(
-                select(ConversationRecord).where(
-                    ConversationRecord.agent == self.agent.name, ConversationRecord.role == "requester"
-                )
-            ).all()
-        for row in rows:
+        for row in self.agent.node.state.conversations(self.agent.name, "requester"):
             r = Requester.restore(json.loads(row.snapshot), self.policy)
             self.machines[r.conversation_id] = r
             self._recovered.append(r.conversation_id)

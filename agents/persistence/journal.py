@@ -28,6 +28,17 @@ log = logging.getLogger(__name__)
 AfterCommit = Callable[[], Any]
 
 
+_PRIMARY_KEYS: dict[type, tuple[str, ...]] = {}
+
+
+def primary_key(table: type[SQLModel]) -> tuple[str, ...]:
+    """The primary key's column names (SQLAlchemy's column collections are slow to walk per row)."""
+    names = _PRIMARY_KEYS.get(table)
+    if names is None:
+        names = _PRIMARY_KEYS[table] = tuple(c.name for c in table.__table__.primary_key.columns)  # type: ignore[attr-defined]
+    return names
+
+
 class Journal:
     def __init__(self, db: Database, *, threaded: bool | None = None) -> None:
         self.db = db
@@ -54,7 +65,7 @@ class Journal:
 
     def put(self, table: type[SQLModel], row: dict[str, Any]) -> None:
         """Insert or replace the row with this primary key (the last put in a batch wins)."""
-        key = tuple(row[c.name] for c in table.__table__.primary_key.columns)
+        key = tuple(row[c] for c in primary_key(table))
         self._upserts.setdefault(table, {})[key] = row
         self._kick()
 

@@ -9,14 +9,13 @@ shell from the run database and replays its documentation into it.
 from __future__ import annotations
 
 from basyx.aas import model
-from sqlmodel import select
 
 from agents.aas import build
 from agents.aas.ids import asset_id, shell_id, submodel_id
 from agents.aas.io import environment_json, read_json, to_jsonable
 from agents.aas.store import WriteKind, WriteRejected, WriteRequest
 from agents.bidding.requester_role import BiddingRequester
-from agents.persistence.tables import ProductRecord, StepRecord
+from agents.persistence.tables import ProductRecord
 from agents.product import documentation
 from agents.product.driver import ManufacturingDriver
 from agents.product.notifier import Notifier
@@ -63,9 +62,8 @@ async def start_product(
     node: Node, order: ProductOrder, *, config: RequesterConfig, policy: SelectionPolicy | None = None
 ) -> ProductAgent:
     ns = node.ns
-    with node.db.session() as s:
-        row = s.get(ProductRecord, order.name)
-        steps = s.exec(select(StepRecord).where(StepRecord.product == order.name)).all()
+    row = node.state.product(order.name)
+    steps = node.state.steps(order.name)
     if row is None:
         objects = build_shell(order, ns)
         record = {
@@ -97,7 +95,7 @@ async def start_product(
     docs = documentation.Documentation(
         node.store, node.journal, order.name, submodel_id(order.name, "ProcessDocumentation", ns)
     )
-    docs.restore(node.db)
+    docs.restore(node.state.documentation(order.name))
     node.store.set_write_hook(agent.name, _documentation_hook(docs))
     driver = ManufacturingDriver(order, record, docs)
     driver.steps = {r.step: r.model_dump() for r in steps}

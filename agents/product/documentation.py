@@ -16,12 +16,10 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from sqlmodel import select
 
 from agents.aas import docjson
 from agents.aas.build import step_id_short
 from agents.aas.store import AasStore
-from agents.persistence.database import Database
 from agents.persistence.journal import Journal
 from agents.persistence.tables import DocumentationRecord
 
@@ -91,12 +89,8 @@ class Documentation:
         self.store.put_element_json(self.doc_id, merged)
         return merged
 
-    def restore(self, db: Database) -> int:
+    def restore(self, rows: list[DocumentationRecord]) -> int:
         """Reload the mirrored records (a restart); returns how many there were."""
-        with db.session() as s:
-            rows = s.exec(
-                select(DocumentationRecord).where(DocumentationRecord.product == self.product)
-            ).all()
         for row in rows:
             self.load(row.step, orjson.loads(row.element))
         return len(rows)

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from sqlmodel import select
 
 from agents.aas.client import AasClient
 from agents.aas.server import AasServer
 from agents.aas.store import AasStore
 from agents.persistence import Database, Journal
+from agents.persistence.reader import StateReader
 from agents.persistence.tables import AgentRecord, OutboxRecord
 from agents.runtime.agent import Agent
 from agents.runtime.directory import Directory, Entry
@@ -61,6 +61,7 @@ class Node:
         self.clock = clock
         self.db = db
         self.journal = Journal(db)
+        self.state = StateReader(db)  # what agents read back at start (preloaded for a takeover)
         self.store = AasStore()
         self.server = AasServer(self.store)
         self.registry = RegistryClient(config.registry_url) if config.registry_url else None
@@ -191,8 +192,7 @@ class Node:
     def _mark_started(self, agent: Agent) -> bool:
         """Was this agent here before (a restart)? The record goes through the journal: a
         synchronous write here would queue behind every other process's commits."""
-        with self.db.session() as s:
-            row = s.get(AgentRecord, agent.name)
+        row = self.state.agent(agent.name)
         record = {
             "name": agent.name,
             "kind": agent.kind,
@@ -264,23 +264,11 @@ class Node:
 
     def _republish_unsent(self, agent: Agent) -> None:
         """After a restart: what was committed but maybe never published goes out again (receivers dedupe)."""
-        with self.db.session() as s:
-            rows = s.exec(
-                select(OutboxRecord)
-                .where(OutboxRecord.agent == agent.name, OutboxRecord.published == False)  # noqa: E712
-                .order_by(OutboxRecord.seq)
-            ).all()
-        for r in rows:
+        for r in self.state.unsent(agent.name):
             row = r.model_dump()
             agent._seq = max(agent._seq, row["seq"])
             self.publish_after_commit(agent, row["topic"], row["payload"].encode(), row)
-        with self.db.session() as s:
-            last = s.exec(
-                select(OutboxRecord.seq)
-                .where(OutboxRecord.agent == agent.name)
-                .order_by(OutboxRecord.seq.desc())
-            ).first()
-        agent._seq = max(agent._seq, last or 0)
+        agent._seq = max(agent._seq, self.state.last_seq(agent.name))
 
     # --- services for roles -----------------------------------------------------------------------
 
