@@ -188,6 +188,11 @@ def _ref_json(uri: str) -> dict[str, Any]:
     return {"type": "ExternalReference", "keys": [{"type": "GlobalReference", "value": uri}]}
 
 
+def xsd_double(value: float) -> str:
+    """A finite float as basyx writes an xs:double (its ``xsd_repr``, without the type dispatch)."""
+    return repr(value).replace("e", "E")
+
+
 def _xs(value: Any) -> tuple[str, str]:
     """(valueType, lexical value) exactly as basyx writes them."""
     if isinstance(value, bool):
@@ -197,7 +202,7 @@ def _xs(value: Any) -> tuple[str, str]:
     if isinstance(value, float):
         if not math.isfinite(value):
             raise ElementError(f"{value} is not a finite number")
-        return "xs:double", model.datatypes.xsd_repr(value)
+        return "xs:double", xsd_double(value)
     return "xs:string", str(value)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from basyx.aas.model.datatypes import xsd_repr
 
-from protocol.elements import capability_semantic_id
+from protocol.elements import capability_semantic_id, xsd_double
 
 from .build import OUTCOMES, StepRecord, TimeValue, step_id_short
 from .semantics import ProcessDocumentation as PD
@@ -43,7 +43,7 @@ def double(id_short: str, value: float, semantic_id: str | None = None) -> Json:
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"non-finite number {value!r} refused: a price or time of inf/NaN is a bug upstream")
-    return prop(id_short, xsd_repr(value), "xs:double", semantic_id)
+    return prop(id_short, xsd_double(value), "xs:double", semantic_id)
 
 
 def time_prop(id_short: str, value: TimeValue, semantic_id: str | None = None) -> Json:

@@ -13,7 +13,6 @@ provider's state without a new message type, and it keeps handlers idempotent.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import orjson
 
 from protocol.bidding.effects import Book, Evaluate, Note, Release, Send
+from protocol.bidding.flat import field_names, flat
 from protocol.elements import Bid, Booking, ElementError, Reason, StepCall, StepResult
 from protocol.frame import Message, MessageType, Role, make_message
 
@@ -272,9 +272,9 @@ class Provider:
     # --- persistence --------------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        data["call"] = _flat(self.call)
-        data["bid"] = _flat(self.bid) if self.bid else None
+        data = {name: getattr(self, name) for name in field_names(type(self))}
+        data["call"] = flat(self.call)
+        data["bid"] = flat(self.bid) if self.bid else None
         data["state"] = self.state.value
         data["seen"] = sorted(self.seen)
         return data
@@ -359,11 +359,3 @@ class ProviderRounds:
         self.by_cfp.pop(p.cfp_id, None)
         for ref in (p.proposal_id, p.accept_id):
             self._by_ref.pop(ref, None)
-
-
-def _flat(obj: Any) -> dict[str, Any]:
-    """A flat content dataclass as a dict (dataclasses.asdict recurses and deep-copies: too slow here)."""
-    out = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-    if "parameters" in out:
-        out["parameters"] = dict(out["parameters"])
-    return out

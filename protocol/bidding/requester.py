@@ -10,7 +10,6 @@ effects it returns. Every rule is reachable from `TABLE`.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -25,6 +24,7 @@ from protocol.bidding.effects import (
     Scheduled,
     Send,
 )
+from protocol.bidding.flat import flat
 from protocol.elements import Bid, Booking, ElementError, Reason, StepCall, StepResult
 from protocol.frame import Message, MessageType, Role, make_message, new_id
 from protocol.selection import Offer, PriorityWeighted, SelectionPolicy
@@ -469,20 +469,20 @@ class Requester:
         return {
             "me": self.me,
             "conversation_id": self.conversation_id,
-            "call": _flat(self.call),
+            "call": flat(self.call),
             "expected": sorted(self.expected),
-            "config": _flat(self.config),
+            "config": flat(self.config),
             "state": self.state.value,
             "round": self.round,
             "cfp_id": self.cfp_id,
             "past_cfps": list(self.past_cfps),
             "reply_by": self.reply_by,
             "deadline": self.deadline,
-            "offers": [[o.proposal_id, o.provider, _flat(o.bid)] for o in self.offers.values()],
+            "offers": [[o.proposal_id, o.provider, flat(o.bid)] for o in self.offers.values()],
             "offer_valid": dict(self.offer_valid),
             "answered": sorted(self.answered),
             "seen": sorted(self.seen),
-            "winner": [self.winner.proposal_id, self.winner.provider, _flat(self.winner.bid)]
+            "winner": [self.winner.proposal_id, self.winner.provider, flat(self.winner.bid)]
             if self.winner
             else None,
             "accept_id": self.accept_id,
@@ -521,11 +521,3 @@ class Requester:
         r.empty_rounds, r.failures, r.reason = data["empty_rounds"], data["failures"], data["reason"]
         r.deferrals = data.get("deferrals", 0)
         return r
-
-
-def _flat(obj: Any) -> dict[str, Any]:
-    """A flat content dataclass as a dict (dataclasses.asdict recurses and deep-copies: too slow here)."""
-    out = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-    if "parameters" in out:
-        out["parameters"] = dict(out["parameters"])
-    return out
