@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 from collections import defaultdict
@@ -177,12 +178,15 @@ def test_a_bad_scenario_gets_a_precise_message_and_no_traceback(tmp_path: Path) 
     assert "Traceback" not in proc.stderr
 
 
-def test_ctrl_c_stops_cleanly_and_leaves_a_record(tmp_path: Path) -> None:
-    """A real SIGINT to a running `twinbid run`: it stops within seconds and writes its KPIs."""
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_stops_cleanly_and_leaves_a_record(tmp_path: Path, sig: str) -> None:
+    """A real SIGINT (Ctrl-C) or SIGTERM (a service manager, `timeout`) to a running `twinbid run`:
+    it stops within seconds, writes its KPIs, and leaves no broker of its own running."""
     import signal
     import time
 
     out = tmp_path / "interrupted"
+    broker = ["--broker", "mosquitto"] if sig == "SIGTERM" and shutil.which("mosquitto") else []
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -193,6 +197,7 @@ def test_ctrl_c_stops_cleanly_and_leaves_a_record(tmp_path: Path) -> None:
             "--out",
             str(out),
             "-q",
+            *broker,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -202,12 +207,21 @@ def test_ctrl_c_stops_cleanly_and_leaves_a_record(tmp_path: Path) -> None:
     while not (out / "run.db").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     time.sleep(3)  # let the plant work for a moment
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, sig))
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode in (1, 130), stderr
     assert "Traceback" not in stderr, stderr
     kpis = json.loads((out / "kpis.json").read_text())
     assert kpis["products"]["total"] == 100 and kpis["products"]["completed"] < 100
+    left = [p for p in Path("/proc").glob("[0-9]*") if str(out) in _cmdline(p)]
+    assert not left, f"processes of the run still alive: {[_cmdline(p) for p in left]}"
+
+
+def _cmdline(proc_dir: Path) -> str:
+    try:
+        return (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 VENDOR_LINE = """

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -84,6 +85,9 @@ def run(
             f"order-taking service: {url}  (POST /orders, see docs/vendors.md)"
         ),
     )
+    # A service manager, `timeout` or `kill` stops a run with SIGTERM: stop it as Ctrl-C does
+    # (complete record, private broker and agent processes shut down), not by dying on the spot.
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
     try:
         result = asyncio.run(run_plant(sc, options))
     except KeyboardInterrupt:
