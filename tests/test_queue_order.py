@@ -168,3 +168,11 @@ def test_the_product_accepts_at_once_otherwise(priority: int, starts: tuple[floa
     r, out = _round(priority, starts)
     assert r.state is RState.AWARDING
     assert next(e.message.type for e in out if isinstance(e, Send)) is M.ACCEPT_PROPOSAL
+
+
+def test_on_a_wall_clock_only_late_drift_within_the_tolerance_goes_unconfirmed() -> None:
+    from agents.resource.timeline import moved_from
+
+    assert not moved_from(10, 12, 10.2, 12.2, tolerance=0.5)  # running a little late: no news
+    assert moved_from(10, 12, 10.6, 12.6, tolerance=0.5)  # later than that: re-confirmed
+    assert moved_from(10, 12, 9.9, 11.9, tolerance=0.5)  # earlier: always re-confirmed

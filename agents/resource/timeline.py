@@ -62,6 +62,15 @@ def pack(seq: list[Slot], base: float, previous: str | None) -> list[Times]:
     return out
 
 
+def moved_from(start: float, end: float, new_start: float, new_end: float, tolerance: float) -> bool:
+    """Do (new_start, new_end) differ from the promised (start, end): earlier at all, or later by
+    more than `tolerance`?"""
+    eps = 1e-9
+    if new_start < start - eps or new_end < end - eps:
+        return True
+    return new_start > start + tolerance or new_end > end + tolerance
+
+
 class Timeline:
     def __init__(self) -> None:
         self.slots: dict[str, Slot] = {}
@@ -137,12 +146,13 @@ class Timeline:
     def repack(self, base: float, previous: str | None, tolerance: float = 1e-9) -> list[Slot]:
         """Recompute the queue's times; return the bookings whose promised times moved (now updated).
 
-        A move within `tolerance` is no move: on a wall clock the queue drifts by the milliseconds
-        the agents themselves take, which is no news for a product.
+        A move *later* within `tolerance` is no move: on a wall clock the queue drifts by the
+        milliseconds the agents themselves take, which is no news for a product. A move earlier is
+        always news. (So a promise is never later than the packed times, and promises never overlap.)
         """
         moved = []
         for s, (start, end, setup) in zip(self.pending(), pack(self.pending(), base, previous), strict=True):
-            if s.booked and (abs(s.start - start) > tolerance or abs(s.end - end) > tolerance):
+            if s.booked and moved_from(s.start, s.end, start, end, tolerance):
                 s.start, s.end, s.setup = start, end, setup
                 moved.append(s)
         return moved

@@ -26,7 +26,7 @@ from agents.aas import build, docjson
 from agents.aas.ids import submodel_id
 from agents.aas.store import WriteKind, WriteRequest
 from agents.persistence.tables import WorkOrderRecord
-from agents.resource.timeline import Slot, Timeline
+from agents.resource.timeline import Slot, Timeline, moved_from
 from agents.runtime.role import Role
 from protocol.bidding.provider import Provider, PState
 from protocol.elements import Bid, StepResult
@@ -197,7 +197,7 @@ class WorkQueue(Role):
             promised = (slot.start, slot.end)
             tol = self.tolerance  # while the step is still the queue's first booking
             self.timeline.start(slot.key, now, start + setup + slot.duration, setup)
-            if abs(promised[0] - slot.start) > tol or abs(promised[1] - slot.end) > tol:
+            if moved_from(promised[0], promised[1], slot.start, slot.end, tol):
                 await self._reconfirm(slot)
         else:  # resumed after a restart: the asset's planned times stand
             self.timeline.start(slot.key, slot.start, slot.end, slot.setup)
