@@ -176,3 +176,13 @@ def test_on_a_wall_clock_only_late_drift_within_the_tolerance_goes_unconfirmed()
     assert not moved_from(10, 12, 10.2, 12.2, tolerance=0.5)  # running a little late: no news
     assert moved_from(10, 12, 10.6, 12.6, tolerance=0.5)  # later than that: re-confirmed
     assert moved_from(10, 12, 9.9, 11.9, tolerance=0.5)  # earlier: always re-confirmed
+
+
+def test_a_small_move_is_news_when_another_step_got_ahead() -> None:
+    t = queue(slot("a", 2, rank=(1, 0.1)), slot("b", 2, rank=(1, 0.9)))
+    b = t.slots["b"]
+    b.ahead = frozenset({"a"})
+    assert t.repack(0.2, None, tolerance=0.5) == []  # the queue runs 0.2 late: drift, no news
+    t.slots["x"] = slot("x", 1, booked=True)  # x now runs: it is new ahead of a and b
+    assert [s.key for s in t.repack(0.2, None, tolerance=0.5, running="x")] == ["a", "b"]
+    assert (b.start, b.ahead) == (2.2, frozenset({"a", "x"}))

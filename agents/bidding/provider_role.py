@@ -48,6 +48,9 @@ class WorkOrders(Protocol):
     def booked(self, p: Provider, slot: Slot) -> None: ...
     def released(self, p: Provider, slot: Slot | None, *, booked: bool) -> None: ...
     def frontier(self) -> tuple[float, str | None]: ...
+
+    running: str | None  # the key of the step the machine is doing
+
     async def resync(self) -> None: ...
 
 
@@ -159,6 +162,7 @@ class BiddingProvider(Role):
         base, previous = self.orders.frontier()
         index, (start, end, setup) = self.timeline.place(slot, base, previous)
         slot.start, slot.end, slot.setup = start, end, setup
+        slot.ahead = self.timeline.ahead_of(index, self.orders.running)
         if not self.asset.reserve(job):
             return await self._apply(
                 p, p.refuse("capacity", f"{self.asset.name} has no room for {job.job_id}", now_ms)

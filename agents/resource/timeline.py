@@ -39,6 +39,7 @@ class Slot:
     rank: tuple = ()  # queue order: a smaller rank is more urgent
     firm: bool = True  # no newcomer may be queued ahead of it (delaying it)
     started: bool = False
+    ahead: frozenset = frozenset()  # the steps queued or running before it when its times were promised
 
     def __post_init__(self) -> None:
         if self.duration < 0:
@@ -143,19 +144,32 @@ class Timeline:
         """The booked job the machine does next (open offers are skipped: they may still be rejected)."""
         return next((s for s in self.pending() if s.booked), None)
 
-    def repack(self, base: float, previous: str | None, tolerance: float = 1e-9) -> list[Slot]:
+    def repack(
+        self, base: float, previous: str | None, tolerance: float = 1e-9, running: str | None = None
+    ) -> list[Slot]:
         """Recompute the queue's times; return the bookings whose promised times moved (now updated).
 
-        A move *later* within `tolerance` is no move: on a wall clock the queue drifts by the
-        milliseconds the agents themselves take, which is no news for a product. A move earlier is
-        always news. (So a promise is never later than the packed times, and promises never overlap.)
+        A move *later* within `tolerance` with the same steps ahead is no move: on a wall clock
+        the queue drifts by the milliseconds the agents themselves take, which is no news for a
+        product. A move earlier, or any move after another step with work to do got ahead of it
+        (`running`: the step the machine is doing), is always news.
         """
         moved = []
-        for s, (start, end, setup) in zip(self.pending(), pack(self.pending(), base, previous), strict=True):
-            if s.booked and moved_from(s.start, s.end, start, end, tolerance):
-                s.start, s.end, s.setup = start, end, setup
+        queue = self.pending()
+        for i, (s, (start, end, setup)) in enumerate(zip(queue, pack(queue, base, previous), strict=True)):
+            if not s.booked:
+                continue
+            ahead = frozenset(q.key for q in queue[:i]) | ({running} if running else frozenset())
+            newly = [self.slots[k] for k in ahead - s.ahead if k in self.slots]
+            tol = tolerance if sum(q.duration + q.setup_change for q in newly) <= 1e-9 else 1e-9
+            if moved_from(s.start, s.end, start, end, tol):
+                s.start, s.end, s.setup, s.ahead = start, end, setup, ahead
                 moved.append(s)
         return moved
+
+    def ahead_of(self, index: int, running: str | None) -> frozenset:
+        """The steps before position `index` of the queue, and the running one."""
+        return frozenset(self.order[:index]) | ({running} if running else frozenset())
 
     # --- views -------------------------------------------------------------------------------------
 

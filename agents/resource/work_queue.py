@@ -130,7 +130,7 @@ class WorkQueue(Role):
     async def resync(self) -> None:
         """Pack the queue again; re-confirm every booking whose times moved with its product."""
         base, previous = self.frontier()
-        for slot in self.timeline.repack(base, previous, self.tolerance):
+        for slot in self.timeline.repack(base, previous, self.tolerance, self.running):
             await self._reconfirm(slot)
 
     async def _reconfirm(self, slot: Slot) -> None:
