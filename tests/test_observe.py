@@ -47,6 +47,11 @@ def sql(out: Path, query: str, *params: object) -> list[tuple]:
         return conn.execute(query, params).fetchall()
 
 
+def _count(out: Path, message_type: str) -> int:
+    """Messages of a type in the run's outbox (what the recording must hold once each)."""
+    return sql(out, "SELECT COUNT(*) FROM tb_outbox WHERE type = ?", message_type)[0][0]
+
+
 def invoke(*args: str) -> str:
     result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -129,10 +134,11 @@ def test_trace_mermaid(demo_run: Path) -> None:
     run_ = analysis.load(demo_run)
     trace = run_.trace(cid)
     receivers = run_.receivers()
-    cfp = trace[trace["type"] == "callForProposal"]["message_id"].iloc[0]
+    cfps = trace[trace["type"] == "callForProposal"]["message_id"]
     arrows = [ln for ln in lines if "->>" in ln or "--x" in ln or "-)" in ln]
     direct = int((trace["type"] != "callForProposal").sum())
-    assert len(arrows) == direct + len(receivers[cfp])  # one arrow per delivery of the broadcast
+    # one arrow per direct message, and one per delivery of each broadcast (a round may call again)
+    assert len(arrows) == direct + sum(len(receivers[c]) for c in cfps)
     assert mermaid(trace, receivers) == text
     for name in set(trace["sender"]):
         assert f" as {name}" in text
@@ -192,7 +198,8 @@ def test_log_filters(demo_run: Path, tmp_path: Path) -> None:
     )
 
     cfps = _jsonl(invoke("log", demo_run, "--jsonl", "--type", "cfp"))
-    assert {r["type"] for r in cfps} == {"callForProposal"} and len(cfps) == 40
+    assert {r["type"] for r in cfps} == {"callForProposal"}
+    assert len(cfps) == _count(demo_run, "callForProposal") >= 40  # a product may call again
 
     mine = _jsonl(invoke("log", demo_run, "--jsonl", "--resource", "mill-fast"))
     assert mine and all(
@@ -222,7 +229,8 @@ def test_log_filters(demo_run: Path, tmp_path: Path) -> None:
     assert len(csv.read_text().splitlines()) == 1 + len(
         _jsonl(invoke("log", demo_run, "--jsonl", "--resource", "stores"))
     )
-    assert "5 of 250 messages" in invoke("log", demo_run, "--limit", "5")
+    total = sql(demo_run, "SELECT COUNT(*) FROM tb_outbox")[0][0]
+    assert f"5 of {total} messages" in invoke("log", demo_run, "--limit", "5")
 
 
 def test_log_follow_tails_a_growing_recording(demo_run: Path, tmp_path: Path) -> None:
@@ -271,7 +279,8 @@ def test_analysis_tables(demo_run: Path, tmp_path: Path) -> None:
     assert set(r.bids["outcome"]) <= {"accepted", "rejected"}
     assert len(r.conversations) == 40 and (r.conversations["status"] == "done").all()
     assert r.messages["message_id"].is_unique and list(r.messages["order"]) == list(range(len(r.messages)))
-    assert len(r.steps) == 40 and len(r.products) == 10 and len(r.events) == 100
+    assert len(r.steps) == 40 and len(r.products) == 10
+    assert len(r.events) == sql(demo_run, "SELECT COUNT(*) FROM tb_event")[0][0] >= 100
     assert set(r.resources["resource"]) == {"stores", "mill-fast", "mill-slow", "assembly"}
     assert (r.utilisation_over_time(20).to_numpy() <= 1 + 1e-9).all()
     q = r.queue_lengths()
@@ -286,7 +295,7 @@ def test_analysis_of_a_recording_alone(demo_run: Path, tmp_path: Path) -> None:
     r = analysis.load(tmp_path)
     assert not r.has_database
     assert len(r.messages) == sql(demo_run, "SELECT COUNT(*) FROM tb_outbox")[0][0]
-    assert len(r.conversations) == 40 and len(r.bids) == 65
+    assert len(r.conversations) == 40 and len(r.bids) == _count(demo_run, "proposal")
     assert set(r.conversations["product"]) == {p for (p,) in sql(demo_run, "SELECT product FROM tb_product")}
     # the schedule comes from the calls, awards and results themselves
     assert len(r.work_orders) == len(r.steps) == 40 and (r.steps["status"] == "done").all()
