@@ -175,9 +175,24 @@ def _write_aasx(node: Node, names: list[str], folder: Path) -> None:
 # --- the run ----------------------------------------------------------------------------------------
 
 
+def _raise_open_files_limit() -> None:
+    """Every agent holds an MQTT connection (and the private broker one per agent): a swarm of
+    more than ~1,000 agents needs more than the usual soft limit of open files. The broker, the
+    fork server and the workers inherit the raised limit."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):  # e.g. a hard limit above the kernel's nr_open
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def run(scenario: Scenario, options: RunOptions) -> RunResult:
     out = options.out
     out.mkdir(parents=True, exist_ok=True)
+    _raise_open_files_limit()
     notices: list[str] = []
     seed = options.seed if options.seed is not None else scenario.seed
     db_url = options.db or scenario.database or sqlite_url(out / "run.db")

@@ -32,7 +32,7 @@ from protocol.elements import capability_semantic_id
 from protocol.frame import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.topics import matches
 from protocol.transport import BrokerAddress, MqttTransport
-from registry.client import RegistryClient
+from registry.client import HttpError, RegistryClient
 from registry.descriptors import shell_descriptor
 from shopfloor.clock import Clock
 
@@ -147,8 +147,20 @@ class Node:
         await agent.on_start()
 
     async def _register(self, aas_id: str, descriptor: dict) -> None:
+        """Register until the registry takes it: a registry slowed down by a start-up storm makes
+        an agent wait, it does not abort the run (the client already retried transient errors)."""
         assert self.registry is not None
-        await self.registry.register(descriptor, ttl=self.config.registry_ttl)
+        delay = 0.5
+        while True:
+            try:
+                await self.registry.register(descriptor, ttl=self.config.registry_ttl)
+                break
+            except (HttpError, httpx.HTTPError) as exc:
+                if isinstance(exc, HttpError) and exc.status < 500:
+                    raise  # the registry refuses the descriptor: a bug, not a load problem
+                log.warning("registering %s failed (%s); retrying in %.1f s", aas_id, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
         self.registry.keepalive(aas_id)
 
     async def remove_agent(self, agent: Agent, *, deregister: bool = True) -> None:
