@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -139,9 +140,13 @@ async def wait_for_status(client: httpx.AsyncClient, order_id: str, within: floa
     raise AssertionError(f"order {order_id} still {doc.get('status')}: {doc}")
 
 
+@pytest.mark.parametrize("join", ["explicit", "plant-accounts"])
 async def test_vendor_serve_takes_orders_into_another_process_s_plant(
-    tmp_path: Path, mosquitto, processes: Processes
+    tmp_path: Path, mosquitto, processes: Processes, join: str
 ) -> None:
+    """explicit: the plant on the test's broker, joined with --broker/--registry/--clock-origin.
+    plant-accounts: the plant starts its own broker with per-agent accounts (the default), joined
+    with --plant OUT: the service's product twins get accounts from the run's credentials."""
     key = generate_api_key("acme")
     (tmp_path / "plant.yaml").write_text(PLANT)
     (tmp_path / "vendors.yaml").write_text(
@@ -152,9 +157,9 @@ async def test_vendor_serve_takes_orders_into_another_process_s_plant(
     try:
         # 1. the plant, in its own process, on the test's broker; plant.json says how to join it
         plant_out = tmp_path / "plant"
-        processes.start(
-            "plant", "run", "plant.yaml", "--out", str(plant_out), "--broker", mosquitto.url, "-q"
-        )
+        own_broker = "mosquitto" if shutil.which("mosquitto") else "embedded"
+        broker = mosquitto.url if join == "explicit" else own_broker
+        processes.start("plant", "run", "plant.yaml", "--out", str(plant_out), "--broker", broker, "-q")
         plant_file = plant_out / "plant.json"
         await asyncio.to_thread(processes.wait_for, "plant", plant_file.exists)
         await asyncio.sleep(0.2)  # written in one go, but let the writer finish
@@ -166,12 +171,16 @@ async def test_vendor_serve_takes_orders_into_another_process_s_plant(
         # 2. the order-taking service, standalone, in another process: no resources of its own
         port = free_port()
         base = f"http://127.0.0.1:{port}"
+        if join == "explicit":
+            how = ["--broker", info["broker"], "--registry", info["registry"], "--no-resources",
+                   "--clock-origin", str(origin)]  # fmt: skip
+        else:
+            assert (plant_out / "broker" / "credentials.json").exists()  # accounts are on
+            how = ["--plant", str(plant_out)]
         processes.start(
             "serve",
             "vendor", "serve", "plant.yaml", "--vendors", "vendors.yaml", "--port", str(port),
-            "--out", str(tmp_path / "service"),
-            "--broker", info["broker"], "--registry", info["registry"], "--no-resources",
-            "--clock-origin", str(origin),
+            "--out", str(tmp_path / "service"), *how,
         )  # fmt: skip
         await asyncio.to_thread(
             processes.wait_for, "serve", lambda: "order-taking service at" in processes.output("serve")

@@ -340,8 +340,12 @@ class VendorPlant:
         registry_url: str | None = None,
         resources: bool = True,
         clock: PlantClock | None = None,
+        accounts: Path | None = None,
     ) -> None:
         self.scenario = scenario
+        # The joined run's broker accounts (OUT/broker, saved by `twinbid run`): our product twins
+        # get theirs from it, issued on demand like the run's own vendor orders.
+        self.accounts = accounts
         # Joining another process's plant: its clock's kind and time base, or simulated times would not agree.
         self.plant_clock = clock
         self.registry_url = registry_url  # an existing plant's registry: serve orders into that plant
@@ -382,7 +386,14 @@ class VendorPlant:
         db = open_database(self.db_url or sqlite_url(self.out / "run.db"))
         pc = self.plant_clock or PlantClock(sc.clock.kind, sc.clock.time_scale)
         self.clock = make_clock(pc.kind, time_scale=pc.time_scale or 1.0, wall_origin_ms=pc.wall_origin_ms)
-        self.node = Node(NodeConfig(sc.namespace, self._broker.address, registry_url), self.clock, db)
+        passwords: dict[str, str] = {}
+        if self.accounts is not None:
+            from protocol.credentials import Credentials
+
+            passwords = Credentials.load(self.accounts).passwords
+        self.node = Node(
+            NodeConfig(sc.namespace, self._broker.address, registry_url, passwords=passwords), self.clock, db
+        )
         await self.node.start()
         await self.clock.start()
         self._requester_config = assembly.requester_config(sc, pc.kind, pc.time_scale)
@@ -516,6 +527,7 @@ def serve(
         registry_url=registry,
         resources=resources,
         clock=clock,
+        accounts=_accounts(plant),
     )
 
     async def main() -> None:
@@ -532,6 +544,15 @@ def serve(
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main())
+
+
+def _accounts(plant: Path | None) -> Path | None:
+    """The joined run's broker accounts folder, if it has one (accounts are on by default when
+    `twinbid run` starts its own broker)."""
+    if plant is None:
+        return None
+    folder = (plant if plant.is_dir() else plant.parent) / "broker"
+    return folder if (folder / "credentials.json").exists() else None
 
 
 def _plant_clock(
