@@ -130,6 +130,9 @@ class BiddingProvider(Role):
     async def _evaluate(self, p: Provider) -> None:
         if p.state is not PState.EVALUATING:
             return
+        firm = await self._had_alternatives(p.call)  # may ask the registry
+        if p.state is not PState.EVALUATING:
+            return  # the round moved on while we waited (cancelled, expired): nothing to offer
         now, now_ms = self.agent.now(), self.agent.now_ms()
         call = p.call
         capability = next((c for c in call.capabilities if c in self.asset.capabilities()), None)
@@ -157,7 +160,7 @@ class BiddingProvider(Role):
             duration=duration,
             setup_change=estimate.setup,
             rank=rank(call, duration),
-            firm=await self._had_alternatives(call),
+            firm=firm,
         )
         base, previous = self.orders.frontier()
         index, (start, end, setup) = self.timeline.place(slot, base, previous)
