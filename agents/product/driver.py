@@ -30,6 +30,7 @@ class ManufacturingDriver(Role):
         self.record = record  # the ProductRecord row (status, location)
         self.steps: dict[int, dict] = {}  # StepRecord rows by index
         self.docs = docs  # the ProcessDocumentation's records
+        self._opening: set[int] = set()  # steps whose call is being prepared (see advance)
 
     # --- helpers ----------------------------------------------------------------------------------
 
@@ -87,7 +88,7 @@ class ManufacturingDriver(Role):
         step = self.next_step()
         if step is None:
             return await self._complete()
-        if self.requester.open_for_step(step.index) is not None:
+        if self.requester.open_for_step(step.index) is not None or step.index in self._opening:
             return None
         release = max(self.order.release, self.record.get("ready_at") or 0.0)
         if release > self.agent.now():
@@ -107,7 +108,14 @@ class ManufacturingDriver(Role):
             parameters=dict(step.parameters),
         )
         self._save_step(step.index, status="negotiating", cfp_sim=self.agent.now())
-        r = await self.requester.request(call)
+        # Two triggers may meet here (a restart's on_start and a replayed inform of the previous
+        # step): the call waits for the registry before its conversation exists, and without
+        # this mark both would open one, and two resources would execute the step.
+        self._opening.add(step.index)
+        try:
+            r = await self.requester.request(call)
+        finally:
+            self._opening.discard(step.index)
         self._save_step(step.index, conversation_id=r.conversation_id)
         return None
 
