@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hypothesis import HealthCheck, settings
+
 from agents.persistence import open_database
 from agents.persistence.database import sqlite_url
 from agents.runtime.agent import Agent
@@ -32,6 +34,18 @@ from registry.service import RegistryServer
 from scenarios.launcher import Plant, _start_products, _start_resources, offered_capabilities
 from scenarios.schema import Scenario
 from shopfloor.clock import make_clock
+
+
+def fuzz_settings(cases: int) -> settings:
+    """Hypothesis settings of every fuzz run: a fixed number of cases, reproducible (derandomized,
+    no example database), no deadline or health checks (a live plant answers at its own pace)."""
+    return settings(
+        max_examples=cases,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
 
 
 class LivePlant:

@@ -28,8 +28,8 @@ import requests
 import schemathesis
 from basyx.aas import model
 from conftest import HAVE_MOSQUITTO
-from fuzzing import LivePlant, PlantThread, Tally
-from hypothesis import HealthCheck, given, settings
+from fuzzing import LivePlant, PlantThread, Tally, fuzz_settings
+from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
@@ -191,13 +191,7 @@ def fuzz_openapi(
             strategies.append(operation.as_strategy(generation_mode=GenerationMode.NEGATIVE))
         for strategy in strategies:
 
-            @settings(
-                max_examples=per_operation,
-                deadline=None,
-                database=None,
-                derandomize=True,
-                suppress_health_check=list(HealthCheck),
-            )
+            @fuzz_settings(per_operation)
             @given(
                 case=strategy,
                 query=st.none() | QUERY,

@@ -26,8 +26,8 @@ from typing import Any
 
 import pytest
 from conftest import HAVE_MOSQUITTO
-from fuzzing import LivePlant, PlantThread, Tally, rejections
-from hypothesis import HealthCheck, given, settings
+from fuzzing import LivePlant, PlantThread, Tally, fuzz_settings, rejections
+from hypothesis import given
 from hypothesis import strategies as st
 
 from protocol.frame import MessageType
@@ -347,13 +347,7 @@ def run_hypothesis(target: Target, n: int, seed: int) -> Tally:
     tally = Tally("mqtt-hypothesis-frames")
     rng = random.Random(seed)
 
-    @settings(
-        max_examples=n,
-        deadline=None,
-        database=None,
-        derandomize=True,
-        suppress_health_check=list(HealthCheck),
-    )
+    @fuzz_settings(n)
     @given(case=frames(target))
     def fuzz(case: tuple[str, bytes]) -> None:
         target.deliver(tally, case[0], case[1], rng)
@@ -366,13 +360,7 @@ def run_raw(target: Target, n: int, seed: int) -> Tally:
     tally = Tally("mqtt-raw-bytes")
     rng = random.Random(seed)
 
-    @settings(
-        max_examples=n,
-        deadline=None,
-        database=None,
-        derandomize=True,
-        suppress_health_check=list(HealthCheck),
-    )
+    @fuzz_settings(n)
     @given(
         payload=st.binary(max_size=2000) | st.text(max_size=500).map(str.encode),
         to=st.sampled_from(target.names),

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 import yaml
-from fuzzing import Tally
-from hypothesis import HealthCheck, given, settings
+from fuzzing import Tally, fuzz_settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from scenarios.loader import ScenarioError, load_scenario_text
@@ -181,13 +181,7 @@ def run_hypothesis(n: int) -> Tally:
         "faults",
     ]
 
-    @settings(
-        max_examples=n,
-        deadline=None,
-        database=None,
-        derandomize=True,
-        suppress_health_check=list(HealthCheck),
-    )
+    @fuzz_settings(n)
     @given(
         doc=st.dictionaries(st.sampled_from(keys) | st.text(max_size=10), YAML_VALUES, max_size=8)
         | YAML_VALUES
