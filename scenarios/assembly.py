@@ -131,6 +131,7 @@ def requester_config(scenario: Scenario, clock_kind: str, time_scale: float | No
         # Silence is no refusal: the winner may be restarting, and withdrawing an award it may
         # already be executing would risk the step twice. Keep asking (the answer is idempotent).
         confirm_retries=1000,
+        defer_until_start=b.defer_until_start,
     )
 
 

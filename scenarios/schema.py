@@ -319,6 +319,10 @@ class Bidding(_Model):
     offer_validity: Positive = 10.0
     #: Wait for informConfirm after acceptProposal before bidding the step again.
     confirm_timeout: Positive = 5.0
+    #: Top priority with a choice of resources commits only to an offer that starts now; while
+    #: every capable resource is busy it rejects the offers and calls again when the best one
+    #: would start (better schedules, more messages). False: take the best offer at once.
+    defer_until_start: bool = True
 
 
 class TransportLeg(_Model):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import sqlite3
 import subprocess
 import sys
 from collections import defaultdict
@@ -106,6 +107,28 @@ def test_demo_on_mosquitto_twice_gives_the_same_schedule(tmp_path: Path, mosquit
     second = run_plant(scenario, tmp_path / "b", broker=mosquitto.url)
     assert schedule(tmp_path / "a") == schedule(tmp_path / "b")
     assert first["makespan"] == second["makespan"]
+
+
+def test_deferral_of_top_priority_calls_is_a_scenario_option(tmp_path: Path) -> None:
+    """`bidding.defer_until_start` (default on): top-priority products reject offers that start later
+    and call again; off, they take the best offer at once (fewer messages, every step still once)."""
+    scenario = load_scenario(DEMO)
+    off = scenario.model_copy(
+        update={"bidding": scenario.bidding.model_copy(update={"defer_until_start": False})}
+    )
+    on_kpis = run_plant(scenario, tmp_path / "on")
+    off_kpis = run_plant(off, tmp_path / "off")
+    check_record(tmp_path / "off", off_kpis, 10)
+
+    def deferred(out: Path) -> int:
+        with sqlite3.connect(out / "run.db") as conn:
+            query = (
+                "SELECT COUNT(*) FROM tb_outbox WHERE type = 'rejectProposal' AND payload LIKE '%deferred%'"
+            )
+            return conn.execute(query).fetchone()[0]
+
+    assert deferred(tmp_path / "on") > 0 and deferred(tmp_path / "off") == 0
+    assert off_kpis["messages"]["total"] < on_kpis["messages"]["total"]
 
 
 def test_demo_in_two_processes(tmp_path: Path, mosquitto) -> None:
