@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -189,8 +190,12 @@ class RegistryClient:
         self.stop_keepalive(aas_id)
 
         async def loop() -> None:
+            # The first renewal at a random point of the period: agents registered together
+            # (a whole swarm at start-up) would otherwise renew together, every period.
+            delay = period * random.uniform(0.5, 1.0)
             while True:
-                await asyncio.sleep(period)
+                await asyncio.sleep(delay)
+                delay = period
                 try:
                     await self.renew(aas_id)
                 except (HttpError, httpx.HTTPError) as exc:
