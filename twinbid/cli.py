@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import signal
 import sys
@@ -131,6 +130,11 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "run"
 
 
+def _num(value: float | None) -> str:
+    """A figure for the table: two decimals at most (kpis.json keeps full precision)."""
+    return "-" if value is None else f"{value:,.2f}".rstrip("0").rstrip(".")
+
+
 def _kpi_table(k: dict, out: Path) -> None:
     t = Table(title=f"KPIs ({out})", show_header=False)
     p, s = k["products"], k["steps"]
@@ -140,10 +144,13 @@ def _kpi_table(k: dict, out: Path) -> None:
         ("steps", f"{s['completed']}/{s['total']}"),
         ("makespan (simulated)", f"{k['makespan']:.2f}"),
         ("wall seconds", f"{k['wall_seconds']:.2f}"),
-        ("messages", f"{k['messages']['total']} ({k['messages']['per_step']} per step)"),
-        ("negotiation latency ms", f"p50 {lat['p50']}  p99 {lat['p99']}"),
-        ("flow time mean", str(k["flow_time"]["mean"])),
-        ("flow time by priority", json.dumps(k["flow_time"]["by_priority"])),
+        ("messages", f"{k['messages']['total']} ({_num(k['messages']['per_step'])} per step)"),
+        ("negotiation latency ms", f"p50 {_num(lat['p50'])}  p99 {_num(lat['p99'])}"),
+        ("flow time mean", _num(k["flow_time"]["mean"])),
+        (
+            "flow time by priority",
+            ", ".join(f"prio {p_}: {_num(v)}" for p_, v in k["flow_time"]["by_priority"].items()),
+        ),
         ("utilisation", ", ".join(f"{r} {u:.0%}" for r, u in k["utilisation"].items())),
     ]
     for a, b in rows:
