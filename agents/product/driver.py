@@ -74,6 +74,8 @@ class ManufacturingDriver(Role):
 
     async def on_start(self) -> None:
         if self.record["status"] in ("completed", "failed"):
+            if self.record["status"] == "completed":  # restarted after its end: the AAS as it was
+                self._put_nameplate(self.record.get("completed_sim") or self.agent.now())
             self.agent.finish()
             return
         if self.record["status"] == "new":
@@ -120,7 +122,16 @@ class ManufacturingDriver(Role):
         return None
 
     async def _complete(self) -> None:
+        self._put_nameplate(self.agent.now())
+        self._save_product(status="completed", completed_sim=self.agent.now())
+        self.notifier.notify("manufacturing-completed", flow_time=self.agent.now() - self.order.release)
+        self.agent.finish()
+
+    def _put_nameplate(self, completed: float) -> None:
+        """The Digital Nameplate of the finished product, dated by the plant's clock (idempotent:
+        a product restarted after its end rebuilds the same one, its stored shell predates it)."""
         ns = self.agent.node.ns
+        made = dt.datetime.fromtimestamp(self.agent.clock.epoch_ms(completed) / 1000, dt.UTC)
         sm = build.nameplate(
             submodel_id(self.agent.name, "Nameplate", ns),
             manufacturer_name="twinbid plant " + ns,
@@ -129,8 +140,8 @@ class ManufacturingDriver(Role):
             order_code=self.agent.name,
             address=build.Address(street="Factory Road 1", zipcode="00000", city="Plant", national_code="DE"),
             serial_number=self.agent.name,
-            year_of_construction=str(dt.datetime.now(dt.UTC).year),
-            date_of_manufacture=dt.datetime.now(dt.UTC).date(),
+            year_of_construction=str(made.year),
+            date_of_manufacture=made.date(),
             product_type=self.order.product_type,
         )
         store = self.agent.node.store
@@ -139,9 +150,6 @@ class ManufacturingDriver(Role):
             shell = store.get_shell(self.agent.aas_id)
             build.link(shell, sm)
             store.changed(shell.id)
-        self._save_product(status="completed", completed_sim=self.agent.now())
-        self.notifier.notify("manufacturing-completed", flow_time=self.agent.now() - self.order.release)
-        self.agent.finish()
 
     # --- bidding outcomes -------------------------------------------------------------------------
 
