@@ -403,3 +403,37 @@ def test_observe_command_records_a_live_plant(mosquitto, tmp_path: Path) -> None
     assert "recorded 200 messages" in stderr
     with sqlite3.connect(out / "observe.db") as conn:
         assert conn.execute("SELECT COUNT(*) FROM tb_recorded").fetchone()[0] == 200
+
+
+def test_observe_joins_a_run_with_broker_accounts_by_its_output_folder(tmp_path: Path) -> None:
+    """`twinbid run` starts its broker with per-agent accounts; `twinbid observe --plant OUT` finds
+    the broker, the namespace and the observer's account in OUT and records the live plant."""
+    import signal
+
+    plant_out, observed = tmp_path / "plant", tmp_path / "observed"
+    broker = ["--broker", "mosquitto"] if shutil.which("mosquitto") else []
+    plant = subprocess.Popen(
+        [sys.executable, "-m", "twinbid.cli", "run", str(ROOT / "scenarios" / "aircraft-sensor.yaml"),
+         "--out", str(plant_out), "-q", *broker],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not (plant_out / "plant.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.3)
+        assert (plant_out / "broker" / "credentials.json").exists()  # accounts are on
+        observer = subprocess.run(
+            [sys.executable, "-m", "twinbid.observe", "observe", "--plant", str(plant_out),
+             "--out", str(observed), "--duration", "3", "--quiet"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert observer.returncode == 0, observer.stderr
+    finally:
+        plant.send_signal(signal.SIGINT)
+        try:
+            plant.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            plant.kill()
+    lines = (observed / "messages.jsonl").read_text().splitlines()
+    assert lines and all(json.loads(x)["topic"].startswith("i40/aircraft-sensors/") for x in lines)

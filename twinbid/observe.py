@@ -72,10 +72,43 @@ def _load(out: Path, db: str | None = None):
 # =========================================================================== observe
 
 
+def _observed(broker: str | None, ns: str | None, plant: Path | None) -> tuple[Any, str]:
+    """Where to listen: the options given, completed from a run's plant.json and its accounts."""
+    from protocol.transport import BrokerAddress
+
+    if plant is None:
+        if broker is None or ns is None:
+            raise ValueError("give --broker URL and --ns NAMESPACE, or --plant OUT (a run's output folder)")
+        return BrokerAddress.from_url(broker), ns
+    from protocol.credentials import Credentials
+    from twinbid.vendor import PlantInfo
+
+    info = PlantInfo.read(plant)
+    url, ns = broker or info.broker, ns or info.namespace
+    if url is None or ns is None:
+        raise ValueError(f"{plant}: plant.json names no broker or namespace; give --broker and --ns")
+    address = BrokerAddress.from_url(url)
+    folder = (plant if plant.is_dir() else plant.parent) / "broker"
+    if broker is None and (folder / Credentials.FILE).exists():  # the run's broker has accounts
+        address = Credentials.load(folder).observer_address(address)
+    return address, ns
+
+
 @app.command()
 def observe(
-    broker: Annotated[str, typer.Option(help="broker URL, e.g. mqtt://user:pw@host:1883")],
-    ns: Annotated[str, typer.Option(help="plant namespace (the {ns} in i40/{ns}/...)")],
+    broker: Annotated[
+        str | None, typer.Option(help="broker URL, e.g. mqtt://user:pw@host:1883 (or --plant)")
+    ] = None,
+    ns: Annotated[
+        str | None, typer.Option(help="plant namespace (the {ns} in i40/{ns}/...; or --plant)")
+    ] = None,
+    plant: Annotated[
+        Path | None,
+        typer.Option(
+            help="a running `twinbid run`'s output folder: its broker, namespace and, when the run "
+            "started its broker with accounts, the observer's account"
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option(help="folder for messages.jsonl")] = Path("observed"),
     duration: Annotated[
         float | None, typer.Option(help="stop after this many seconds (default: until Ctrl-C)")
@@ -97,10 +130,9 @@ def observe(
     """Record every message of a live plant (QoS 1, persistent session) to OUT/messages.jsonl."""
     from protocol.recorder import Recorder
     from protocol.topics import TopicError, check_name
-    from protocol.transport import BrokerAddress
 
     try:
-        address = BrokerAddress.from_url(broker)
+        address, ns = _observed(broker, ns, plant)
         check_name(ns, "namespace")
     except (ValueError, TopicError) as exc:
         err.print(f"[red]{escape(str(exc))}[/red]")
