@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from agents.aas import build as b
+from agents.aas import docjson
 from agents.aas.ids import submodel_id
 from agents.aas.io import to_json
 from agents.bidding.requester_role import BiddingRequester
@@ -33,20 +35,26 @@ class SlowRegistry(BiddingRequester):
         return frozenset({"urn:lathe-1"})
 
 
-async def test_concurrent_advances_open_one_procedure_per_step(tmp_path: Path) -> None:
+def product(tmp_path: Path, record: dict) -> tuple[ProductAgent, ManufacturingDriver, SlowRegistry]:
+    """A product twin with its roles and AAS, on a real node that is never started (nothing connects)."""
     db = open_database(sqlite_url(tmp_path / "run.db"))
     node = Node(NodeConfig("t", BrokerAddress("127.0.0.1", 1)), make_clock("virtual"), db)
     order = ProductOrder("p1", "pin", 1, 0.0, (PlannedStep(1, "turning"), PlannedStep(2, "milling")))
-    objects = build_shell(order, "t")
-    agent = ProductAgent(node, "p1", objects[0].id)
-    for obj in objects[1:]:
+    shell, *submodels = build_shell(order, "t")
+    agent = ProductAgent(node, "p1", shell.id)
+    node.store.put_shell(shell, owner="p1")
+    for obj in submodels:
         node.store.put_submodel(obj, owner="p1")
     docs = Documentation(node.store, node.journal, "p1", submodel_id("p1", "ProcessDocumentation", "t"))
-    record = {"product": "p1", "location": "", "status": "accepted", "ready_at": 0.0}
-    driver = ManufacturingDriver(order, record, docs)
+    driver = ManufacturingDriver(order, {"product": "p1", "location": "", "ready_at": 0.0, **record}, docs)
     requester = SlowRegistry(RequesterConfig(), driver, None)
     for role in (Notifier(), driver, requester):
         agent.add_role(role)
+    return agent, driver, requester
+
+
+async def test_concurrent_advances_open_one_procedure_per_step(tmp_path: Path) -> None:
+    agent, driver, requester = product(tmp_path, {"status": "accepted"})
 
     await asyncio.gather(driver.advance(), driver.advance(), driver.advance())
 
@@ -54,30 +62,36 @@ async def test_concurrent_advances_open_one_procedure_per_step(tmp_path: Path) -
     await driver.advance()  # still one: the open procedure is found
     assert len(requester.machines) == 1
     agent.cancel_timers()
-    db.dispose()
+    agent.node.db.dispose()
+
+
+async def test_a_step_documented_as_completed_is_done_though_its_inform_was_lost(tmp_path: Path) -> None:
+    """The resource documented the step in the product's AAS, then its inform was lost with a
+    crash; the product goes on from its documentation, and its step row follows the record."""
+    agent, driver, requester = product(tmp_path, {"status": "running"})
+    driver.docs.merge(1, docjson.step_record(b.StepRecord(1, "turning", outcome="scheduled")), "p1")
+    driver._save_step(1, status="scheduled", resource="lathe-1")
+    driver.docs.merge(1, docjson.completion(1, 3.0, 8.5, "lathe-1"), "resource")
+
+    await driver.advance()
+
+    row = driver.steps[1]
+    assert (row["status"], row["started"], row["finished"], row["resource"]) == ("done", 3.0, 8.5, "lathe-1")
+    assert [r.call.step for r in requester.machines.values()] == [2]  # and it went on
+    agent.cancel_timers()
+    agent.node.db.dispose()
 
 
 async def test_a_product_restarted_after_its_end_keeps_its_nameplate(tmp_path: Path) -> None:
     """The Nameplate is added at completion, after the shell was stored; a restart rebuilds it."""
-    db = open_database(sqlite_url(tmp_path / "run.db"))
-    node = Node(NodeConfig("t", BrokerAddress("127.0.0.1", 1)), make_clock("virtual"), db)
-    order = ProductOrder("p1", "pin", 1, 0.0, (PlannedStep(1, "turning"),))
-    shell, *submodels = build_shell(order, "t")
-    agent = ProductAgent(node, "p1", shell.id)
-    node.store.put_shell(shell, owner="p1")
-    for obj in submodels:
-        node.store.put_submodel(obj, owner="p1")
-    docs = Documentation(node.store, node.journal, "p1", submodel_id("p1", "ProcessDocumentation", "t"))
-    record = {"product": "p1", "location": "", "status": "completed", "completed_sim": 86400.0}
-    driver = ManufacturingDriver(order, record, docs)
-    for role in (Notifier(), driver, SlowRegistry(RequesterConfig(), driver, None)):
-        agent.add_role(role)
+    agent, driver, _ = product(tmp_path, {"status": "completed", "completed_sim": 86400.0})
 
     await driver.on_start()
 
-    nameplate = node.store.get_submodel(submodel_id("p1", "Nameplate", "t"))
+    store, nameplate_id = agent.node.store, submodel_id("p1", "Nameplate", "t")
+    nameplate = store.get_submodel(nameplate_id)
     assert nameplate is not None and agent.finished
-    assert submodel_id("p1", "Nameplate", "t") in {r.get_identifier() for r in shell.submodel}
+    assert nameplate_id in {r.get_identifier() for r in store.get_shell(agent.aas_id).submodel}
     # dated by the plant's clock: the virtual clock starts 2026-01-01, completion one day later
     assert "2026-01-02" in to_json(nameplate)
-    db.dispose()
+    agent.node.db.dispose()
