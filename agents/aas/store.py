@@ -224,13 +224,7 @@ class AasStore:
             if existing is None:
                 members.add(element)
             else:
-                tail = list(members)
-                tail = tail[tail.index(existing) :]
-                for el in tail:
-                    members.remove(el)
-                members.add(element)
-                for el in tail[1:]:
-                    members.add(el)
+                _replace_in_place(members, existing, element)
             cached = entry.parts.get(id_short)
             if cached is not None and cached[0] is data:
                 entry.parts[id_short] = (element, cached[1])  # the same JSON: keep the fragment
@@ -449,14 +443,7 @@ class AasStore:
         if existing is None:
             members.add(op.element)
             return True
-        # Replace in place: keep the element's position (clients rely on the order they see).
-        tail = list(members)
-        tail = tail[tail.index(existing) :]
-        for el in tail:
-            members.remove(el)
-        members.add(op.element)
-        for el in tail[1:]:
-            members.add(el)
+        _replace_in_place(members, existing, op.element)
         return False
 
     def _apply_patch(self, sm: model.Submodel, op: WriteRequest) -> None:
@@ -550,6 +537,18 @@ def _encode_submodel(
     if not fragments:
         return head
     return head[:-1] + b',"submodelElements":[' + b",".join(fragments) + b"]}"
+
+
+def _replace_in_place(members: Any, existing: model.SubmodelElement, element: model.SubmodelElement) -> None:
+    """Put ``element`` where ``existing`` is: clients rely on the order they see, and basyx's
+    namespace sets can only append, so the elements after it are taken out and put back."""
+    tail = list(members)
+    tail = tail[tail.index(existing) :]
+    for el in tail:
+        members.remove(el)
+    members.add(element)
+    for el in tail[1:]:
+        members.add(el)
 
 
 def _find(container: Any, id_short: str) -> model.SubmodelElement | None:
