@@ -88,9 +88,9 @@ def _observed(broker: str | None, ns: str | None, plant: Path | None) -> tuple[A
     if url is None or ns is None:
         raise ValueError(f"{plant}: plant.json names no broker or namespace; give --broker and --ns")
     address = BrokerAddress.from_url(url)
-    folder = (plant if plant.is_dir() else plant.parent) / "broker"
-    if broker is None and (folder / Credentials.FILE).exists():  # the run's broker has accounts
-        address = Credentials.load(folder).observer_address(address)
+    accounts = PlantInfo.accounts(plant)
+    if broker is None and accounts is not None:
+        address = Credentials.load(accounts).observer_address(address)
     return address, ns
 
 

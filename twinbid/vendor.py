@@ -317,6 +317,15 @@ class PlantInfo:
             clock = PlantClock(str(c["kind"]), c.get("time_scale"), c.get("wall_origin_ms"))
         return cls(data.get("namespace"), data.get("broker"), data.get("registry"), clock)
 
+    @staticmethod
+    def accounts(path: Path) -> Path | None:
+        """The run's broker accounts folder (``OUT/broker``), if its broker has accounts (the
+        default when `twinbid run` starts it); ``path`` as for :meth:`read`."""
+        from protocol.credentials import Credentials
+
+        folder = (path if path.is_dir() else path.parent) / "broker"
+        return folder if (folder / Credentials.FILE).exists() else None
+
 
 class VendorPlant:
     """A plant of a scenario's resources with the order-taking service in front (one process).
@@ -527,7 +536,7 @@ def serve(
         registry_url=registry,
         resources=resources,
         clock=clock,
-        accounts=_accounts(plant),
+        accounts=PlantInfo.accounts(plant) if plant is not None else None,
     )
 
     async def main() -> None:
@@ -544,15 +553,6 @@ def serve(
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main())
-
-
-def _accounts(plant: Path | None) -> Path | None:
-    """The joined run's broker accounts folder, if it has one (accounts are on by default when
-    `twinbid run` starts its own broker)."""
-    if plant is None:
-        return None
-    folder = (plant if plant.is_dir() else plant.parent) / "broker"
-    return folder if (folder / "credentials.json").exists() else None
 
 
 def _plant_clock(
