@@ -4,7 +4,8 @@ A process taking over a crashed share starts dozens of agents at once, and each 
 to open six sessions of its own (its record, steps, documentation, conversations, work
 orders, unsent messages): about half of the takeover time. :meth:`StateReader.preload`
 reads the rows of many agents in one query per table; each agent then takes its own
-rows from memory, once. Without a preload every read is a query of its own, as before.
+rows from memory, once. An agent that was not preloaded is preloaded alone at its first
+read (one session instead of six); what it did not take is forgotten once it started.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from sqlmodel import Session, func, select
+from sqlmodel import func, select
 
 from agents.persistence.database import Database
 from agents.persistence.tables import (
@@ -69,79 +70,41 @@ class StateReader:
         for name, items in grouped.items():
             found[(kind, name)] = items
 
-    def _read(self, kind: str, name: str, query: Callable[[Session], Any]) -> Any:
-        try:
-            return self._cache.pop((kind, name))
-        except KeyError:
-            with self.db.session() as s:
-                return query(s)
+    def _read(self, kind: str, name: str) -> Any:
+        """The rows of one kind for one agent, taken from the preload (read now if not there)."""
+        if (kind, name) not in self._cache:
+            self.preload([name.split("\0", 1)[0]])
+        return self._cache.pop((kind, name))
+
+    def forget(self, name: str) -> None:
+        """Drop what is left of an agent's preloaded rows once it has started: they were for that
+        start (a later restart of the agent reads again)."""
+        for key in [k for k in self._cache if k[1] == name or k[1].startswith(name + "\0")]:
+            del self._cache[key]
 
     # --- per agent -------------------------------------------------------------------------------
 
     def agent(self, name: str) -> AgentRecord | None:
-        return self._read("agent", name, lambda s: s.get(AgentRecord, name))
+        return self._read("agent", name)
 
     def product(self, name: str) -> ProductRecord | None:
-        return self._read("product", name, lambda s: s.get(ProductRecord, name))
+        return self._read("product", name)
 
     def steps(self, product: str) -> list[StepRecord]:
-        return self._read(
-            "steps", product, lambda s: list(s.exec(select(StepRecord).where(StepRecord.product == product)))
-        )
+        return self._read("steps", product)
 
     def documentation(self, product: str) -> list[DocumentationRecord]:
-        return self._read(
-            "docs",
-            product,
-            lambda s: list(s.exec(select(DocumentationRecord).where(DocumentationRecord.product == product))),
-        )
+        return self._read("docs", product)
 
     def conversations(self, agent: str, role: str) -> list[ConversationRecord]:
-        return self._read(
-            "conversations",
-            f"{agent}\0{role}",
-            lambda s: list(
-                s.exec(
-                    select(ConversationRecord).where(
-                        ConversationRecord.agent == agent, ConversationRecord.role == role
-                    )
-                )
-            ),
-        )
+        return self._read("conversations", f"{agent}\0{role}")
 
     def open_work_orders(self, resource: str) -> list[WorkOrderRecord]:
-        return self._read(
-            "work",
-            resource,
-            lambda s: list(
-                s.exec(
-                    select(WorkOrderRecord).where(
-                        WorkOrderRecord.resource == resource,
-                        WorkOrderRecord.state.in_(OPEN_WORK),  # type: ignore[attr-defined]
-                    )
-                )
-            ),
-        )
+        return self._read("work", resource)
 
     def unsent(self, agent: str) -> list[OutboxRecord]:
         """Outbox rows committed but not known to be published, in the order they were staged."""
-        return self._read(
-            "unsent",
-            agent,
-            lambda s: list(
-                s.exec(
-                    select(OutboxRecord)
-                    .where(OutboxRecord.agent == agent, OutboxRecord.published == False)  # noqa: E712
-                    .order_by(OutboxRecord.seq)  # type: ignore[arg-type]
-                )
-            ),
-        )
+        return self._read("unsent", agent)
 
     def last_seq(self, agent: str) -> int:
-        return self._read(
-            "last_seq",
-            agent,
-            lambda s: (
-                s.exec(select(func.max(OutboxRecord.seq)).where(OutboxRecord.agent == agent)).one() or 0
-            ),
-        )
+        return self._read("last_seq", agent)

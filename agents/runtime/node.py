@@ -117,6 +117,7 @@ class Node:
         )
         if restarted:
             self._republish_unsent(agent)
+        self.state.forget(name)  # everything read back is in the agent now
         password = self.config.passwords.get(name)
         broker = BrokerAddress(
             **{**self.config.broker.__dict__, "username": name if password else None, "password": password}
