@@ -107,7 +107,7 @@ class Timer:
         self.when = when
         self.callback = callback
         self.order = tuple(order)
-        self._key = _order_key(self.order)
+        self._key: tuple | None = None  # computed at the first comparison (only the virtual clock sorts)
         self.seq = seq
         self.cancelled = False
         self.fired = False
@@ -122,9 +122,16 @@ class Timer:
     def __lt__(self, other: Timer) -> bool:
         if self.when != other.when:
             return self.when < other.when
-        if self._key != other._key:
-            return self._key < other._key
+        mine, theirs = self.sort_key(), other.sort_key()
+        if mine != theirs:
+            return mine < theirs
         return self.seq < other.seq
+
+    def sort_key(self) -> tuple:
+        key = self._key
+        if key is None:
+            key = self._key = _order_key(self.order)
+        return key
 
     def __repr__(self) -> str:
         state = "cancelled" if self.cancelled else "fired" if self.fired else "scheduled"
@@ -366,9 +373,10 @@ class _WallClock(Clock):
     def _cancel(self, timer: Timer) -> None:
         if timer._handle is not None:
             timer._handle.cancel()
-        self._scheduled.discard(timer)
-        with contextlib.suppress(ValueError):
-            self._unstarted.remove(timer)
+            self._scheduled.discard(timer)
+        elif self._unstarted:
+            with contextlib.suppress(ValueError):
+                self._unstarted.remove(timer)
 
     async def _wait_started(self) -> None:
         if self._started:

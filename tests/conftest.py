@@ -12,11 +12,17 @@
 Without a mosquitto binary the mosquitto fixtures fall back to the embedded broker (MQTT 3.1.1,
 no persistence, no ACLs); tests that need mosquitto itself use the ``needs_mosquitto`` mark or
 ``require_mosquitto(broker)``.  ``free_port()`` lives in ``protocol.mosquitto``.
+
+* ``postgres_schema()`` - a context manager yielding the URL of a private, fresh schema on the
+  PostgreSQL server at ``TWINBID_TEST_PG`` (dropped afterwards); it skips the test when no server
+  answers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +33,39 @@ from protocol.broker import EmbeddedBroker
 from protocol.mosquitto import MosquittoProcess, find_mosquitto, free_port
 from protocol.transport import BrokerAddress, MessageHandler, MqttTransport
 
-__all__ = ["HAVE_MOSQUITTO", "free_port", "needs_mosquitto", "require_mosquitto"]
+__all__ = ["HAVE_MOSQUITTO", "PG_URL", "free_port", "needs_mosquitto", "postgres_schema", "require_mosquitto"]
+
+PG_URL = os.environ.get("TWINBID_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def _pg_available() -> bool:
+    try:
+        import psycopg
+
+        with psycopg.connect(PG_URL.replace("postgresql+psycopg", "postgresql"), connect_timeout=2):
+            return True
+    except Exception:
+        return False
+
+
+@contextlib.contextmanager
+def postgres_schema() -> Iterator[str]:
+    """A private schema, dropped afterwards, so parallel runs and other tables are never touched."""
+    if not _pg_available():
+        pytest.skip("no PostgreSQL server answers at " + PG_URL)
+    import psycopg
+
+    schema = f"twinbid_test_{uuid.uuid4().hex[:12]}"
+    plain = PG_URL.replace("postgresql+psycopg", "postgresql")
+    with psycopg.connect(plain, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        sep = "&" if "?" in PG_URL else "?"
+        yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(plain, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
 
 HAVE_MOSQUITTO = find_mosquitto() is not None
 needs_mosquitto = pytest.mark.skipif(not HAVE_MOSQUITTO, reason="mosquitto binary not installed")

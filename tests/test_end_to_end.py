@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from basyx.aas import model
+from conftest import postgres_schema
 from sqlmodel import select
 
 from agents.aas import build
@@ -45,10 +46,12 @@ def schedule(out: Path) -> list[tuple]:
     return sorted((r.product, r.step, r.resource, round(r.started, 6), round(r.finished, 6)) for r in rows)
 
 
-def check_record(out: Path, kpis: dict, total: int, *, recorder_complete: bool = True) -> None:
+def check_record(
+    out: Path, kpis: dict, total: int, *, recorder_complete: bool = True, db_url: str | None = None
+) -> None:
     """The output folder agrees with the database, and every step is documented exactly once, in order."""
     assert kpis["products"] == {"total": total, "completed": total, "failed": 0}
-    db = open_database(sqlite_url(out / "run.db"))
+    db = open_database(db_url or sqlite_url(out / "run.db"))
     with db.session() as s:
         products = s.exec(select(ProductRecord)).all()
         steps = s.exec(select(StepRecord)).all()
@@ -134,6 +137,16 @@ def test_deferral_of_top_priority_calls_is_a_scenario_option(tmp_path: Path) -> 
 def test_demo_in_two_processes(tmp_path: Path, mosquitto) -> None:
     kpis = run_plant(load_scenario(DEMO), tmp_path / "mp", broker=mosquitto.url, processes=2)
     check_record(tmp_path / "mp", kpis, 10)
+
+
+@pytest.mark.postgres
+def test_demo_in_two_processes_on_postgresql(tmp_path: Path, mosquitto) -> None:
+    """The run database on PostgreSQL (skipped when no server answers): two agent processes write
+    through their journals, the report reads it back."""
+    with postgres_schema() as url:
+        kpis = run_plant(load_scenario(DEMO), tmp_path / "pg", broker=mosquitto.url, processes=2, db=url)
+        check_record(tmp_path / "pg", kpis, 10, db_url=url)
+        assert not (tmp_path / "pg" / "run.db").exists()
 
 
 LINE = """

@@ -113,7 +113,7 @@ def test_a_moved_booking_is_re_confirmed_and_the_requester_takes_the_new_times()
     assert [n.kind for n in out if isinstance(n, Note)] == ["rescheduled"]
     assert r.receive(again, 8)[0].kind == "duplicate"  # the same message twice changes nothing
     # A status query (the acceptance re-sent) is answered with the latest times.
-    replay = [e.message for e in p.receive(Message.model_validate(r.accept_msg), 9) if isinstance(e, Send)]
+    replay = [e.message for e in p.receive(r.accept_message(), 9) if isinstance(e, Send)]
     assert Booking.from_json_elements(replay[0].interactionElements) == Booking("a", 7, 12)
 
 

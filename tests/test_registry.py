@@ -6,13 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import time
-import uuid
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import postgres_schema
 
 from registry.client import BadRequest, HttpError, RegistryClient
 from registry.conformance import AAS_REGISTRY, SUBMODEL_REGISTRY, SpecValidator
@@ -31,19 +30,8 @@ from registry.service import RegistryServer, serve_registry
 from registry.store import RegistryStore
 
 SPEC_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "spec" / "aas-api-v3.1"
-PG_URL = os.environ.get("TWINBID_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MILLING = "https://twinbid.dev/capabilities/milling"
 DRILLING = "https://twinbid.dev/capabilities/drilling"
-
-
-def _pg_available() -> bool:
-    try:
-        import psycopg
-
-        with psycopg.connect(PG_URL.replace("postgresql+psycopg", "postgresql"), connect_timeout=2):
-            return True
-    except Exception:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -53,31 +41,12 @@ def validator() -> SpecValidator:
     return SpecValidator.load(SPEC_DIR, [AAS_REGISTRY, SUBMODEL_REGISTRY])
 
 
-@contextlib.contextmanager
-def _postgres_schema():
-    """A private schema, dropped afterwards, so parallel runs and other tables are never touched."""
-    import psycopg
-
-    schema = f"twinbid_test_{uuid.uuid4().hex[:12]}"
-    plain = PG_URL.replace("postgresql+psycopg", "postgresql")
-    with psycopg.connect(plain, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-    try:
-        sep = "&" if "?" in PG_URL else "?"
-        yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
-    finally:
-        with psycopg.connect(plain, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-
-
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'registry.sqlite'}"
         return
-    if not _pg_available():
-        pytest.skip("no PostgreSQL server answers at " + PG_URL)
-    with _postgres_schema() as url:
+    with postgres_schema() as url:
         yield url
 
 

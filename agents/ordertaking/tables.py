@@ -7,6 +7,7 @@ database of an earlier run), so the service and the outbox call it when they sta
 
 from __future__ import annotations
 
+from sqlalchemy import BigInteger
 from sqlmodel import Field, SQLModel
 
 from agents.persistence.database import Database
@@ -33,8 +34,8 @@ class VendorOrderRecord(SQLModel, table=True):
     reason: str = ""
     idempotency_key: str | None = Field(default=None, index=True)
     source: str = "json"  # json | aasx | operation
-    received_wall_ms: int
-    updated_wall_ms: int
+    received_wall_ms: int = Field(sa_type=BigInteger)
+    updated_wall_ms: int = Field(sa_type=BigInteger)
     environment: str  # the submitted shell and submodels as an AAS JSON environment
 
 
@@ -51,9 +52,9 @@ class WebhookOutboxRecord(SQLModel, table=True):
     body: str  # exactly the bytes that are signed and sent (UTF-8 JSON)
     state: str = Field(index=True)  # pending | delivered | failed | no-endpoint
     attempts: int = 0
-    next_attempt_ms: int = 0
-    created_wall_ms: int
-    delivered_wall_ms: int | None = None
+    next_attempt_ms: int = Field(default=0, sa_type=BigInteger)
+    created_wall_ms: int = Field(sa_type=BigInteger)
+    delivered_wall_ms: int | None = Field(default=None, sa_type=BigInteger)
     last_status: int | None = None
     last_error: str = ""
 
@@ -64,7 +65,7 @@ class VendorSecretRecord(SQLModel, table=True):
     __tablename__ = "tb_vendor_secret"
     vendor: str = Field(primary_key=True)
     secret: str
-    updated_wall_ms: int
+    updated_wall_ms: int = Field(sa_type=BigInteger)
 
 
 TABLES = (VendorOrderRecord, WebhookOutboxRecord, VendorSecretRecord)

@@ -12,16 +12,32 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import event
+from sqlalchemy import BigInteger, event, inspect
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session, SQLModel, create_engine, select
 
 from agents.persistence import tables
 from agents.persistence.tables import SCHEMA_VERSION, SchemaVersion
 
+
+def _widen_epoch_ms(conn: Connection) -> None:
+    """v2: epoch-millisecond columns are 64-bit. PostgreSQL's INTEGER is 32-bit and refused every
+    timestamp; SQLite's INTEGER always was 64-bit, so it has nothing to change."""
+    if conn.dialect.name != "postgresql":
+        return
+    present = set(inspect(conn).get_table_names())
+    for table in SQLModel.metadata.sorted_tables:
+        if table.name not in present:
+            continue  # created later, already with the wide type
+        for column in table.columns:
+            if isinstance(column.type, BigInteger) and not column.primary_key:
+                conn.exec_driver_sql(f'ALTER TABLE "{table.name}" ALTER COLUMN "{column.name}" TYPE BIGINT')
+
+
 #: version -> upgrade step from the version before. Version 1 is the initial schema.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: lambda conn: SQLModel.metadata.create_all(conn),
+    2: _widen_epoch_ms,
 }
 
 

@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import SQLModel
 
 from agents.persistence.database import Database
@@ -46,7 +45,7 @@ class Journal:
         # commit is sub-millisecond, and a thread would wait up to the GIL switch interval (5 ms)
         # behind a busy event loop for every batch.
         self.threaded = (not db.is_sqlite) if threaded is None else threaded
-        self._statements: dict[tuple, Any] = {}
+        self._statements: dict[tuple, str] = {}
         self._upserts: dict[type[SQLModel], dict[tuple, dict[str, Any]]] = {}
         self._inserts: dict[type[SQLModel], list[dict[str, Any]]] = {}
         self._after: list[AfterCommit] = []
@@ -150,31 +149,40 @@ class Journal:
             else:
                 self._idle.set()
 
-    def _upsert(self, table: type[SQLModel], columns: tuple[str, ...], ins: Any) -> Any:
-        """INSERT ... ON CONFLICT DO UPDATE for these columns, built once (SQLAlchemy compiles it once too)."""
-        key = (table, columns)
-        stmt = self._statements.get(key)
-        if stmt is None:
-            t = table.__table__
-            keys = [c.name for c in t.primary_key.columns]
-            stmt = ins(t)
-            cols = {c: stmt.excluded[c] for c in columns if c not in keys}
-            stmt = (
-                stmt.on_conflict_do_update(index_elements=keys, set_=cols)
-                if cols
-                else stmt.on_conflict_do_nothing()
-            )
-            self._statements[key] = stmt
-        return stmt
+    def _sql(self, table: type[SQLModel], columns: tuple[str, ...], upsert: bool) -> str:
+        """INSERT (... ON CONFLICT DO UPDATE) for these columns, as the driver's own SQL, built once.
+
+        Rows go to the driver's executemany as tuples: SQLAlchemy's per-row parameter processing
+        cost more than SQLite's own work. The ON CONFLICT form is the same for SQLite and PostgreSQL.
+        """
+        key = (table, columns, upsert)
+        sql = self._statements.get(key)
+        if sql is None:
+            dialect = self.db.engine.dialect
+            q = dialect.identifier_preparer.quote
+            mark = "?" if dialect.paramstyle == "qmark" else "%s"
+            t = table.__table__  # type: ignore[attr-defined]
+            sql = f"INSERT INTO {q(t.name)} ({', '.join(q(c) for c in columns)}) VALUES ({', '.join([mark] * len(columns))})"
+            if upsert:
+                keys = primary_key(table)
+                update = [f"{q(c)} = excluded.{q(c)}" for c in columns if c not in keys]
+                conflict = f" ON CONFLICT ({', '.join(q(c) for c in keys)}) DO "
+                sql += conflict + ("UPDATE SET " + ", ".join(update) if update else "NOTHING")
+            self._statements[key] = sql
+        return sql
 
     def _write(self, upserts: dict, inserts: dict) -> None:
-        dialect = self.db.engine.dialect.name
-        ins = postgresql.insert if dialect == "postgresql" else sqlite.insert
         with self.db.engine.begin() as conn:
-            for table, rows in upserts.items():
-                values = list(rows.values())
-                conn.execute(self._upsert(table, tuple(values[0]), ins), values)
-                self.rows += len(values)
+            for table, by_key in upserts.items():
+                self._execute(conn, table, list(by_key.values()), upsert=True)
             for table, rows in inserts.items():
-                conn.execute(table.__table__.insert(), rows)
-                self.rows += len(rows)
+                self._execute(conn, table, rows, upsert=False)
+
+    def _execute(self, conn: Any, table: type[SQLModel], rows: list[dict[str, Any]], *, upsert: bool) -> None:
+        groups: dict[tuple[str, ...], list[tuple]] = {}
+        for row in rows:  # rows of one table nearly always have the same columns: one group
+            columns = tuple(row)
+            groups.setdefault(columns, []).append(tuple(row.values()))
+        for columns, values in groups.items():
+            conn.exec_driver_sql(self._sql(table, columns, upsert), values)
+            self.rows += len(values)

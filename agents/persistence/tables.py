@@ -7,9 +7,10 @@ bidding machines are stored as JSON: the machines define their own state.
 
 from __future__ import annotations
 
+from sqlalchemy import BigInteger
 from sqlmodel import Field, SQLModel
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: epoch-ms columns BIGINT (PostgreSQL)
 
 
 class SchemaVersion(SQLModel, table=True):
@@ -28,7 +29,7 @@ class InboxRecord(SQLModel, table=True):
     type: str
     sender: str
     topic: str
-    received_wall_ms: int
+    received_wall_ms: int = Field(sa_type=BigInteger)
     received_sim: float
     payload: str
 
@@ -43,7 +44,7 @@ class OutboxRecord(SQLModel, table=True):
     conversation_id: str = Field(index=True)
     type: str
     topic: str
-    created_wall_ms: int
+    created_wall_ms: int = Field(sa_type=BigInteger)
     created_sim: float
     payload: str
     published: bool = False
@@ -151,7 +152,7 @@ class EventRecord(SQLModel, table=True):
     product: str | None = Field(default=None, index=True)
     step: int | None = None
     sim: float
-    wall_ms: int
+    wall_ms: int = Field(sa_type=BigInteger)
     data: str = "{}"
 
 
@@ -165,7 +166,7 @@ class NoteRecord(SQLModel, table=True):
     detail: str
     message_id: str | None = None
     sim: float
-    wall_ms: int
+    wall_ms: int = Field(sa_type=BigInteger)
 
 
 class AgentRecord(SQLModel, table=True):
@@ -176,5 +177,5 @@ class AgentRecord(SQLModel, table=True):
     kind: str
     aas_id: str
     status: str = "running"
-    started_wall_ms: int = 0
+    started_wall_ms: int = Field(default=0, sa_type=BigInteger)
     restarts: int = 0

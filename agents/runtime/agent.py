@@ -255,8 +255,12 @@ class Agent:
 
     def set_timer(self, key: str, when: float | None, callback: Callable[[], Any]) -> None:
         """One timer per key, at simulated time `when`; setting it again replaces it, None cancels it."""
-        old = self._timers.pop(key, None)
+        old = self._timers.get(key)
         if old is not None:
+            if when is not None and old.when == when and not (old.cancelled or old.fired or self.finished):
+                old.callback = callback  # the same deadline again (most transitions keep it): no re-arming
+                return
+            del self._timers[key]
             old.cancel()
         if when is None or self.finished:
             return

@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-import orjson
-
 from protocol.bidding.effects import Book, Evaluate, Note, Release, Send
 from protocol.bidding.flat import field_names, flat
 from protocol.elements import Bid, Booking, ElementError, Reason, StepCall, StepResult
@@ -82,7 +80,7 @@ class Provider:
     accept_id: str = ""
     deadline: int | None = None
     seen: set[str] = field(default_factory=set)
-    replies: dict[str, dict[str, Any]] = field(default_factory=dict)  # received id -> the answer sent (JSON)
+    replies: dict[str, Message] = field(default_factory=dict)  # received id -> the answer sent
 
     @classmethod
     def on_call(cls, me: str, msg: Message, now: int) -> tuple[Provider | None, list[object]]:
@@ -138,7 +136,7 @@ class Provider:
         if msg.id in self.seen:
             answer = self.replies.get(msg.id)
             note = Note("duplicate", f"{msg.type} {msg.id} from {msg.sender}; answer re-sent", msg.id)
-            return [note, Send(Message.model_validate(answer))] if answer else [note]
+            return [note, Send(answer)] if answer else [note]
         self.seen.add(msg.id)
         if msg.sender != self.requester:
             return self._not_understood(msg, "sender is not the requester of this call", "not-participant")
@@ -165,14 +163,14 @@ class Provider:
         msg = _reply(self.me, self._cfp_stub(), M.PROPOSAL, bid.to_json_elements(), reply_by=valid_until)
         self.state, self.bid, self.proposal_id = PState.PROPOSED, bid, msg.id
         self.valid_until = self.deadline = valid_until
-        self.replies[self.cfp_id] = _dump(msg)
+        self.replies[self.cfp_id] = msg
         return [Send(msg)]
 
     def _do_refuse(self, now: int, *, reason: Reason) -> list[object]:
         """Local decision: decline the call (capability, feasibility or capacity)."""
         msg = _reply(self.me, self._cfp_stub(), M.REFUSE_PROPOSAL, reason.to_json_elements())
         self.state = PState.REFUSED
-        self.replies[self.cfp_id] = _dump(msg)
+        self.replies[self.cfp_id] = msg
         return [Send(msg)]
 
     def _on_accept(self, msg: Message, now: int) -> list[object]:
@@ -212,7 +210,7 @@ class Provider:
         """A new acceptance id for a booking we hold: re-send where we stand."""
         last = self.replies.get(self.accept_id)
         note = Note("repeated-accept", f"acceptProposal {msg.id} for a booked offer; status re-sent", msg.id)
-        return [note, Send(Message.model_validate(last))] if last else [note]
+        return [note, Send(last)] if last else [note]
 
     def _on_late_reject(self, msg: Message, now: int) -> list[object]:
         """A rejection for an offer already gone: noted only."""
@@ -245,12 +243,12 @@ class Provider:
             in_reply_to=self.accept_id,
             elements=content.to_json_elements(),
         )
-        self.replies[self.accept_id] = _dump(msg)
+        self.replies[self.accept_id] = msg
         return [Send(msg)]
 
     def _answer(self, msg: Message, kind: MessageType, content: Any) -> list[object]:
         reply = _reply(self.me, msg, kind, content.to_json_elements())
-        self.replies[msg.id] = _dump(reply)
+        self.replies[msg.id] = reply
         return [Send(reply)]
 
     def _unexpected(self, msg: Message, now: int) -> list[object]:
@@ -277,6 +275,7 @@ class Provider:
         data["bid"] = flat(self.bid) if self.bid else None
         data["state"] = self.state.value
         data["seen"] = sorted(self.seen)
+        data["replies"] = {k: m.to_json().decode() for k, m in self.replies.items()}
         return data
 
     @classmethod
@@ -286,6 +285,7 @@ class Provider:
         data["bid"] = Bid(**data["bid"]) if data["bid"] else None
         data["state"] = PState(data["state"])
         data["seen"] = set(data["seen"])
+        data["replies"] = {k: _load(v) for k, v in data["replies"].items()}
         return cls(**data)
 
 
@@ -317,9 +317,9 @@ def _reply(
     )
 
 
-def _dump(msg: Message) -> dict[str, Any]:
-    # The JSON form through pydantic's serializer: a quarter of model_dump(mode="json")'s cost.
-    return orjson.loads(msg.to_json())
+def _load(reply: str | dict[str, Any]) -> Message:
+    """A kept answer from a snapshot: its wire JSON (older snapshots held it as an object)."""
+    return Message.model_validate_json(reply) if isinstance(reply, str) else Message.model_validate(reply)
 
 
 class ProviderRounds:

@@ -106,7 +106,6 @@ class Requester:
     seen: set[str] = field(default_factory=set)
     winner: Offer | None = None
     accept_id: str = ""
-    accept_msg: dict[str, Any] | None = None  # re-sent to ask the winner where it stands
     retries: int = 0
     queries: int = 0  # status queries since the booking
     cancelled: set[str] = field(default_factory=set)  # bidders whose award we withdrew
@@ -251,17 +250,7 @@ class Requester:
         self.state = RState.AWARDING
         self.retries = 0
         self.deadline = now + self.config.confirm_timeout_ms
-        accept = make_message(
-            M.ACCEPT_PROPOSAL,
-            sender=self.me,
-            sender_role=Role.REQUESTER,
-            conversation_id=self.conversation_id,
-            receiver=self.winner.provider,
-            in_reply_to=self.winner.proposal_id,
-            message_id=self.accept_id,
-            elements=self.winner.bid.to_json_elements(),
-        )
-        self.accept_msg = accept.model_dump(mode="json", exclude_none=True)
+        accept = self.accept_message()
         effects.append(Awarded(self.round, ranking, tuple(expired)))
         effects.append(Send(accept))
         for ranked in ranking[1:]:
@@ -347,9 +336,23 @@ class Requester:
             self._resend_accept(),
         ]
 
+    def accept_message(self) -> Message:
+        """Our acceptance of the winner; built again, identical, whenever it is re-sent (a status
+        query), so snapshots need not keep it."""
+        assert self.winner is not None
+        return make_message(
+            M.ACCEPT_PROPOSAL,
+            sender=self.me,
+            sender_role=Role.REQUESTER,
+            conversation_id=self.conversation_id,
+            receiver=self.winner.provider,
+            in_reply_to=self.winner.proposal_id,
+            message_id=self.accept_id,
+            elements=self.winner.bid.to_json_elements(),
+        )
+
     def _resend_accept(self) -> Send:
-        assert self.accept_msg is not None
-        return Send(Message.model_validate(self.accept_msg))
+        return Send(self.accept_message())
 
     def _on_inform(self, msg: Message, now: int) -> list[object]:
         """The step is done: record the result; the conversation ends."""
@@ -486,7 +489,6 @@ class Requester:
             if self.winner
             else None,
             "accept_id": self.accept_id,
-            "accept_msg": self.accept_msg,
             "retries": self.retries,
             "queries": self.queries,
             "cancelled": sorted(self.cancelled),
@@ -517,7 +519,7 @@ class Requester:
         r.answered, r.seen = set(data["answered"]), set(data["seen"])
         r.winner = offer(data["winner"]) if data["winner"] else None
         r.accept_id, r.cancelled = data["accept_id"], set(data["cancelled"])
-        r.accept_msg, r.retries, r.queries = data["accept_msg"], data["retries"], data.get("queries", 0)
+        r.retries, r.queries = data["retries"], data.get("queries", 0)
         r.empty_rounds, r.failures, r.reason = data["empty_rounds"], data["failures"], data["reason"]
         r.deferrals = data.get("deferrals", 0)
         return r

@@ -1,0 +1,145 @@
+"""The journal (group commit) on SQLite always and on PostgreSQL when a server answers.
+
+The journal writes with the driver's own SQL (an INSERT ... ON CONFLICT per table and column set),
+so what SQLAlchemy used to check is checked here: upserts keep the last row per key, updates touch
+only the columns given, booleans and NULLs round-trip, autoincrement rows append, and messages
+staged after a write go out only once it is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from conftest import postgres_schema
+from sqlmodel import select
+
+from agents.persistence import Journal, open_database
+from agents.persistence.tables import ConversationRecord, NoteRecord, OutboxRecord
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db(request: pytest.FixtureRequest, tmp_path: Path):
+    if request.param == "sqlite":
+        database = open_database(f"sqlite:///{tmp_path / 'run.db'}")
+        yield database
+        database.dispose()
+        return
+    with postgres_schema() as url:
+        database = open_database(url)
+        yield database
+        database.dispose()
+
+
+def _outbox(message_id: str, seq: int, payload: str = "{}", published: bool = False) -> dict:
+    return {
+        "agent": "p-1",
+        "message_id": message_id,
+        "seq": seq,
+        "conversation_id": "c-1",
+        "type": "callForProposal",
+        "topic": "i40/ns/cfp/milling/p-1",
+        "created_wall_ms": 1_767_225_600_000,
+        "created_sim": 0.5,
+        "payload": payload,
+        "published": published,
+    }
+
+
+def _rows(db, table, *order):
+    with db.session() as s:
+        return s.exec(select(table).order_by(*order)).all()
+
+
+async def test_upserts_keep_the_last_row_per_key_and_messages_wait_for_the_commit(db) -> None:
+    journal = Journal(db)
+    journal.start()
+    released: list[str] = []
+    journal.put(OutboxRecord, _outbox("m-1", 1, '{"a": 1}'))
+    journal.put(OutboxRecord, _outbox("m-2", 2))
+    journal.put(OutboxRecord, _outbox("m-1", 1, '{"a": 2}'))  # same key in the same batch: last wins
+    journal.after_commit(lambda: released.append("m-1"))
+    assert released == []  # nothing goes out before the write is durable
+    await journal.commit()
+    assert released == ["m-1"]
+    journal.put(OutboxRecord, {**_outbox("m-2", 2), "published": True})  # a later batch updates
+    await journal.commit()
+    rows = _rows(db, OutboxRecord, OutboxRecord.seq)
+    assert [(r.message_id, r.payload, r.published) for r in rows] == [
+        ("m-1", '{"a": 2}', False),
+        ("m-2", "{}", True),
+    ]
+    assert rows[0].created_sim == 0.5 and rows[0].created_wall_ms == 1_767_225_600_000
+    await journal.close()
+
+
+async def test_inserts_append_with_their_own_keys_and_nulls_round_trip(db) -> None:
+    journal = Journal(db)
+    journal.start()
+    for i in range(3):
+        note = {"agent": "r-1", "kind": "late", "detail": f"n{i}", "message_id": None, "sim": i, "wall_ms": i}
+        journal.add(NoteRecord, note)
+    journal.put(
+        ConversationRecord,
+        {
+            "agent": "r-1",
+            "key": "cfp-1",
+            "role": "provider",
+            "conversation_id": "c-1",
+            "state": "proposed",
+            "terminal": False,
+            "snapshot": "{}",
+            "updated_sim": 1.0,
+        },
+    )
+    await journal.commit()
+    notes = _rows(db, NoteRecord, NoteRecord.id)
+    assert [n.detail for n in notes] == ["n0", "n1", "n2"]
+    assert len({n.id for n in notes}) == 3 and all(n.message_id is None for n in notes)
+    (conv,) = _rows(db, ConversationRecord, ConversationRecord.key)
+    assert conv.terminal is False and conv.state == "proposed"
+    assert journal.rows == 4 and journal.failed is None
+    await journal.close()
+
+
+async def test_a_refused_write_withholds_its_messages_and_the_journal_goes_on(db) -> None:
+    journal = Journal(db)
+    journal.start()
+    released: list[int] = []
+    bad = _outbox("m-9", 9)
+    del bad["payload"]  # NOT NULL column missing: the database refuses the batch
+    journal.put(OutboxRecord, bad)
+    journal.after_commit(lambda: released.append(9))
+    await asyncio.wait_for(journal.commit(), 10)
+    assert released == [] and journal.failed is not None  # never announced: it is not durable
+    journal.put(OutboxRecord, _outbox("m-10", 10))
+    journal.after_commit(lambda: released.append(10))
+    await asyncio.wait_for(journal.commit(), 10)
+    assert released == [10]
+    assert [r.message_id for r in _rows(db, OutboxRecord, OutboxRecord.seq)] == ["m-10"]
+    await journal.close()
+
+
+async def test_epoch_milliseconds_fit_and_an_old_schema_is_widened(db) -> None:
+    """Epoch ms exceed 32 bits: v1 declared them INTEGER, which PostgreSQL refused (schema v2)."""
+    from sqlalchemy import inspect as sa_inspect
+
+    from agents.persistence.database import schema_version, upgrade
+    from agents.persistence.tables import SCHEMA_VERSION
+
+    assert schema_version(db) == SCHEMA_VERSION == 2
+    with db.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE tb_schema_version SET version = 1")
+        if db.engine.dialect.name == "postgresql":  # the v1 column type, as an old run left it
+            conn.exec_driver_sql('ALTER TABLE "tb_outbox" ALTER COLUMN "created_wall_ms" TYPE INTEGER')
+    assert upgrade(db) == 2 and schema_version(db) == 2
+    column = next(c for c in sa_inspect(db.engine).get_columns("tb_outbox") if c["name"] == "created_wall_ms")
+    if db.engine.dialect.name == "postgresql":
+        assert column["type"].python_type is int and "BIG" in str(column["type"]).upper()
+    journal = Journal(db)
+    journal.start()
+    journal.put(OutboxRecord, _outbox("m-1", 1))
+    await journal.commit()
+    assert _rows(db, OutboxRecord, OutboxRecord.seq)[0].created_wall_ms == 1_767_225_600_000
+    await journal.close()
