@@ -127,11 +127,14 @@ class Message(_Strict):
     def to_json(self) -> bytes:
         """The wire form (cached: a message is serialized to be kept, journaled and published)."""
         try:
-            return self._wire
+            return _WIRE.__get__(self, Message)  # the slot itself: pydantic's __getattr__ is slow to miss
         except AttributeError:
             wire = self.model_dump_json(exclude_none=True, by_alias=True).encode()
             object.__setattr__(self, "_wire", wire)
             return wire
+
+
+_WIRE = Message.__dict__["_wire"]
 
 
 class FrameError(ValueError):

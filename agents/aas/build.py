@@ -632,7 +632,13 @@ def update_status(sm: model.Submodel, **fields: Any) -> None:
         if key in ("current_step", "current_product", "location") and value is None:
             value = ""
         if key == "updated_at":
-            replace_child(sm, time_prop("UpdatedAt", value, semantic_id=Status.UPDATED_AT))
+            existing = child(sm, "UpdatedAt")
+            kind = DT.DateTime if isinstance(value, _dt.datetime) else DT.Double
+            if value is not None and isinstance(existing, model.Property) and existing.value_type is kind:
+                # Every queue change stamps the status: set the value, do not rebuild the element.
+                existing.value = value if kind is DT.DateTime else float(value)
+            else:
+                replace_child(sm, time_prop("UpdatedAt", value, semantic_id=Status.UPDATED_AT))
             continue
         set_value(sm, names[key], value)
 

@@ -28,6 +28,7 @@ from agents.persistence.reader import StateReader
 from agents.persistence.tables import AgentRecord, OutboxRecord
 from agents.runtime.agent import Agent
 from agents.runtime.directory import Directory, Entry
+from agents.runtime.gc_policy import tune_for_agents
 from protocol.elements import capability_semantic_id
 from protocol.frame import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.topics import matches
@@ -85,6 +86,7 @@ class Node:
     # --- lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        tune_for_agents()
         self.journal.start()
         self.base_url = await self.server.start(self.config.aas_host, self.config.aas_port)
 
