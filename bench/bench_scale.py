@@ -330,9 +330,9 @@ class Sampler(threading.Thread):
         self.peak_roles: dict[str, int] = {}
 
     def role(self, p: Any) -> str:
-        """launcher (with registry and recorder), mosquitto, forkserver (the preloaded parent of the
-        agent processes), workers (agent processes, forked from it), other (multiprocessing's
-        resource tracker)."""
+        """launcher (with the recorder), registry (its own process), mosquitto, forkserver (the
+        preloaded parent of the agent processes), workers (agent processes, forked from it), other
+        (multiprocessing's resource tracker)."""
         if p.pid == self.root.pid:
             return "launcher"
         try:  # not cached: a fresh child shows its parent's command line until it has exec'd
@@ -340,7 +340,10 @@ class Sampler(threading.Thread):
                 return "mosquitto"
             if p.ppid() != self.root.pid:
                 return "workers"
-            return "forkserver" if "forkserver" in " ".join(p.cmdline()) else "other"
+            cmdline = " ".join(p.cmdline())
+            if "registry.process" in cmdline:
+                return "registry"
+            return "forkserver" if "forkserver" in cmdline else "other"
         except self.psutil.Error:
             return "other"
 

@@ -17,6 +17,9 @@ Extensions (documented in docs/api.md):
 * Leases: ``Twinbid-Lease-TTL: <seconds>`` on POST/PUT of a descriptor makes it expire unless renewed
   (renew = PUT the same descriptor again with the header); the response carries ``Twinbid-Lease-Expires``
   (epoch seconds). Expired descriptors are invisible at once and purged by a background task.
+* ``PUT /twinbid/bulk/shell-descriptors`` — a JSON array of shell descriptors, created or replaced in one
+  transaction (all or none; 400 names the first invalid one), one lease header for all; answers 200
+  ``{"created": n, "replaced": m}``. Registration and renewal of a node's agents in a few requests.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ PROFILES = [
     "https://admin-shell.io/aas/API/3/1/SubmodelRegistryServiceSpecification/SSP-001",
 ]
 _ASSET_KINDS = ("Instance", "Type", "Role", "NotApplicable")
+BULK_SHELLS_PATH = "/twinbid/bulk/shell-descriptors"  # extension: many descriptors in one PUT
 
 
 def _decode(segment: str, what: str) -> str:
@@ -201,6 +205,31 @@ def create_registry_app(store: RegistryStore, *, max_body_bytes: int = DEFAULT_M
                 json_bytes(desc), 201, _lease_headers(expires, f"/shell-descriptors/{aasIdentifier}")
             )
         return Response(status_code=204, headers=_lease_headers(expires))
+
+    @app.put(
+        BULK_SHELLS_PATH,
+        operation_id="PutAssetAdministrationShellDescriptorsInBulk",
+        tags=["twinbid extensions"],
+    )
+    async def put_shells_bulk(request: Request) -> Response:
+        """Extension: create or replace many shell descriptors at once (a JSON array), all or none,
+        with one lease for all. A node that starts thousands of agents registers and renews them
+        in a few requests instead of one each (docs/api.md, "Extensions")."""
+        ttl = _ttl(request)
+        raw = await read_json_body(request)
+        if not isinstance(raw, list):
+            raise ApiError(400, "the body must be a JSON array of AssetAdministrationShellDescriptors")
+        descs = []
+        for index, item in enumerate(raw):
+            try:
+                descs.append(validate_shell_descriptor(item))
+            except DescriptorError as exc:
+                raise ApiError(
+                    400, f"descriptor {index}: invalid AssetAdministrationShellDescriptor: {exc}"
+                ) from None
+        created, expires = store.put_shells(descs, ttl)
+        body = json_bytes({"created": created, "replaced": len({d["id"] for d in descs}) - created})
+        return json_response(body, 200, _lease_headers(expires))
 
     @app.delete(
         "/shell-descriptors/{aasIdentifier}",

@@ -154,6 +154,51 @@ class RegistryStore:
         self._forget(row["id"])
         return not alive, row["expires_at"]
 
+    def put_shells(self, descs: list[dict[str, Any]], ttl: float | None = None) -> tuple[int, float | None]:
+        """Create or replace many descriptors in one transaction (all or none); returns (how many
+        were created, expires_at).
+
+        Why: a node starting thousands of agents registers (and renews) them in batches; one
+        transaction and one cache flush per batch instead of one per descriptor.
+        """
+        if not descs:
+            return 0, None
+        now = self.clock()
+        rows = {d["id"]: self._shell_row(d, ttl, now) for d in descs}  # the last one of an id wins
+        caps = [
+            {"shell_id": i, "semantic_id": c}
+            for i, d in {d["id"]: d for d in descs}.items()
+            for c in dict.fromkeys(capabilities_of(d))
+        ]
+        ids = list(rows)
+        with self.engine.begin() as conn:
+            existing: dict[str, float | None] = {}
+            for chunk in _chunks(ids, 500):
+                for r in conn.execute(
+                    select(_SHELLS.c.id, _SHELLS.c.expires_at).where(_SHELLS.c.id.in_(chunk))
+                ):
+                    existing[r.id] = r.expires_at
+            new = [rows[i] for i in ids if i not in existing]
+            old = [rows[i] for i in ids if i in existing]
+            if new:
+                conn.execute(insert(_SHELLS), new)
+            if old:
+                stmt = (
+                    update(_SHELLS)
+                    .where(_SHELLS.c.id == bindparam("_id"))
+                    .values({k: bindparam(k) for k in old[0] if k != "id"})
+                )
+                conn.execute(stmt, [{**r, "_id": r["id"]} for r in old])
+            for chunk in _chunks(ids, 500):
+                conn.execute(delete(_CAPS).where(_CAPS.c.shell_id.in_(chunk)))
+            if caps:
+                conn.execute(insert(_CAPS), caps)
+        for i in ids:
+            self._by_id.pop(i, None)
+        self._lists.clear()
+        created = sum(1 for i in ids if i not in existing or (existing[i] is not None and existing[i] <= now))
+        return created, now + ttl if ttl else None
+
     def update_shell_body(self, desc: dict[str, Any]) -> bool:
         """Replace the body of a live descriptor keeping its lease (for nested submodel-descriptor writes)."""
         now = self.clock()

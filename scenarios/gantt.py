@@ -3,11 +3,16 @@
 Bars are coloured by the product's priority (legend below the chart), separated by a thin
 white edge so back-to-back steps stay distinguishable, and labelled ``product·step`` only
 where the label fits inside its bar — short bars stay unlabelled rather than overprinted.
-The figure's height grows with the number of resources, never with the number of products.
+The figure's height grows with the number of resources, never with the number of products,
+up to ``MAX_HEIGHT_IN``: a plant of thousands of resources gets thinner rows (every n-th one
+named, bars unlabelled) instead of a canvas too large to allocate — at 0.42 in per row, 5,000
+resources would need a 231,000-pixel-high image, which Agg refuses (2^16 at most) after it had
+taken gigabytes.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +26,9 @@ from agents.persistence.tables import ProductRecord, WorkOrderRecord
 #: Priority 1 (top: earliest completion) ... 5 (lowest: cheapest), colour-blind-safe-ish.
 PRIORITY_COLOURS = {1: "#d7301f", 2: "#fc8d59", 3: "#fdcc8a", 4: "#9ecae1", 5: "#3182bd"}
 PRIORITY_NAMES = {1: "1 (earliest completion)", 5: "5 (cheapest)"}
+ROW_IN = 0.42  # inches per resource row
+MAX_HEIGHT_IN = 120.0  # 13,200 px at 110 dpi: ~75 MB of canvas
+MIN_LABEL_PX = 14.0  # rows thinner than this get no bar labels, and only every n-th row is named
 
 
 @dataclass(frozen=True)
@@ -86,7 +94,8 @@ def draw(bars: Iterable[Bar], path: Path, *, title: str = "", dpi: int = 110) ->
     t1 = max(b.end for b in bars)
     span = max(t1 - t0, 1e-9)
     width_in = 13.0
-    height_in = max(2.8, 0.42 * len(resources) + 1.7)
+    height_in = min(MAX_HEIGHT_IN, max(2.8, ROW_IN * len(resources) + 1.7))
+    row_px = (height_in - 1.7) * dpi / len(resources)
     fig, ax = plt.subplots(figsize=(width_in, height_in), dpi=dpi)
     fontsize = 7.0 if len(bars) < 200 else 6.0
     by_priority: dict[int, list[Bar]] = {}
@@ -106,7 +115,7 @@ def draw(bars: Iterable[Bar], path: Path, *, title: str = "", dpi: int = 110) ->
         )
     dark = {1, 5}
     labels = []
-    for b in bars:
+    for b in bars if row_px >= MIN_LABEL_PX else ():
         text = ax.text(
             (b.start + b.end) / 2,
             row[b.resource],
@@ -118,7 +127,8 @@ def draw(bars: Iterable[Bar], path: Path, *, title: str = "", dpi: int = 110) ->
             clip_on=True,
         )
         labels.append((text, b))
-    ax.set_yticks(range(len(resources)), resources)
+    every = max(1, math.ceil(MIN_LABEL_PX / row_px))
+    ax.set_yticks(range(0, len(resources), every), resources[::every])
     ax.set_ylim(len(resources) - 0.5, -0.5)
     ax.set_xlim(t0, t0 + span * 1.02)
     ax.set_xlabel("simulated time")

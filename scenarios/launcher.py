@@ -34,7 +34,7 @@ from protocol.credentials import Credentials
 from protocol.mosquitto import MosquittoTLS, free_port
 from protocol.recorder import Recorder
 from protocol.transport import BrokerAddress
-from registry.service import RegistryServer
+from registry.process import RegistryProcess
 from scenarios import assembly, gantt, kpis
 from scenarios.chaos import Chaos
 from scenarios.intake import OrderIntake
@@ -164,6 +164,12 @@ async def _start_agents(node: Node, plant: Plant, share: int, shares: int) -> li
     return await _start_products(node, plant, share, shares)
 
 
+def _startup_timeout(scenario: Scenario, shares: int) -> float:
+    """How long the launcher waits for the worker processes' resources: two minutes, and 0.1 s
+    more for every resource of a share (10,000-agent swarms start for minutes)."""
+    return 120.0 + 0.1 * len(scenario.resources) / max(1, shares)
+
+
 def _write_aasx(node: Node, names: list[str], folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name in names:
@@ -215,7 +221,9 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
         lambda: start_broker(broker_url, out, credentials=credentials, tls=tls)
     )
     passwords = credentials.passwords if credentials is not None else {}
-    registry = RegistryServer(sqlite_url(out / "registry.db"))
+    # The registry runs in a process of its own: on the launcher's loop a swarm's registrations and
+    # lookups competed with the launcher's own agents and the recorder (registry/process.py).
+    registry = RegistryProcess(sqlite_url(out / "registry.db"))
     started = time.perf_counter()
     recorder: Recorder | None = None
     node: Node | None = None
@@ -278,16 +286,19 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
         await clock.start()
         _write_plant_file(out, scenario, broker, registry_url, clock)
         # Two phases across processes: every resource is subscribed and registered before any
-        # product calls for proposals, or the first calls would find nobody listening.
-        if local:
-            if options.resume:
+        # product calls for proposals, or the first calls would find nobody listening. On a
+        # virtual clock the start-up takes no simulated time: the clock waits until every agent
+        # has started (its registration's HTTP round trips leave the loop idle, which the clock
+        # would otherwise take for quiescence and move on, differently from run to run).
+        with clock.activity():
+            if local:
                 _preload_share(node, plant, 0, count)
-            await _start_resources(node, plant, 0, count)
-        if pool is not None:
-            await pool.resources_ready(timeout=120)
-            pool.go()
-        if local:
-            await _start_products(node, plant, 0, count)
+                await _start_resources(node, plant, 0, count)
+            if pool is not None:
+                await pool.resources_ready(timeout=_startup_timeout(scenario, count))
+                pool.go()
+            if local:
+                await _start_products(node, plant, 0, count)
         total = len(scenario.product_instances())
         _schedule_faults(scenario, node, plant, broker, notices)
         if options.chaos is not None and pool is not None:

@@ -134,8 +134,9 @@ async def _share_main(
     node.first_publish_hooks.append(lambda ms: report_q.put(("first-action", share, ms, incarnation)))
     await node.start()
     await clock.start()
-    if flags[GO] or incarnation > 1:
-        _preload_share(node, plant, share, count)  # a restart: read every agent's state at once
+    # Every agent's state in one query per table (a fresh run finds nothing, and each agent then
+    # knows so without a query of its own).
+    _preload_share(node, plant, share, count)
     if flags[GO]:
         # A takeover after a crash: the plant is running, resume everything at once.
         _, names = await asyncio.gather(

@@ -29,11 +29,12 @@ from agents.persistence.tables import AgentRecord, OutboxRecord
 from agents.runtime.agent import Agent
 from agents.runtime.directory import Directory, Entry
 from agents.runtime.gc_policy import tune_for_agents
+from agents.runtime.registrar import Registrar, log_failure
 from protocol.elements import capability_semantic_id
 from protocol.frame import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.topics import matches
 from protocol.transport import BrokerAddress, MqttTransport
-from registry.client import HttpError, RegistryClient
+from registry.client import RegistryClient
 from registry.descriptors import shell_descriptor
 from shopfloor.clock import Clock
 
@@ -67,6 +68,8 @@ class Node:
         self.server = AasServer(self.store)
         self.registry = RegistryClient(config.registry_url) if config.registry_url else None
         self.directory = Directory(self.registry)
+        # Registrations in batches, leases renewed together (agents/runtime/registrar.py).
+        self.registrar = Registrar(self.registry, config.registry_ttl) if self.registry else None
         self.max_message_bytes = config.max_message_bytes
         self.agents: dict[str, Agent] = {}
         self.transports: dict[str, MqttTransport] = {}
@@ -80,7 +83,6 @@ class Node:
         self.finished_hooks: list[Callable[[Agent], None]] = []
         self.first_publish_hooks: list[Callable[[int], None]] = []  # recovery time: the first action
         self._published_any = False
-        self._background: set[asyncio.Task] = set()
         self.base_url = ""
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -98,6 +100,8 @@ class Node:
         for c in self._aas_clients.values():
             await c.aclose()
         await self._http.aclose()
+        if self.registrar:
+            await self.registrar.close()
         if self.registry:
             await self.registry.aclose()
 
@@ -142,29 +146,10 @@ class Node:
             if restarted:
                 # Its descriptor is still registered (the lease outlives a quick restart): renew it
                 # in the background and resume at once.
-                task = asyncio.get_running_loop().create_task(self._register(agent.aas_id, descriptor))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+                self.registrar.submit(descriptor).add_done_callback(log_failure)
             else:
-                await self._register(agent.aas_id, descriptor)
+                await self.registrar.register(descriptor)
         await agent.on_start()
-
-    async def _register(self, aas_id: str, descriptor: dict) -> None:
-        """Register until the registry takes it: a registry slowed down by a start-up storm makes
-        an agent wait, it does not abort the run (the client already retried transient errors)."""
-        assert self.registry is not None
-        delay = 0.5
-        while True:
-            try:
-                await self.registry.register(descriptor, ttl=self.config.registry_ttl)
-                break
-            except (HttpError, httpx.HTTPError) as exc:
-                if isinstance(exc, HttpError) and exc.status < 500:
-                    raise  # the registry refuses the descriptor: a bug, not a load problem
-                log.warning("registering %s failed (%s); retrying in %.1f s", aas_id, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-        self.registry.keepalive(aas_id)
 
     async def remove_agent(self, agent: Agent, *, deregister: bool = True) -> None:
         await agent.on_stop()
@@ -179,6 +164,8 @@ class Node:
         if transport:
             await transport.close()
         self._filters = [(f, n) for f, n in self._filters if n != agent.name]
+        if self.registrar:
+            self.registrar.forget(agent.aas_id)
         if deregister and self.registry:
             await self.registry.deregister(agent.aas_id)
         self.agents.pop(agent.name, None)
