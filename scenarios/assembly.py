@@ -86,8 +86,7 @@ def _step(scenario: Scenario, index: int, step: PlanStep) -> PlannedStep:
             durations.append(d.mean)
         else:
             offered = [
-                scenario.processing_time(step, r, alt.capability)
-                for r in scenario.capabilities().get(alt.capability, ())
+                scenario.processing_time(step, r, alt.capability) for r in scenario.offering(alt.capability)
             ]
             durations += [x.mean for x in offered if x is not None]
     nominal = min(durations) if durations else 0.0

@@ -721,6 +721,11 @@ def _dotted(loc: tuple[str | int, ...]) -> str:
     return out or "(top level)"
 
 
+#: id(scenario.resources) -> (that list, its length, resources by name, resource names by capability);
+#: the few latest scenarios' indexes (see Scenario._index).
+_RESOURCE_INDEX: dict[int, tuple[list, int, dict[str, Any], dict[str, tuple[str, ...]]]] = {}
+
+
 class Scenario(_Model):
     name: Text
     description: str | None = None
@@ -787,11 +792,32 @@ class Scenario(_Model):
 
     def capabilities(self) -> dict[str, tuple[str, ...]]:
         """Capability name -> names of the resources offering it (sorted by capability)."""
-        offered: dict[str, list[str]] = {}
-        for res in self.resources:
-            for cap in res.capability_names():
-                offered.setdefault(cap, []).append(res.name)
-        return {cap: tuple(offered[cap]) for cap in sorted(offered)}
+        offered = self._index()[1]
+        return {cap: offered[cap] for cap in sorted(offered)}
+
+    def offering(self, capability: str) -> tuple[str, ...]:
+        """Names of the resources offering ``capability`` (a lookup: the launcher asks once per
+        step of every product, and rebuilding the map each time made a 10,000-agent plant's
+        start-up quadratic)."""
+        return self._index()[1].get(capability, ())
+
+    def _index(self) -> tuple[dict[str, Resource], dict[str, tuple[str, ...]]]:
+        """Resources by name and by capability, built once (rebuilt if the list was changed in place)."""
+        # Kept beside the model, not in it: a private attribute would take part in ==.
+        resources = self.resources
+        cached = _RESOURCE_INDEX.get(id(resources))
+        if cached is None or cached[0] is not resources or cached[1] != len(resources):
+            by_name: dict[str, Resource] = {}
+            offered: dict[str, list[str]] = {}
+            for res in resources:
+                by_name.setdefault(res.name, res)
+                for cap in res.capability_names():
+                    offered.setdefault(cap, []).append(res.name)
+            cached = (resources, len(resources), by_name, {c: tuple(n) for c, n in offered.items()})
+            while len(_RESOURCE_INDEX) >= 8:
+                del _RESOURCE_INDEX[next(iter(_RESOURCE_INDEX))]
+            _RESOURCE_INDEX[id(resources)] = cached
+        return cached[2], cached[3]
 
     def locations(self) -> list[str]:
         """Every location named by a resource or an order, in order of first appearance."""
@@ -804,10 +830,10 @@ class Scenario(_Model):
         return list(seen)
 
     def resource(self, name: str) -> Workstation | Warehouse:
-        for res in self.resources:
-            if res.name == name:
-                return res
-        raise KeyError(name)
+        try:
+            return self._index()[0][name]
+        except KeyError:
+            raise KeyError(name) from None
 
     def product_type(self, name: str) -> ProductType:
         for pt in self.product_types:

@@ -34,7 +34,8 @@ _CHUNK = 500  # names per IN (...) list
 class StateReader:
     def __init__(self, db: Database) -> None:
         self.db = db
-        self._cache: dict[tuple[str, str], Any] = {}
+        # agent name -> (kind, key) -> rows; per agent, so that forgetting one is not a scan of all
+        self._cache: dict[str, dict[tuple[str, str], Any]] = {}
 
     # --- bulk ----------------------------------------------------------------------------------------
 
@@ -60,7 +61,8 @@ class StateReader:
                 found.setdefault((kind, name), default)
             for role in ("requester", "provider"):
                 found.setdefault(("conversations", f"{name}\0{role}"), [])
-        self._cache.update(found)
+        for (kind, key), value in found.items():
+            self._cache.setdefault(key.split("\0", 1)[0], {})[(kind, key)] = value
 
     @staticmethod
     def _group(found: dict, kind: str, rows: Iterable[Any], key: Callable[[Any], str]) -> None:
@@ -72,15 +74,17 @@ class StateReader:
 
     def _read(self, kind: str, name: str) -> Any:
         """The rows of one kind for one agent, taken from the preload (read now if not there)."""
-        if (kind, name) not in self._cache:
-            self.preload([name.split("\0", 1)[0]])
-        return self._cache.pop((kind, name))
+        agent = name.split("\0", 1)[0]
+        rows = self._cache.get(agent)
+        if rows is None or (kind, name) not in rows:
+            self.preload([agent])
+            rows = self._cache[agent]
+        return rows.pop((kind, name))
 
     def forget(self, name: str) -> None:
         """Drop what is left of an agent's preloaded rows once it has started: they were for that
         start (a later restart of the agent reads again)."""
-        for key in [k for k in self._cache if k[1] == name or k[1].startswith(name + "\0")]:
-            del self._cache[key]
+        self._cache.pop(name, None)
 
     # --- per agent -------------------------------------------------------------------------------
 
