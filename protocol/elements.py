@@ -12,6 +12,7 @@ basyx cannot read gets a precise error instead of a silently empty result.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from typing import Any, ClassVar, TypeVar
 
 from basyx.aas import model
 from basyx.aas.adapter.json import json_deserialization
+
+from protocol.bidding.flat import field_names
 
 SEMANTIC_PREFIX = "https://twinbid.dev/i40/"
 CAPABILITY_PREFIX = "https://twinbid.dev/capabilities/"
@@ -94,27 +97,27 @@ class Content:
         objects; the bidding hot path cannot afford that, the shape is fixed.
         """
         items: list[dict[str, Any]] = []
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
+        for name in field_names(type(self)):
+            value = getattr(self, name)
             if value is None:
                 continue
-            if f.name == "capability":
+            if name == "capability":
                 items.append(
                     {
                         "idShort": value,
                         "modelType": "Capability",
-                        "semanticId": _ref_json(CAPABILITY_PREFIX + value),
+                        "semanticId": reference_json(CAPABILITY_PREFIX + value),
                     }
                 )
-            elif f.name == "parameters":
+            elif name == "parameters":
                 items.append(_params_json(value))
             else:
-                items.append(_prop_json(f.name, value, _ref_json(SEMANTIC_PREFIX + f.name)))
+                items.append(_prop_json(name, value, reference_json(SEMANTIC_PREFIX + name)))
         return [
             {
                 "idShort": self.ID_SHORT,
                 "modelType": "SubmodelElementCollection",
-                "semanticId": _ref_json(SEMANTIC_PREFIX + self.ID_SHORT),
+                "semanticId": reference_json(SEMANTIC_PREFIX + self.ID_SHORT),
                 "value": items,
             }
         ]
@@ -138,11 +141,11 @@ class Content:
     @classmethod
     def _from_values(cls: type[T], values: dict[str, Any]) -> T:
         kwargs: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            if f.name in values:
-                kwargs[f.name] = _coerce(cls.ID_SHORT, f.name, f.type, values[f.name])
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ElementError(f"{cls.ID_SHORT}.{f.name}: missing")
+        for name, kind, required in _specs(cls):
+            if name in values:
+                kwargs[name] = _coerce(cls.ID_SHORT, name, kind, values[name])
+            elif required:
+                raise ElementError(f"{cls.ID_SHORT}.{name}: missing")
         return cls(**kwargs)
 
     @classmethod
@@ -165,8 +168,25 @@ def _describe(element: object) -> str:
     return f"{type(element).__name__} {getattr(element, 'id_short', '')!r}"
 
 
-def _coerce(owner: str, name: str, annotation: Any, value: Any) -> Any:
-    text = str(annotation)
+_SPECS: dict[type, tuple[tuple[str, str, bool], ...]] = {}
+
+
+def _specs(cls: type) -> tuple[tuple[str, str, bool], ...]:
+    """(field, its type annotation as text, required) per content class, worked out once."""
+    specs = _SPECS.get(cls)
+    if specs is None:
+        specs = _SPECS[cls] = tuple(
+            (
+                f.name,
+                str(f.type),
+                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+            )
+            for f in dataclasses.fields(cls)
+        )
+    return specs
+
+
+def _coerce(owner: str, name: str, text: str, value: Any) -> Any:
     try:
         if name in ("capability", "parameters"):
             return value
@@ -184,7 +204,10 @@ def _coerce(owner: str, name: str, annotation: Any, value: Any) -> Any:
         raise ElementError(f"{owner}.{name}: {value!r} is not a valid {text} ({exc})") from None
 
 
-def _ref_json(uri: str) -> dict[str, Any]:
+@functools.lru_cache(maxsize=4096)
+def reference_json(uri: str) -> dict[str, Any]:
+    """A semanticId reference. Cached, so one dict serves every message that carries it: the
+    elements of a message are written, never changed."""
     return {"type": "ExternalReference", "keys": [{"type": "GlobalReference", "value": uri}]}
 
 
@@ -229,7 +252,7 @@ def _params_json(params: dict[str, Any]) -> dict[str, Any]:
     return {
         "idShort": "parameters",
         "modelType": "SubmodelElementCollection",
-        "semanticId": _ref_json(SEMANTIC_PREFIX + "parameters"),
+        "semanticId": reference_json(SEMANTIC_PREFIX + "parameters"),
         "value": items,
     }
 

@@ -32,7 +32,7 @@ from agents.runtime.node import Node, NodeConfig
 from protocol.broker import RunningBroker, start_broker
 from protocol.credentials import Credentials
 from protocol.mosquitto import MosquittoTLS, free_port
-from protocol.recorder import Recorder
+from protocol.recorder_process import RecorderProcess
 from protocol.transport import BrokerAddress
 from registry.process import RegistryProcess
 from scenarios import assembly, gantt, kpis
@@ -225,7 +225,7 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
     # lookups competed with the launcher's own agents and the recorder (registry/process.py).
     registry = RegistryProcess(sqlite_url(out / "registry.db"))
     started = time.perf_counter()
-    recorder: Recorder | None = None
+    recorder: RecorderProcess | None = None  # in a child process: its threads would hold our GIL
     node: Node | None = None
     clock: Clock | None = None
     pool: WorkerPool | None = None
@@ -238,7 +238,7 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
         registry_url = await registry.start()
         db = open_database(db_url)
         recorder = await asyncio.to_thread(
-            Recorder(
+            RecorderProcess(
                 credentials.observer_address(broker.address) if credentials else broker.address,
                 scenario.namespace,
                 out / "messages.jsonl",

@@ -344,6 +344,37 @@ async def test_recorder_loses_nothing_in_a_10000_message_burst(
         assert conn.execute("SELECT COUNT(DISTINCT message_id) FROM tb_recorded").fetchone()[0] == n
 
 
+async def test_recorder_process_records_and_does_not_outlive_its_launcher(
+    mosquitto, make_transport, tmp_path: Path
+) -> None:
+    """The run's recorder runs in a child process: it records, reports its count when stopped,
+    and stops by itself when the process that started it is gone (its stdin closes)."""
+    from protocol.recorder_process import RecorderProcess
+
+    out = tmp_path / "messages.jsonl"
+    recorder = await asyncio.to_thread(
+        RecorderProcess(mosquitto.address, "child", out, client_id="child-observer").start
+    )
+    pub = await make_transport("child-pub", mosquitto.address)
+    for i in range(500):
+        await pub.publish("i40/child/events/child-pub", json.dumps({"event": "tick", "i": i}).encode())
+    await pub.flush(10)
+    await asyncio.to_thread(recorder.stop, 0.5, 30)
+    got = [json.loads(line)["message"]["i"] for line in out.read_text().splitlines()]
+    assert sorted(got) == list(range(500)) and recorder.count == 500
+    # The launcher dies: the child's stdin closes, the child writes what it has and exits.
+    orphan = await asyncio.to_thread(
+        RecorderProcess(mosquitto.address, "child", tmp_path / "orphan.jsonl", client_id="orphan").start
+    )
+    child = orphan.process
+    assert child is not None and child.stdin is not None
+    await pub.publish("i40/child/events/child-pub", b'{"event": "last"}')
+    await pub.flush(10)
+    child.stdin.close()
+    assert await asyncio.to_thread(child.wait, 30) == 0
+    assert json.loads((tmp_path / "orphan.jsonl").read_text())["message"] == {"event": "last"}
+
+
 async def test_recorder_session_survives_its_absence(mosquitto, make_transport, tmp_path: Path) -> None:
     if not isinstance(mosquitto, MosquittoProcess):
         pytest.skip("needs mosquitto's persistent sessions (fell back to the embedded broker)")

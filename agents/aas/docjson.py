@@ -17,7 +17,7 @@ from typing import Any
 
 from basyx.aas.model.datatypes import xsd_repr
 
-from protocol.elements import capability_semantic_id, xsd_double
+from protocol.elements import capability_semantic_id, reference_json, xsd_double
 
 from .build import OUTCOMES, StepRecord, TimeValue, step_id_short
 from .semantics import ProcessDocumentation as PD
@@ -25,15 +25,11 @@ from .semantics import ProcessDocumentation as PD
 Json = dict[str, Any]
 
 
-def ref(uri: str) -> Json:
-    return {"type": "ExternalReference", "keys": [{"type": "GlobalReference", "value": uri}]}
-
-
 def prop(id_short: str, text: str, value_type: str, semantic_id: str | None = None) -> Json:
     """A Property whose lexical value ``text`` is already in ``value_type``'s XSD form."""
     out: Json = {"idShort": id_short, "modelType": "Property"}
     if semantic_id:
-        out["semanticId"] = ref(semantic_id)
+        out["semanticId"] = reference_json(semantic_id)
     out["value"] = text
     out["valueType"] = value_type
     return out
@@ -58,7 +54,7 @@ def time_prop(id_short: str, value: TimeValue, semantic_id: str | None = None) -
 def smc(id_short: str, items: list[Json], semantic_id: str | None = None) -> Json:
     out: Json = {"idShort": id_short, "modelType": "SubmodelElementCollection"}
     if semantic_id:
-        out["semanticId"] = ref(semantic_id)
+        out["semanticId"] = reference_json(semantic_id)
     if items:
         out["value"] = items
     return out

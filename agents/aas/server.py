@@ -331,7 +331,7 @@ def create_app(
         if path is not None:
             _check_path(path)
         owner = store.owner_of(sm_id)
-        if owner is None or store.get_submodel(sm_id) is None:
+        if owner is None or not store.has_submodel(sm_id):  # (a lookup: building it is for readers)
             raise ApiError(404, f"submodel {sm_id!r} not found")
         if kind is WriteKind.PUT:
             _level(request, ("deep",))

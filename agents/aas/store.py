@@ -184,6 +184,10 @@ class AasStore:
         entry = self._shells.get(aas_id)
         return entry.obj if entry else None  # type: ignore[return-value]
 
+    def has_submodel(self, submodel_id: str) -> bool:
+        """Whether the submodel is hosted here (its pending elements stay JSON)."""
+        return submodel_id in self._submodels
+
     def get_submodel(self, submodel_id: str) -> model.Submodel | None:
         entry = self._submodels.get(submodel_id)
         return self._materialize(entry).obj if entry else None  # type: ignore[return-value]

@@ -1,0 +1,147 @@
+"""The recorder in a process of its own, for a run's launcher.
+
+Why: in the launcher the recorder's paho network thread and writer thread hold the GIL for
+every message of the plant, on the same interpreter as the launcher's share of the agents; each
+time the event loop waits for the GIL back, a negotiation hop waits with it. In its own process it
+costs the agents nothing but a core's time slice.
+
+``RecorderProcess(...).start()`` / ``.stop()`` / ``.count`` stand in for :class:`Recorder`'s. The
+child is ``python -m protocol.recorder_process``: it reads its settings as one JSON line on its
+standard input (the broker password never shows on a command line), prints ``READY`` once
+subscribed, and on a ``STOP <settle> <max_wait>`` line stops like ``Recorder.stop`` and prints
+``STOPPED <count>``. Its standard input closing — the launcher died — stops it too, so a killed
+run leaves no recorder behind. It ignores SIGINT: a Ctrl-C reaches the whole process group, and
+the launcher decides when recording ends (after the agents have spoken).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from protocol.transport import BrokerAddress
+
+_ROOT = str(Path(__file__).resolve().parents[1])  # `protocol` importable whatever the cwd
+
+
+class RecorderProcess:
+    """A :class:`~protocol.recorder.Recorder` in a child process (see the module docstring)."""
+
+    def __init__(
+        self,
+        broker: BrokerAddress,
+        ns: str,
+        out: Path,
+        *,
+        client_id: str = "observer",
+        clean: bool = True,
+        session_expiry: int = 3600,
+        db: Path | None = None,
+        topic_filter: str | None = None,
+    ) -> None:
+        self.settings: dict[str, Any] = {
+            "broker": dataclasses.asdict(broker),
+            "ns": ns,
+            "out": str(out),
+            "client_id": client_id,
+            "clean": clean,
+            "session_expiry": session_expiry,
+            "db": str(db) if db is not None else None,
+            "topic_filter": topic_filter,
+        }
+        self.count = 0  # messages recorded, known once stopped
+        self.process: subprocess.Popen[str] | None = None
+
+    def start(self, timeout: float = 30.0) -> RecorderProcess:
+        env = dict(
+            os.environ, PYTHONPATH=os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
+        )
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "protocol.recorder_process"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(self.settings) + "\n")
+        self.process.stdin.flush()
+        line = self._read_line(timeout)
+        if line != "READY":
+            self._kill()
+            raise ConnectionError(f"the recorder process did not start: {line or 'it exited'}")
+        return self
+
+    def stop(self, settle: float = 0.3, max_wait: float = 60.0) -> None:
+        proc = self.process
+        if proc is None:
+            return
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write(f"STOP {settle} {max_wait}\n")
+            proc.stdin.flush()
+            line = self._read_line(max_wait + 30)
+            if line.startswith("STOPPED "):
+                self.count = int(line.split()[1])
+            proc.stdin.close()
+            proc.wait(30)
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            self._kill()
+        self.process = None
+
+    def _read_line(self, timeout: float) -> str:
+        """The child's next line, or '' when it exits or says nothing within ``timeout``."""
+        proc = self.process
+        assert proc is not None and proc.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            if not sel.select(timeout):
+                return ""
+        return proc.stdout.readline().strip()
+
+    def _kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+def _main() -> None:
+    from protocol.recorder import Recorder
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    settings = json.loads(sys.stdin.readline())
+    recorder = Recorder(
+        BrokerAddress(**settings["broker"]),
+        settings["ns"],
+        Path(settings["out"]),
+        client_id=settings["client_id"],
+        clean=settings["clean"],
+        session_expiry=settings["session_expiry"],
+        db=Path(settings["db"]) if settings["db"] else None,
+        topic_filter=settings["topic_filter"],
+    )
+    try:
+        recorder.start()
+    except Exception as exc:
+        print(f"FAILED {exc}", flush=True)
+        sys.exit(1)
+    print("READY", flush=True)
+    settle, max_wait = 0.3, 60.0
+    for line in sys.stdin:  # until STOP, or EOF: the launcher is gone
+        parts = line.split()
+        if parts and parts[0] == "STOP":
+            settle, max_wait = float(parts[1]), float(parts[2])
+            break
+    recorder.stop(settle, max_wait)
+    print(f"STOPPED {recorder.count}", flush=True)
+
+
+if __name__ == "__main__":
+    _main()
