@@ -183,6 +183,10 @@ class Journal:
         for row in rows:  # rows of one table nearly always have the same columns: one group
             columns = tuple(row)
             groups.setdefault(columns, []).append(tuple(row.values()))
-        for columns, values in groups.items():
-            conn.exec_driver_sql(self._sql(table, columns, upsert), values)
-            self.rows += len(values)
+        cursor = conn.connection.cursor()  # the driver's own: SQLAlchemy's statement machinery is per call
+        try:
+            for columns, values in groups.items():
+                cursor.executemany(self._sql(table, columns, upsert), values)
+                self.rows += len(values)
+        finally:
+            cursor.close()
