@@ -79,6 +79,9 @@ class Fixed(DurationModel):
     def sample(self, rng: random.Random) -> float:
         return float(self.value)
 
+    def sample_for(self, seed: object, *key: object) -> float:
+        return float(self.value)  # no random stream to seed (seeding one cost more than the bid)
+
     @property
     def mean(self) -> float:
         return float(self.value)

@@ -27,6 +27,9 @@ from .simulated import SimulatedAsset
 __all__ = ["Workstation"]
 
 
+_NO_SETUP = Fixed(0.0)
+
+
 class Workstation(SimulatedAsset):
     """A machine that does one job at a time.
 
@@ -113,7 +116,7 @@ class Workstation(SimulatedAsset):
     def setup_time(self, job: Job, previous_capability: str | None) -> float:
         if job.capability == previous_capability:
             return 0.0
-        model = self.setups.get(job.capability, Fixed(0.0))
+        model = self.setups.get(job.capability, _NO_SETUP)
         return model.sample_for(self.seed, self.name, job.job_id, job.capability, "setup")
 
     def processing_time(self, job: Job) -> float:
