@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 TRANSIENT_STATUS = frozenset({502, 503, 504})
 BULK_PATH = "/twinbid/bulk/shell-descriptors"  # the registry's bulk extension (registry/service.py)
 BULK_MAX_BYTES = 192 * 1024  # under the registry's default body limit (256 KiB)
+LOOKUP_PATH = "/twinbid/bulk/lookup"  # the registry's bulk lookup extension
+LOOKUP_MAX = 2000  # ids + capabilities in one lookup (the registry's limit)
 IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH"})
 
 
@@ -87,10 +89,12 @@ async def send(
     attempts: int = 4,
     max_delay: float = 10.0,
     ok: tuple[int, ...] = (),
+    safe: bool = False,
     **kwargs: Any,
 ) -> httpx.Response:
-    """Send with the transient-only retry policy; raise :class:`HttpError` for error answers not in ``ok``."""
-    idempotent = method.upper() in IDEMPOTENT
+    """Send with the transient-only retry policy; raise :class:`HttpError` for error answers not in ``ok``.
+    ``safe``: a POST that only reads (retried like a GET)."""
+    idempotent = safe or method.upper() in IDEMPOTENT
 
     def transient(exc: BaseException) -> bool:
         if isinstance(exc, _TransientStatus):
@@ -160,6 +164,7 @@ class RegistryClient:
         self._registered: dict[str, tuple[dict[str, Any], float | None]] = {}
         self._keepalive: dict[str, asyncio.Task[None]] = {}
         self._bulk = True  # until the registry answers the bulk extension with 404/405
+        self._bulk_lookup = True  # likewise for the bulk lookup
 
     async def aclose(self) -> None:
         for task in self._keepalive.values():
@@ -223,6 +228,45 @@ class RegistryClient:
             for d in chunk.items:
                 expires = await self.register(d, ttl)
         return expires
+
+    async def lookup(
+        self, ids: Iterable[str] = (), capabilities: Iterable[str] = ()
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+        """Many lookups at once: live descriptors by id (unknown ids left out) and the shells
+        offering each capability semanticId — one request per ``LOOKUP_MAX`` (the extension
+        ``POST /twinbid/bulk/lookup``); a registry without it gets one standard request each.
+
+        Why: an agent's first message from each peer and each capability it calls for needed a
+        lookup of its own, a fifth of an agent process's CPU in a 10,000-agent start-up."""
+        ids, capabilities = list(dict.fromkeys(ids)), list(dict.fromkeys(capabilities))
+        by_id: dict[str, dict[str, Any]] = {}
+        by_cap: dict[str, list[dict[str, Any]]] = {}
+        items = [("id", x) for x in ids] + [("capability", x) for x in capabilities]
+        for start in range(0, len(items), LOOKUP_MAX):
+            chunk = items[start : start + LOOKUP_MAX]
+            want_ids = [x for kind, x in chunk if kind == "id"]
+            want_caps = [x for kind, x in chunk if kind == "capability"]
+            if self._bulk_lookup:
+                response = await self._send(
+                    "POST",
+                    LOOKUP_PATH,
+                    json={"ids": want_ids, "capabilities": want_caps},
+                    ok=(404, 405),
+                    safe=True,
+                )
+                if response.status_code not in (404, 405):
+                    body = response.json()
+                    by_id.update(body.get("ids") or {})
+                    by_cap.update(body.get("capabilities") or {})
+                    continue
+                self._bulk_lookup = False
+            for aas_id in want_ids:
+                found = await self.get(aas_id)
+                if found is not None:
+                    by_id[aas_id] = found
+            for cap in want_caps:
+                by_cap[cap] = await self.find_by_capability(cap)
+        return by_id, by_cap
 
     async def renew(self, aas_id: str, ttl: float | None = None) -> float | None:
         """Renew the lease of a descriptor registered through this client (re-PUTs it; recreates it if it expired)."""

@@ -20,6 +20,9 @@ Extensions (documented in docs/api.md):
 * ``PUT /twinbid/bulk/shell-descriptors`` — a JSON array of shell descriptors, created or replaced in one
   transaction (all or none; 400 names the first invalid one), one lease header for all; answers 200
   ``{"created": n, "replaced": m}``. Registration and renewal of a node's agents in a few requests.
+* ``POST /twinbid/bulk/lookup`` with ``{"ids": [...], "capabilities": [...]}`` — many lookups in one
+  request: ``{"ids": {id: descriptor}, "capabilities": {semanticId: [descriptor, ...]}}`` (live
+  descriptors only; an unknown id is left out). A read, safe to repeat.
 """
 
 from __future__ import annotations
@@ -69,6 +72,8 @@ PROFILES = [
 ]
 _ASSET_KINDS = ("Instance", "Type", "Role", "NotApplicable")
 BULK_SHELLS_PATH = "/twinbid/bulk/shell-descriptors"  # extension: many descriptors in one PUT
+BULK_LOOKUP_PATH = "/twinbid/bulk/lookup"  # extension: many lookups (by id, by capability) in one POST
+BULK_LOOKUP_MAX = 2000  # ids + capabilities in one lookup
 
 
 def _decode(segment: str, what: str) -> str:
@@ -230,6 +235,41 @@ def create_registry_app(store: RegistryStore, *, max_body_bytes: int = DEFAULT_M
         created, expires = store.put_shells(descs, ttl)
         body = json_bytes({"created": created, "replaced": len({d["id"] for d in descs}) - created})
         return json_response(body, 200, _lease_headers(expires))
+
+    @app.post(
+        BULK_LOOKUP_PATH,
+        operation_id="LookUpAssetAdministrationShellDescriptorsInBulk",
+        tags=["twinbid extensions"],
+    )
+    async def lookup_bulk(request: Request) -> Response:
+        """Extension: many lookups in one request — descriptors by id and the shells offering each
+        capability. A node's directory sends the lookups its agents wait for together
+        (docs/api.md, "Extensions"). A read: safe to repeat."""
+        raw = await read_json_body(request)
+        ids = raw.get("ids", []) if isinstance(raw, dict) else None
+        caps = raw.get("capabilities", []) if isinstance(raw, dict) else None
+        if not (
+            isinstance(ids, list)
+            and isinstance(caps, list)
+            and all(isinstance(x, str) for x in ids + caps)
+            and len(ids) + len(caps) <= BULK_LOOKUP_MAX
+        ):
+            raise ApiError(
+                400,
+                f'the body must be {{"ids": [string], "capabilities": [string]}}, {BULK_LOOKUP_MAX} at most',
+            )
+        by_id, by_cap = store.lookup(ids, caps)
+        parts = [b'{"ids":{']
+        parts.append(b",".join(json_bytes(k) + b":" + v.encode() for k, v in by_id.items()))
+        parts.append(b'},"capabilities":{')
+        parts.append(
+            b",".join(
+                json_bytes(k) + b":[" + b",".join(v.encode() for v in bodies) + b"]"
+                for k, bodies in by_cap.items()
+            )
+        )
+        parts.append(b"}}")
+        return json_response(b"".join(parts))
 
     @app.delete(
         "/shell-descriptors/{aasIdentifier}",

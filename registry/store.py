@@ -199,6 +199,31 @@ class RegistryStore:
         created = sum(1 for i in ids if i not in existing or (existing[i] is not None and existing[i] <= now))
         return created, now + ttl if ttl else None
 
+    def lookup(self, ids: list[str], capabilities: list[str]) -> tuple[dict[str, str], dict[str, list[str]]]:
+        """Live descriptors (JSON text) by id, and those offering each capability (ordered by id),
+        in two queries: the answers to many agents' lookups at once (absent ids are left out)."""
+        now = self.clock()
+        by_id: dict[str, str] = {}
+        by_cap: dict[str, list[str]] = {c: [] for c in capabilities}
+        with self.engine.connect() as conn:
+            for chunk in _chunks(list(dict.fromkeys(ids)), 500):
+                rows = conn.execute(
+                    select(_SHELLS.c.id, _SHELLS.c.body).where(
+                        _SHELLS.c.id.in_(chunk), _visible(_SHELLS, now)
+                    )
+                )
+                by_id.update((r.id, r.body) for r in rows)
+            for chunk in _chunks(list(by_cap), 500):
+                rows = conn.execute(
+                    select(_CAPS.c.semantic_id, _SHELLS.c.body)
+                    .join(_SHELLS, _SHELLS.c.id == _CAPS.c.shell_id)
+                    .where(_CAPS.c.semantic_id.in_(chunk), _visible(_SHELLS, now))
+                    .order_by(_CAPS.c.semantic_id, _SHELLS.c.id)
+                )
+                for r in rows:
+                    by_cap[r.semantic_id].append(r.body)
+        return by_id, by_cap
+
     def update_shell_body(self, desc: dict[str, Any]) -> bool:
         """Replace the body of a live descriptor keeping its lease (for nested submodel-descriptor writes)."""
         now = self.clock()

@@ -14,15 +14,18 @@ from typing import Any
 import httpx
 import pytest
 
+from agents.runtime.directory import Directory
 from agents.runtime.registrar import Registrar
-from registry.client import BULK_PATH, HttpError, RegistryClient
+from protocol.elements import capability_semantic_id
+from registry.client import BULK_PATH, LOOKUP_PATH, HttpError, RegistryClient
 from registry.descriptors import EXPIRES_HEADER, LEASE_HEADER, shell_descriptor, short_name_of
 from registry.identifiers import b64url_encode as enc
 from registry.part2 import InLoopServer
 from registry.process import RegistryProcess
 from registry.service import RegistryServer
 
-MILLING = "https://twinbid.dev/capabilities/milling"
+MILLING = capability_semantic_id("milling")
+DRILLING = capability_semantic_id("drilling")
 
 
 def agent(n: int, caps: tuple[str, ...] = (MILLING,)) -> dict[str, Any]:
@@ -114,7 +117,7 @@ async def test_client_register_many_falls_back_to_one_put_each_without_the_exten
     """A registry without the bulk route (another implementation of the standard API)."""
 
     async def standard_only(scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] == BULK_PATH:
+        if scope["type"] == "http" and scope["path"] in (BULK_PATH, LOOKUP_PATH):
             await send({"type": "http.response.start", "status": 404, "headers": []})
             await send({"type": "http.response.body", "body": b""})
             return
@@ -132,6 +135,10 @@ async def test_client_register_many_falls_back_to_one_put_each_without_the_exten
             f"/shell-descriptors/{enc(agent(n)['id'])}" for n in range(5)
         ]
         assert len(await client.find_by_capability(MILLING)) == 5
+        counter.seen.clear()
+        found, offered = await client.lookup([agent(1)["id"], "urn:nobody"], [MILLING, DRILLING])
+        assert list(found) == [agent(1)["id"]] and len(offered[MILLING]) == 5 and offered[DRILLING] == []
+        assert counter.seen[0] == ("POST", LOOKUP_PATH) and len(counter.seen) == 5  # then one each
     finally:
         await client.aclose()
         await client._own_http.aclose()
@@ -217,3 +224,64 @@ async def test_registry_process_serves_ignores_ctrl_c_and_stops_with_its_parent(
             assert len(await client.find_by_capability(MILLING)) == 3
     finally:
         await again.stop()
+
+
+async def test_bulk_lookup_answers_ids_and_capabilities_in_one_request(registry: RegistryServer) -> None:
+    async with httpx.AsyncClient(base_url=registry.base_url) as h:
+        await h.put(BULK_PATH, json=[agent(n, (MILLING,) if n < 3 else (DRILLING,)) for n in range(5)])
+        await h.put(BULK_PATH, json=[agent(9)], headers={LEASE_HEADER: "0.2"})
+        await asyncio.sleep(0.4)  # r9's lease ran out: invisible
+        ids = [agent(1)["id"], agent(4)["id"], agent(9)["id"], "urn:nobody"]
+        r = await h.post(LOOKUP_PATH, json={"ids": ids, "capabilities": [MILLING, DRILLING, "urn:none"]})
+        assert r.status_code == 200
+        body = r.json()
+        assert body["ids"] == {agent(1)["id"]: agent(1), agent(4)["id"]: agent(4, (DRILLING,))}
+        assert [short_name_of(d) for d in body["capabilities"][MILLING]] == ["r0", "r1", "r2"]
+        assert [short_name_of(d) for d in body["capabilities"][DRILLING]] == ["r3", "r4"]
+        assert body["capabilities"]["urn:none"] == []
+        for bad in ([1, 2], {"ids": "x"}, {"ids": [1]}, {"ids": ["x"] * 2001}):
+            assert (await h.post(LOOKUP_PATH, json=bad)).status_code == 400
+
+
+async def test_directory_sends_the_lookups_its_agents_wait_for_together(registry: RegistryServer) -> None:
+    async with RegistryClient(registry.base_url) as client:
+        await client.register_many([agent(n, (MILLING,) if n % 2 else (DRILLING,)) for n in range(40)])
+        directory = Directory(client)
+        ids = [agent(n)["id"] for n in range(40)] + ["urn:nobody"]
+        entries, millers, drillers = await asyncio.gather(
+            asyncio.gather(*(directory.by_id(i) for i in ids + ids)),  # each id asked twice at once
+            directory.bidders("milling"),
+            directory.bidders("drilling"),
+        )
+        assert directory.lookups <= 2  # not 81 + 2
+        names = [*(f"r{n}" for n in range(40)), None]
+        assert [e.name if e else None for e in entries] == names + names
+        assert millers == {agent(n)["id"] for n in range(1, 40, 2)}
+        assert drillers == {agent(n)["id"] for n in range(0, 40, 2)}
+        before = directory.lookups
+        assert (await directory.by_id(agent(7)["id"])).name == "r7"  # cached now: no request
+        assert directory.lookups == before
+        assert (
+            await directory.by_id("urn:nobody") is None and directory.lookups == before + 1
+        )  # misses ask again
+
+
+async def test_directory_lookups_fail_for_their_waiters_only_while_the_registry_is_down(
+    tmp_path: Path,
+) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    async with RegistryClient(f"http://127.0.0.1:{port}", attempts=1) as client:
+        directory = Directory(client)
+        with pytest.raises(httpx.ConnectError):
+            await directory.by_id(agent(1)["id"])
+        server = RegistryServer(f"sqlite:///{tmp_path / 'r.db'}")
+        await server.start(port=port)
+        try:
+            await client.register_many([agent(1)])
+            assert (await directory.by_id(agent(1)["id"])).name == "r1"
+        finally:
+            await server.stop()
