@@ -65,10 +65,19 @@ async def test_upserts_keep_the_last_row_per_key_and_messages_wait_for_the_commi
     assert released == ["m-1"]
     journal.put(OutboxRecord, {**_outbox("m-2", 2), "published": True})  # a later batch updates
     await journal.commit()
+    journal.update(OutboxRecord, ("p-1", "m-1"), {"published": True})  # only the flag changes
+    journal.update(OutboxRecord, ("p-1", "m-404"), {"published": True})  # no such row: nothing
+    journal.put(OutboxRecord, _outbox("m-3", 3))
+    journal.update(OutboxRecord, ("p-1", "m-3"), {"published": True})  # put, then update: both
+    journal.update(OutboxRecord, ("p-1", "m-4"), {"published": True})
+    journal.put(OutboxRecord, _outbox("m-4", 4))  # update, then the whole row: the row wins
+    await journal.commit()
     rows = _rows(db, OutboxRecord, OutboxRecord.seq)
     assert [(r.message_id, r.payload, r.published) for r in rows] == [
-        ("m-1", '{"a": 2}', False),
+        ("m-1", '{"a": 2}', True),
         ("m-2", "{}", True),
+        ("m-3", "{}", True),
+        ("m-4", "{}", False),
     ]
     assert rows[0].created_sim == 0.5 and rows[0].created_wall_ms == 1_767_225_600_000
     await journal.close()

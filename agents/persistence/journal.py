@@ -48,6 +48,7 @@ class Journal:
         self._statements: dict[tuple, str] = {}
         self._upserts: dict[type[SQLModel], dict[tuple, dict[str, Any]]] = {}
         self._inserts: dict[type[SQLModel], list[dict[str, Any]]] = {}
+        self._updates: dict[tuple[type[SQLModel], tuple[str, ...]], dict[tuple, tuple]] = {}
         self._after: list[AfterCommit] = []
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -66,6 +67,16 @@ class Journal:
         """Insert or replace the row with this primary key (the last put in a batch wins)."""
         key = tuple(row[c] for c in primary_key(table))
         self._upserts.setdefault(table, {})[key] = row
+        if self._updates:  # a whole row put after a partial update of it: the row wins
+            for (t, _cols), rows in self._updates.items():
+                if t is table:
+                    rows.pop(key, None)
+        self._kick()
+
+    def update(self, table: type[SQLModel], key: tuple, values: dict[str, Any]) -> None:
+        """Set some columns of an existing row, by primary key (in key column order); the rest of
+        the row is not rewritten. Applied after the batch's puts and adds."""
+        self._updates.setdefault((table, tuple(values)), {})[key] = tuple(values.values())
         self._kick()
 
     def add(self, table: type[SQLModel], row: dict[str, Any]) -> None:
@@ -105,7 +116,7 @@ class Journal:
         self._executor.shutdown(wait=True)
 
     def _pending(self) -> bool:
-        return bool(self._upserts or self._inserts or self._after or self._waiters)
+        return bool(self._upserts or self._inserts or self._updates or self._after or self._waiters)
 
     def _kick(self) -> None:
         self._idle.clear()
@@ -119,14 +130,15 @@ class Journal:
             if not self._pending():
                 self._idle.set()
                 continue
-            upserts, inserts, after, waiters = self._upserts, self._inserts, self._after, self._waiters
-            self._upserts, self._inserts, self._after, self._waiters = {}, {}, [], []
+            upserts, inserts, updates = self._upserts, self._inserts, self._updates
+            after, waiters = self._after, self._waiters
+            self._upserts, self._inserts, self._updates, self._after, self._waiters = {}, {}, {}, [], []
             t0 = time.perf_counter()
             try:
                 if self.threaded:
-                    await loop.run_in_executor(self._executor, self._write, upserts, inserts)
+                    await loop.run_in_executor(self._executor, self._write, upserts, inserts, updates)
                 else:
-                    self._write(upserts, inserts)
+                    self._write(upserts, inserts, updates)
             except Exception as exc:
                 self.failed = exc
                 log.exception("journal commit failed; %d messages withheld", len(after))
@@ -171,12 +183,34 @@ class Journal:
             self._statements[key] = sql
         return sql
 
-    def _write(self, upserts: dict, inserts: dict) -> None:
+    def _write(self, upserts: dict, inserts: dict, updates: dict | None = None) -> None:
         with self.db.engine.begin() as conn:
             for table, by_key in upserts.items():
                 self._execute(conn, table, list(by_key.values()), upsert=True)
             for table, rows in inserts.items():
                 self._execute(conn, table, rows, upsert=False)
+            if updates:
+                cursor = conn.connection.cursor()
+                try:
+                    for (table, columns), by_key in updates.items():
+                        params = [values + key for key, values in by_key.items()]
+                        cursor.executemany(self._update_sql(table, columns), params)
+                        self.rows += len(params)
+                finally:
+                    cursor.close()
+
+    def _update_sql(self, table: type[SQLModel], columns: tuple[str, ...]) -> str:
+        key = (table, columns, "update")
+        sql = self._statements.get(key)
+        if sql is None:
+            dialect = self.db.engine.dialect
+            q = dialect.identifier_preparer.quote
+            mark = "?" if dialect.paramstyle == "qmark" else "%s"
+            name = table.__table__.name  # type: ignore[attr-defined]
+            sets = ", ".join(f"{q(c)} = {mark}" for c in columns)
+            where = " AND ".join(f"{q(c)} = {mark}" for c in primary_key(table))
+            sql = self._statements[key] = f"UPDATE {q(name)} SET {sets} WHERE {where}"
+        return sql
 
     def _execute(self, conn: Any, table: type[SQLModel], rows: list[dict[str, Any]], *, upsert: bool) -> None:
         groups: dict[tuple[str, ...], list[tuple]] = {}

@@ -256,8 +256,8 @@ class Node:
                     # An outbox row counts as published once the broker acknowledged it; what was
                     # only handed to the socket when the process died goes out again on restart.
                     await transport.flush(timeout=10)
-                    for r in unacked:
-                        self.journal.put(OutboxRecord, {**r, "published": True})
+                    for r in unacked:  # the flag only: the row (and its payload) is not rewritten
+                        self.journal.update(OutboxRecord, (r["agent"], r["message_id"]), {"published": True})
                     unacked = []
             except Exception:
                 log.exception("%s: publishing on %s failed", agent.name, topic)
