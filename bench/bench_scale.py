@@ -14,7 +14,7 @@ Per size: agents; whether every product completed; start-up (launch until every 
 called for proposals, i.e. every agent is connected, subscribed, registered and acting);
 connected (launch until the broker holds a connection for every agent); negotiation (first to
 last message); peak RSS summed over the tree, and per agent; the increment per agent between two
-sizes (which leaves out the fixed cost of the processes).
+sizes (which leaves out the fixed cost of the processes); CPU seconds by process, and per agent.
 
     python bench/bench_scale.py [--sizes 500,1000,2000,5000,10000] [--budget 540] [--processes 2]
                                 [--product-share 0.5] [--bidders 2] [--size-timeout 600]
@@ -106,7 +106,7 @@ def one_size(agents: int, args: argparse.Namespace) -> dict[str, Any]:
     from scenarios.launcher import RunOptions, run
     from scenarios.loader import load_scenario_text
 
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     nofile = raise_nofile()
     t0 = time.time()
     scenario = load_scenario_text(
@@ -328,6 +328,7 @@ class Sampler(threading.Thread):
         self.seen: dict[int, Any] = {}  # pid -> Process (create time checked by psutil on kill)
         self.peak_total = 0
         self.peak_roles: dict[str, int] = {}
+        self.cpu: dict[int, tuple[str, float]] = {}  # pid -> (role, CPU seconds so far), last sample
 
     def role(self, p: Any) -> str:
         """launcher (with the recorder), registry (its own process), mosquitto, forkserver (the
@@ -366,6 +367,8 @@ class Sampler(threading.Thread):
                 role = self.role(p)
                 if role == "mosquitto":
                     fds = p.num_fds()
+                times = p.cpu_times()
+                self.cpu[p.pid] = (role, times.user + times.system)
             except ps.Error:
                 continue
             total += rss
@@ -373,6 +376,14 @@ class Sampler(threading.Thread):
         self.samples.append((time.time(), total, roles, fds))
         if total > self.peak_total:
             self.peak_total, self.peak_roles = total, roles
+
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds (user + system) each role used, as last sampled (a process that ended
+        keeps its last figure)."""
+        out: dict[str, float] = {}
+        for role, seconds in self.cpu.values():
+            out[role] = out.get(role, 0.0) + seconds
+        return {k: round(v, 1) for k, v in sorted(out.items())}
 
     def connected_at(self, agents: int) -> float | None:
         """When the broker first held a connection for every agent (fds above its fewest)."""
@@ -465,6 +476,8 @@ def measure(agents: int, args: argparse.Namespace) -> dict[str, Any]:
     row["peak_rss_mib"] = round(sampler.peak_total / MIB, 1)
     row["peak_rss_by_role_mib"] = {k: round(v / MIB, 1) for k, v in sorted(sampler.peak_roles.items())}
     row["mib_per_agent"] = round(sampler.peak_total / MIB / agents, 3)
+    row["cpu_s_by_role"] = sampler.cpu_by_role()
+    row["cpu_ms_per_agent"] = round(sum(row["cpu_s_by_role"].values()) * 1000 / agents, 1)
     row["bench_s"] = round(time.time() - t0, 1)
     row["leftover_processes_killed"] = leftovers
     return row
@@ -504,6 +517,11 @@ def table(rows: list[dict[str, Any]]) -> None:
             print(f"        stopped: {r['error']}")
     for r in rows:
         print(f"  {r['agents']:>6} agents, peak RSS by process: {r['peak_rss_by_role_mib']}")
+        if r.get("cpu_s_by_role"):
+            print(
+                f"  {r['agents']:>6} agents, CPU s by process: {r['cpu_s_by_role']}"
+                f" ({r['cpu_ms_per_agent']} ms per agent, start to end of the run)"
+            )
 
 
 def main() -> None:

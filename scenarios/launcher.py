@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -118,6 +119,16 @@ def _preload_share(node: Node, plant: Plant, share: int, shares: int) -> None:
     node.state.preload(x.name for x in items)
 
 
+def _start_concurrency() -> int:
+    """How many agents a process starts at once (connect, subscribe, register): 32, or
+    ``TWINBID_START_CONCURRENCY``. More overlaps more round trips and makes bigger registration
+    batches, but every one in flight holds a connection in the broker's listen queue."""
+    try:
+        return max(1, int(os.environ.get("TWINBID_START_CONCURRENCY", "32")))
+    except ValueError:
+        return 32
+
+
 async def _start_resources(node: Node, plant: Plant, share: int, shares: int) -> None:
     """Start this process's share of the resources (before any product, in every process)."""
     scenario = plant.scenario
@@ -126,7 +137,7 @@ async def _start_resources(node: Node, plant: Plant, share: int, shares: int) ->
     dist = assembly.distances(scenario)
     log_dir = plant.out / "assets"
     log_dir.mkdir(parents=True, exist_ok=True)
-    sem = asyncio.Semaphore(32)
+    sem = asyncio.Semaphore(_start_concurrency())
 
     async def resource(r: Any) -> None:
         async with sem:
@@ -149,7 +160,7 @@ async def _start_products(node: Node, plant: Plant, share: int, shares: int) -> 
     scenario = plant.scenario
     config = assembly.requester_config(scenario, plant.clock_kind, plant.time_scale)
     instances = _share(scenario.product_instances(), share, shares)
-    sem = asyncio.Semaphore(32)
+    sem = asyncio.Semaphore(_start_concurrency())
 
     async def product(p: Any) -> None:
         async with sem:
@@ -324,14 +335,20 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
         if node is not None:
             with contextlib.suppress(Exception):
                 await node.journal.commit()
-                _write_aasx(node, [n for n in node.agents if node.agents[n].kind == "product"], out / "aas")
         if intake is not None:
             with contextlib.suppress(Exception):
                 await intake.stop()
         if pool is not None:
             await pool.stop()
         if node is not None:
-            await node.stop()
+            products = [n for n, a in node.agents.items() if a.kind == "product"]
+            try:
+                await node.stop()
+            finally:
+                # Written once the agents are disconnected: thousands of AASX files hold the loop for
+                # a minute, and connections left open meanwhile lost their MQTT heartbeats.
+                with contextlib.suppress(Exception):
+                    _write_aasx(node, products, out / "aas")
         if notifier is not None:
             with contextlib.suppress(Exception):
                 await notifier.stop()

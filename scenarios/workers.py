@@ -56,7 +56,7 @@ SPARE_DELAY = 3.0  # seconds a takeover has the CPU to itself before the next sp
 
 def _spare_main(plant: Any, count: int, assign_q: Any, report_q: Any, flags: Any) -> None:
     """A worker process: import everything and warm up, then wait for the share to run."""
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from scenarios import launcher  # noqa: F401 - the heavy imports happen here, before any assignment
 
     node = _warm_up(plant)
@@ -151,8 +151,8 @@ async def _share_main(
     report_q.put(("ready", share, int(time.time() * 1000)))
     await _until(flags, STOP)
     await node.journal.commit()
-    _write_aasx(node, names, plant.out / "aas")
     await node.stop()
+    _write_aasx(node, names, plant.out / "aas")  # disconnected first: writing takes the loop a while
     await clock.stop()
     report_q.put(("stopped", share))
 
