@@ -152,3 +152,44 @@ async def test_epoch_milliseconds_fit_and_an_old_schema_is_widened(db) -> None:
     await journal.commit()
     assert _rows(db, OutboxRecord, OutboxRecord.seq)[0].created_wall_ms == 1_767_225_600_000
     await journal.close()
+
+
+async def test_sqlite_journals_of_two_processes_take_turns_without_blocking_the_loop(tmp_path: Path) -> None:
+    """Another process inside its write transaction holds the writer lock: our commit waits for it
+    off the event loop (which goes on running) and writes the moment the lock is released."""
+    import subprocess
+    import sys
+    import time
+
+    db = open_database(f"sqlite:///{tmp_path / 'run.db'}")
+    holder = subprocess.Popen(  # noqa: ASYNC220 - started before the loop has anything to do
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time\n"
+            f"fd = os.open({str(tmp_path / 'run.db')!r} + '.writer-lock', os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(0.6)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    journal = Journal(db)
+    journal.start()
+    journal.put(OutboxRecord, _outbox("m-1", 1))
+    t0 = time.monotonic()
+    commit = asyncio.ensure_future(journal.commit())
+    ticks = 0
+    while not commit.done():
+        await asyncio.sleep(0.01)
+        ticks += 1
+    waited = time.monotonic() - t0
+    await commit
+    assert journal.lock_waits == 1 and 0.3 < waited < 5
+    assert ticks > 10  # the loop kept running while the journal waited
+    assert [r.message_id for r in _rows(db, OutboxRecord, OutboxRecord.seq)] == ["m-1"]
+    assert holder.wait(10) == 0
+    await journal.close()
+    db.dispose()

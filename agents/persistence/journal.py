@@ -14,11 +14,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 from sqlmodel import SQLModel
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: SQLite's own busy handler decides
+    fcntl = None  # type: ignore[assignment]
 
 from agents.persistence.database import Database
 
@@ -38,6 +44,16 @@ def primary_key(table: type[SQLModel]) -> tuple[str, ...]:
     return names
 
 
+def _writer_lock(db: Database) -> int | None:
+    """An open lock file beside a SQLite database file (None for other databases)."""
+    if fcntl is None or not db.is_sqlite:
+        return None
+    path = db.engine.url.database
+    if not path or path == ":memory:":
+        return None
+    return os.open(f"{path}.writer-lock", os.O_RDWR | os.O_CREAT, 0o644)
+
+
 class Journal:
     def __init__(self, db: Database, *, threaded: bool | None = None) -> None:
         self.db = db
@@ -45,6 +61,7 @@ class Journal:
         # commit is sub-millisecond, and a thread would wait up to the GIL switch interval (5 ms)
         # behind a busy event loop for every batch.
         self.threaded = (not db.is_sqlite) if threaded is None else threaded
+        self._lock_fd = _writer_lock(db)
         self._statements: dict[tuple, str] = {}
         self._upserts: dict[type[SQLModel], dict[tuple, dict[str, Any]]] = {}
         self._inserts: dict[type[SQLModel], list[dict[str, Any]]] = {}
@@ -59,6 +76,7 @@ class Journal:
         self.batches = 0
         self.rows = 0
         self.commit_seconds = 0.0
+        self.lock_waits = 0  # batches that waited for another process's transaction
         self.failed: BaseException | None = None
 
     # --- staging (synchronous, from the event loop) ---------------------------------------------
@@ -114,6 +132,9 @@ class Journal:
                 pass
             self._task = None
         self._executor.shutdown(wait=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _pending(self) -> bool:
         return bool(self._upserts or self._inserts or self._updates or self._after or self._waiters)
@@ -138,7 +159,12 @@ class Journal:
                 if self.threaded:
                     await loop.run_in_executor(self._executor, self._write, upserts, inserts, updates)
                 else:
-                    self._write(upserts, inserts, updates)
+                    locked = await self._take_writer_lock(loop)
+                    try:
+                        self._write(upserts, inserts, updates)
+                    finally:
+                        if locked:
+                            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             except Exception as exc:
                 self.failed = exc
                 log.exception("journal commit failed; %d messages withheld", len(after))
@@ -160,6 +186,25 @@ class Journal:
                 self._wake.set()
             else:
                 self._idle.set()
+
+    async def _take_writer_lock(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Take the database's writer lock; wait for it off the event loop if another process has it.
+
+        SQLite lets one process write at a time, and a writer that finds the database locked
+        sleeps in steps of 1 to 100 ms before it tries again (its busy handler): with two agent
+        processes committing a few hundred times a second, those sleeps were most of a commit's
+        latency. The journals of all processes take this file lock around their transaction
+        instead, so a waiting one writes the moment the other is done, and its event loop goes
+        on handling messages while it waits.
+        """
+        if self._lock_fd is None:
+            return False
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock_waits += 1
+            await loop.run_in_executor(self._executor, fcntl.flock, self._lock_fd, fcntl.LOCK_EX)
+        return True
 
     def _sql(self, table: type[SQLModel], columns: tuple[str, ...], upsert: bool) -> str:
         """INSERT (... ON CONFLICT DO UPDATE) for these columns, as the driver's own SQL, built once.
