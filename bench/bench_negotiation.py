@@ -6,7 +6,11 @@ product p needing capability (7p+3s) mod 20; zero processing and transport time;
 private mosquitto with `set_tcp_nodelay true`; persistence and AAS documentation on, as in a
 real run. Reports negotiated steps per second (wall), per-step negotiation latency (call for
 proposal to informConfirm, wall ms) p50/p99 and messages per step, for k = 1, 5, 10, in one
-process and in two; and the latency of one product negotiating alone with 10 bidders.
+process and in two; and the latency of one product negotiating alone with 10 bidders. Beside
+them, the CPU the negotiation cost the whole machine: every process of the run (agents, fork
+server and workers, mosquitto, registry, recorder) sampled with psutil, over the active window
+(first to last message), per step and by role — a figure that depends far less on what else the
+machine was doing than steps per second do.
 
     python bench/bench_negotiation.py [--k 1,5,10] [--processes 1,2] [--products 100] [--json]
 """
@@ -16,13 +20,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sqlite3
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import psutil
 from machineinfo import machine
 
 from scenarios.launcher import RunOptions, run
@@ -56,15 +63,88 @@ def reference_yaml(k: int, products: int, steps: int = 10, bidders_alone: bool =
     return "\n".join(lines) + "\n"
 
 
+class CpuSampler:
+    """CPU time of this process and every descendant (agents, fork server, workers, mosquitto,
+    registry, recorder), sampled every 0.1 s, so the CPU a negotiation costs the whole machine can
+    be read off for the active window: the figure that does not depend on how loaded the machine
+    was. A process that exits keeps its last sample."""
+
+    def __init__(self, interval: float = 0.1) -> None:
+        self.interval = interval
+        self.samples: list[tuple[float, dict[str, float]]] = []  # (epoch s, CPU s by role)
+        self._last: dict[int, tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                with proc.oneshot():
+                    times = proc.cpu_times()
+                    cpu = times.user + times.system
+                    role = self._last[proc.pid][0] if proc.pid in self._last else _role(proc, me)
+            except psutil.Error:
+                continue
+            self._last[proc.pid] = (role, cpu)
+        by_role: dict[str, float] = {}
+        for role, cpu in self._last.values():
+            by_role[role] = by_role.get(role, 0.0) + cpu
+        self.samples.append((time.time(), by_role))
+
+    def between(self, start: float, end: float) -> dict[str, float]:
+        """CPU seconds by role spent from ``start`` to ``end`` (epoch s; nearest samples)."""
+        if not self.samples:
+            return {}
+        first = min(self.samples, key=lambda s: abs(s[0] - start))[1]
+        last = min(self.samples, key=lambda s: abs(s[0] - end))[1]
+        return {role: round(last.get(role, 0.0) - first.get(role, 0.0), 3) for role in sorted(last)}
+
+
+def _role(proc: psutil.Process, me: psutil.Process) -> str:
+    if proc.pid == me.pid:
+        return "launcher (agents, journal)"
+    try:
+        cmd = " ".join(proc.cmdline())
+    except psutil.Error:
+        cmd = ""
+    if "mosquitto" in proc.name():
+        return "mosquitto"
+    if "recorder_process" in cmd:
+        return "recorder"
+    if "registry.process" in cmd:
+        return "registry"
+    return "workers (agents, journal)"
+
+
 def one(k: int, processes: int, products: int) -> dict:
     scenario = load_scenario_text(reference_yaml(k, products), f"reference-k{k}.yaml")
     with tempfile.TemporaryDirectory() as tmp:
-        result = asyncio.run(
-            run(scenario, RunOptions(out=Path(tmp) / "out", processes=processes, progress=False))
-        )
+        out = Path(tmp) / "out"
+        with CpuSampler() as cpu:
+            result = asyncio.run(run(scenario, RunOptions(out=out, processes=processes, progress=False)))
+        with sqlite3.connect(out / "run.db") as db:
+            first_ms, last_ms = db.execute(
+                "SELECT MIN(created_wall_ms), MAX(created_wall_ms) FROM tb_outbox"
+            ).fetchone()
     k_ = result.kpis
     steps = k_["steps"]["completed"]
     span = _negotiation_span(k_)
+    by_role = cpu.between(first_ms / 1000, last_ms / 1000) if first_ms else {}
+    total = sum(by_role.values())
     return {
         "k": k,
         "processes": processes,
@@ -76,6 +156,10 @@ def one(k: int, processes: int, products: int) -> dict:
         "messages_per_step": k_["messages"]["per_step"],
         "wall_s": k_["wall_seconds"],
         "failed": k_["products"]["failed"],
+        # CPU of every process of the run, over the active window (first to last message)
+        "cpu_ms_per_step": round(1000 * total / steps, 2) if steps and by_role else None,
+        "cpu_cores_busy": round(total / span, 2) if span and by_role else None,
+        "cpu_s_by_role": by_role,
     }
 
 
@@ -101,13 +185,18 @@ def main() -> None:
     alone = one(10, 1, 1)
     print(f"machine: {machine()}")
     print(
-        f"{'k':>3} {'procs':>5} {'steps':>6} {'steps/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'msg/step':>8} {'wall s':>7}"
+        f"{'k':>3} {'procs':>5} {'steps':>6} {'steps/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'msg/step':>8}"
+        f" {'wall s':>7} {'CPU ms/step':>11} {'cores':>5}"
     )
     for r in rows:
         print(
             f"{r['k']:>3} {r['processes']:>5} {r['steps']:>6} {r['steps_per_s']!s:>8} {r['latency_p50_ms']!s:>8.8}"
             f" {r['latency_p99_ms']!s:>8.8} {r['messages_per_step']!s:>8} {r['wall_s']:>7}"
+            f" {r['cpu_ms_per_step']!s:>11} {r['cpu_cores_busy']!s:>5}"
         )
+    for r in rows:
+        roles = ", ".join(f"{role} {sec:g}" for role, sec in r["cpu_s_by_role"].items())
+        print(f"  k={r['k']} procs={r['processes']}: CPU s while negotiating: {roles}")
     print(
         f"single product alone, 10 bidders: p50 {alone['latency_p50_ms']} ms, p99 {alone['latency_p99_ms']} ms"
     )
