@@ -189,13 +189,20 @@ async def test_registrar_waits_for_a_registry_that_starts_late(tmp_path: Path) -
         await server.stop()
 
 
-async def test_registrar_reports_a_descriptor_the_registry_refuses(registry: RegistryServer) -> None:
+async def test_registrar_reports_a_refused_descriptor_to_its_agent_only(registry: RegistryServer) -> None:
     async with RegistryClient(registry.base_url) as client:
         registrar = Registrar(client, ttl=60)
         bad = {**agent(1), "endpoints": [{"interface": "AAS-3.0"}]}
-        with pytest.raises(HttpError) as refused:
-            await registrar.register(bad)
-        assert refused.value.status == 400
+        outcomes = await asyncio.gather(
+            registrar.register(agent(0)),
+            registrar.register(bad),
+            registrar.register(agent(2)),
+            return_exceptions=True,
+        )
+        assert outcomes[0] is None and outcomes[2] is None  # in the same batch as the bad one
+        assert isinstance(outcomes[1], HttpError) and outcomes[1].status == 400
+        assert sorted(short_name_of(d) for d in await client.find_by_capability(MILLING)) == ["r0", "r2"]
+        assert registrar.live == 2
         await registrar.close()
 
 

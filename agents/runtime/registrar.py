@@ -99,10 +99,9 @@ class Registrar:
                 await self.registry.register_many([d for d, _ in batch.values()], ttl=self.ttl)
             except (HttpError, httpx.HTTPError) as exc:
                 if isinstance(exc, HttpError) and exc.status < 500:
-                    # The registry refuses a descriptor: a bug, not a load problem — tell the agents.
-                    for _, future in batch.values():
-                        if not future.done():
-                            future.set_exception(exc)
+                    # The registry refuses a descriptor (a bug, not a load problem): one at a time,
+                    # so that only the agent whose descriptor it is hears of it.
+                    await self._one_by_one(batch, exc)
                     continue
                 log.warning(
                     "registering %d agents failed (%s); retrying in %.1f s",
@@ -112,8 +111,14 @@ class Registrar:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_delay)
-                for aas_id, item in batch.items():  # newer submissions of the same id win
-                    self._pending.setdefault(aas_id, item)
+                for aas_id, item in batch.items():
+                    if item[1].cancelled():  # forgotten meanwhile
+                        continue
+                    newer = self._pending.get(aas_id)
+                    if newer is None:
+                        self._pending[aas_id] = item
+                    else:  # a newer submission of the same id wins; whoever waited waits for it
+                        newer[1].add_done_callback(lambda f, p=item[1]: _chain(f, p))
                 self._wake.set()
                 continue
             delay = 0.5
@@ -122,10 +127,29 @@ class Registrar:
                     self._live[aas_id] = descriptor
                     if not future.done():
                         future.set_result(None)
-            if self.ttl and (self._renewer is None or self._renewer.done()):
-                self._renewer = asyncio.get_running_loop().create_task(
-                    self._renew_loop(), name="registrar-renew"
-                )
+            self._ensure_renewer()
+
+    def _ensure_renewer(self) -> None:
+        if self.ttl and (self._renewer is None or self._renewer.done()):
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_loop(), name="registrar-renew")
+
+    async def _one_by_one(self, batch: dict[str, tuple[dict, asyncio.Future[None]]], exc: HttpError) -> None:
+        if len(batch) == 1:
+            for _, future in batch.values():
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for aas_id, (descriptor, future) in batch.items():
+            if future.done():
+                continue
+            try:
+                await self.registry.register(descriptor, ttl=self.ttl)
+            except (HttpError, httpx.HTTPError) as one:
+                future.set_exception(one)
+            else:
+                self._live[aas_id] = descriptor
+                future.set_result(None)
+        self._ensure_renewer()
 
     async def _renew_loop(self) -> None:
         """Every ttl/3: re-PUT every live descriptor (recreating any that expired meanwhile).
