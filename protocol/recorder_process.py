@@ -34,27 +34,13 @@ _ROOT = str(Path(__file__).resolve().parents[1])  # `protocol` importable whatev
 class RecorderProcess:
     """A :class:`~protocol.recorder.Recorder` in a child process (see the module docstring)."""
 
-    def __init__(
-        self,
-        broker: BrokerAddress,
-        ns: str,
-        out: Path,
-        *,
-        client_id: str = "observer",
-        clean: bool = True,
-        session_expiry: int = 3600,
-        db: Path | None = None,
-        topic_filter: str | None = None,
-    ) -> None:
+    def __init__(self, broker: BrokerAddress, ns: str, out: Path, **options: Any) -> None:
+        """The arguments of :class:`~protocol.recorder.Recorder` (its keyword options as they are)."""
         self.settings: dict[str, Any] = {
             "broker": dataclasses.asdict(broker),
             "ns": ns,
             "out": str(out),
-            "client_id": client_id,
-            "clean": clean,
-            "session_expiry": session_expiry,
-            "db": str(db) if db is not None else None,
-            "topic_filter": topic_filter,
+            "options": {k: str(v) if isinstance(v, Path) else v for k, v in options.items()},
         }
         self.count = 0  # messages recorded, known once stopped
         self.process: subprocess.Popen[str] | None = None
@@ -117,16 +103,10 @@ def _main() -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     settings = json.loads(sys.stdin.readline())
-    recorder = Recorder(
-        BrokerAddress(**settings["broker"]),
-        settings["ns"],
-        Path(settings["out"]),
-        client_id=settings["client_id"],
-        clean=settings["clean"],
-        session_expiry=settings["session_expiry"],
-        db=Path(settings["db"]) if settings["db"] else None,
-        topic_filter=settings["topic_filter"],
-    )
+    options = settings["options"]
+    if options.get("db") is not None:
+        options["db"] = Path(options["db"])
+    recorder = Recorder(BrokerAddress(**settings["broker"]), settings["ns"], Path(settings["out"]), **options)
     try:
         recorder.start()
     except Exception as exc:
