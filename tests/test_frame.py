@@ -109,6 +109,52 @@ def test_every_content_round_trips_through_basyx(content) -> None:
     assert type(content).from_json_elements([raw], strict=True) == content
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    receiver=st.none() | st.text(min_size=1, max_size=40),
+    reply_by=st.none() | st.integers(min_value=0, max_value=2**62),
+    in_reply_to=st.none() | st.text(min_size=1, max_size=256),
+    value=st.text(max_size=30),
+)
+def test_own_frames_are_written_exactly_as_pydantic_writes_them(
+    receiver, reply_by, in_reply_to, value
+) -> None:
+    """Our frames skip pydantic's validation and serializer (speed): the bytes must not change,
+    and what we write must parse back to the same message."""
+    msg = make_message(
+        MessageType.PROPOSAL,
+        sender="urn:twinbid:r-1",
+        sender_role=Role.PROVIDER,
+        conversation_id="conv-1",
+        receiver=receiver,
+        reply_by=reply_by,
+        in_reply_to=in_reply_to,
+        elements=[{"idShort": "x", "modelType": "Property", "value": value, "valueType": "xs:string"}],
+    )
+    wire = msg.to_json()
+    assert wire == msg.model_dump_json(exclude_none=True, by_alias=True).encode()
+    assert wire is msg.to_json()  # cached
+    back = parse_message(wire)
+    assert back == msg and back.to_json() == wire
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"conversation_id": ""},
+        {"conversation_id": "c" * 257},
+        {"message_id": "m" * 257},
+        {"in_reply_to": ""},
+        {"reply_by": -1},
+        {"sender": ""},
+    ],
+)
+def test_own_frames_are_held_to_the_limits_of_received_ones(kwargs) -> None:
+    args = {"sender": "urn:p", "sender_role": Role.REQUESTER, "conversation_id": "c", **kwargs}
+    with pytest.raises(ValueError):
+        make_message(MessageType.CALL_FOR_PROPOSAL, **args)
+
+
 def test_size_limit_is_checked_before_parsing() -> None:
     with pytest.raises(FrameError, match="exceeds the limit of 100 bytes"):
         parse_message(b"{" * 101, max_bytes=100)
