@@ -24,7 +24,9 @@ from agents.product.driver import ManufacturingDriver
 from agents.product.notifier import Notifier
 from agents.product.order import PlannedStep, ProductOrder
 from agents.runtime.node import Node, NodeConfig
-from protocol.bidding.requester import RequesterConfig
+from protocol.bidding.effects import Scheduled
+from protocol.bidding.requester import Requester, RequesterConfig
+from protocol.elements import Booking, StepCall
 from protocol.transport import BrokerAddress
 from shopfloor.clock import make_clock
 
@@ -78,6 +80,27 @@ async def test_a_step_documented_as_completed_is_done_though_its_inform_was_lost
     row = driver.steps[1]
     assert (row["status"], row["started"], row["finished"], row["resource"]) == ("done", 3.0, 8.5, "lathe-1")
     assert [r.call.step for r in requester.machines.values()] == [2]  # and it went on
+    agent.cancel_timers()
+    agent.node.db.dispose()
+
+
+async def test_a_late_re_confirmation_does_not_undo_a_done_step(tmp_path: Path) -> None:
+    """Found by the chaos soak: a restarted product asked a restarted resource where step 5 stood;
+    the resource, which had not yet recorded the step as finished, re-confirmed the booking, and
+    the product's step row went back from 'done' to 'scheduled' (and its record's outcome too)."""
+    agent, driver, _ = product(tmp_path, {"status": "running"})
+    driver.docs.merge(1, docjson.step_record(b.StepRecord(1, "turning", outcome="scheduled")), "p1")
+    driver.docs.merge(1, docjson.completion(1, 3.0, 8.5, "lathe-1"), "resource")
+    await driver.advance()  # done, from its documentation
+    late = Requester(
+        "urn:p1", "conv-1", StepCall("p1", 1, "turning", "", 0.0), frozenset(), RequesterConfig()
+    )
+
+    await driver.on_outcome(late, Scheduled("urn:lathe-1", Booking("lathe-1", 9.0, 14.5)))
+
+    row = driver.steps[1]
+    assert (row["status"], row["started"], row["finished"]) == ("done", 3.0, 8.5)
+    assert driver.docs.outcome(1) == "completed"
     agent.cancel_timers()
     agent.node.db.dispose()
 

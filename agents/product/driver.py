@@ -19,7 +19,7 @@ from agents.product import documentation
 from agents.product.notifier import Notifier
 from agents.product.order import PlannedStep, ProductOrder
 from agents.runtime.role import Role
-from protocol.bidding.effects import Awarded, CallIssued, Completed, Failed, Rebid, Scheduled
+from protocol.bidding.effects import Awarded, CallIssued, Completed, Failed, Note, Rebid, Scheduled
 from protocol.bidding.requester import Requester
 from protocol.elements import StepCall
 
@@ -174,6 +174,16 @@ class ManufacturingDriver(Role):
 
     async def on_outcome(self, r: Requester, outcome: object) -> None:
         step = r.call.step
+        if not isinstance(outcome, Completed) and (
+            self.steps.get(step, {}).get("status") == "done" or self.docs.outcome(step) == "completed"
+        ):
+            # The step is done (its documentation says so) and stays done: a late re-confirmation
+            # from a restarted resource, answering the status query of a restarted product, once
+            # turned the step row back to 'scheduled' and the record's outcome with it (chaos soak).
+            self.agent.note(
+                Note("after-done", f"step {step}: {type(outcome).__name__} after the step was done")
+            )
+            return
         if isinstance(outcome, CallIssued):
             self._save_step(step, rounds=outcome.round)
         elif isinstance(outcome, Awarded):
