@@ -62,7 +62,9 @@ class Journal:
         # behind a busy event loop for every batch.
         self.threaded = (not db.is_sqlite) if threaded is None else threaded
         self._lock_fd = _writer_lock(db)
-        self._statements: dict[tuple, str] = {}
+        self._statements: dict[tuple, str] = {}  # SQL in the driver's own dialect, built once
+        self._quote = db.engine.dialect.identifier_preparer.quote
+        self._mark = "?" if db.engine.dialect.paramstyle == "qmark" else "%s"
         self._upserts: dict[type[SQLModel], dict[tuple, dict[str, Any]]] = {}
         self._inserts: dict[type[SQLModel], list[dict[str, Any]]] = {}
         self._updates: dict[tuple[type[SQLModel], tuple[str, ...]], dict[tuple, tuple]] = {}
@@ -211,7 +213,7 @@ class Journal:
         return True
 
     def _sql(self, table: type[SQLModel], columns: tuple[str, ...], upsert: bool) -> str:
-        """INSERT (... ON CONFLICT DO UPDATE) for these columns, as the driver's own SQL, built once.
+        """INSERT (... ON CONFLICT DO UPDATE) for these columns.
 
         Rows go to the driver's executemany as tuples: SQLAlchemy's per-row parameter processing
         cost more than SQLite's own work. The ON CONFLICT form is the same for SQLite and PostgreSQL.
@@ -219,57 +221,50 @@ class Journal:
         key = (table, columns, upsert)
         sql = self._statements.get(key)
         if sql is None:
-            dialect = self.db.engine.dialect
-            q = dialect.identifier_preparer.quote
-            mark = "?" if dialect.paramstyle == "qmark" else "%s"
-            t = table.__table__  # type: ignore[attr-defined]
-            sql = f"INSERT INTO {q(t.name)} ({', '.join(q(c) for c in columns)}) VALUES ({', '.join([mark] * len(columns))})"
+            q, mark = self._quote, self._mark
+            name = table.__table__.name  # type: ignore[attr-defined]
+            sql = f"INSERT INTO {q(name)} ({', '.join(map(q, columns))}) VALUES ({', '.join([mark] * len(columns))})"
             if upsert:
                 keys = primary_key(table)
                 update = [f"{q(c)} = excluded.{q(c)}" for c in columns if c not in keys]
-                conflict = f" ON CONFLICT ({', '.join(q(c) for c in keys)}) DO "
+                conflict = f" ON CONFLICT ({', '.join(map(q, keys))}) DO "
                 sql += conflict + ("UPDATE SET " + ", ".join(update) if update else "NOTHING")
             self._statements[key] = sql
         return sql
 
-    def _write(self, upserts: dict, inserts: dict, updates: dict | None = None) -> None:
-        with self.db.engine.begin() as conn:
-            for table, by_key in upserts.items():
-                self._execute(conn, table, list(by_key.values()), upsert=True)
-            for table, rows in inserts.items():
-                self._execute(conn, table, rows, upsert=False)
-            if updates:
-                cursor = conn.connection.cursor()
-                try:
-                    for (table, columns), by_key in updates.items():
-                        params = [values + key for key, values in by_key.items()]
-                        cursor.executemany(self._update_sql(table, columns), params)
-                        self.rows += len(params)
-                finally:
-                    cursor.close()
-
     def _update_sql(self, table: type[SQLModel], columns: tuple[str, ...]) -> str:
+        """UPDATE of these columns by primary key."""
         key = (table, columns, "update")
         sql = self._statements.get(key)
         if sql is None:
-            dialect = self.db.engine.dialect
-            q = dialect.identifier_preparer.quote
-            mark = "?" if dialect.paramstyle == "qmark" else "%s"
+            q, mark = self._quote, self._mark
             name = table.__table__.name  # type: ignore[attr-defined]
             sets = ", ".join(f"{q(c)} = {mark}" for c in columns)
             where = " AND ".join(f"{q(c)} = {mark}" for c in primary_key(table))
             sql = self._statements[key] = f"UPDATE {q(name)} SET {sets} WHERE {where}"
         return sql
 
-    def _execute(self, conn: Any, table: type[SQLModel], rows: list[dict[str, Any]], *, upsert: bool) -> None:
+    def _write(self, upserts: dict, inserts: dict, updates: dict) -> None:
+        with self.db.engine.begin() as conn:
+            cursor = conn.connection.cursor()  # the driver's own: SQLAlchemy's machinery is per call
+            try:
+                for table, by_key in upserts.items():
+                    self._execute(cursor, table, list(by_key.values()), upsert=True)
+                for table, rows in inserts.items():
+                    self._execute(cursor, table, rows, upsert=False)
+                for (table, columns), by_key in updates.items():
+                    params = [values + key for key, values in by_key.items()]
+                    cursor.executemany(self._update_sql(table, columns), params)
+                    self.rows += len(params)
+            finally:
+                cursor.close()
+
+    def _execute(
+        self, cursor: Any, table: type[SQLModel], rows: list[dict[str, Any]], *, upsert: bool
+    ) -> None:
         groups: dict[tuple[str, ...], list[tuple]] = {}
         for row in rows:  # rows of one table nearly always have the same columns: one group
-            columns = tuple(row)
-            groups.setdefault(columns, []).append(tuple(row.values()))
-        cursor = conn.connection.cursor()  # the driver's own: SQLAlchemy's statement machinery is per call
-        try:
-            for columns, values in groups.items():
-                cursor.executemany(self._sql(table, columns, upsert), values)
-                self.rows += len(values)
-        finally:
-            cursor.close()
+            groups.setdefault(tuple(row), []).append(tuple(row.values()))
+        for columns, values in groups.items():
+            cursor.executemany(self._sql(table, columns, upsert), values)
+            self.rows += len(values)
