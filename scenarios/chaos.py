@@ -40,6 +40,10 @@ class Chaos:
             share = rng.choice(pool.shares)
             killed = pool.kill(share)
             self.log.append({"event": "kill", "share": share, "ms": killed})
-            await asyncio.sleep(self.down)
-            pool.restart(share, killed)
-            self.log.append({"event": "restart", "share": share, "ms": int(time.time() * 1000)})
+            try:
+                await asyncio.sleep(self.down)
+            finally:
+                # Also when the run ends while the share is down: its agents still have to be
+                # resumed once, to write their products' AASX and settle what they were doing.
+                pool.restart(share, killed)
+                self.log.append({"event": "restart", "share": share, "ms": int(time.time() * 1000)})

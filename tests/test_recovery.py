@@ -111,3 +111,46 @@ def test_soak_a_hundred_kills(tmp_path: Path) -> None:
     result = chaos_run(tmp_path / "out", kills=100, seed=2, scale=2)
     kills = check_nothing_lost_nothing_twice(tmp_path / "out", result, n_products=120)
     assert len(kills) >= 100, f"only {len(kills)} kills happened before the plant finished"
+
+
+class _KillAndLeaveDown(Chaos):
+    """A fault schedule with no takeover of its own: one share is killed and left down until the
+    run ends (as when the last kill of a run lands after the last product finished)."""
+
+    async def run(self, pool, broker, done) -> None:  # type: ignore[override]
+        await asyncio.sleep(3.0)
+        self.share = pool.shares[0]
+        self.log.append({"event": "kill", "share": self.share, "ms": pool.kill(self.share)})
+        await asyncio.Event().wait()
+
+
+@needs_mosquitto
+@pytest.mark.timeout(300)
+def test_a_share_down_at_the_end_is_resumed_to_write_its_products(tmp_path: Path) -> None:
+    scenario = load_scenario(SCENARIO)
+    scenario = scenario.model_copy(update={"stop": scenario.stop.model_copy(update={"wall_timeout": 10})})
+    chaos = _KillAndLeaveDown(kills=1)
+    out = tmp_path / "out"
+    result = asyncio.run(
+        run(scenario, RunOptions(out=out, progress=False, broker="mosquitto", processes=3, chaos=chaos))
+    )
+    assert result.timed_out
+    # every product has its AASX, including the killed share's, and each package carries the
+    # documentation the database holds for it (the killed share's from the database)
+    names = {p.name for p in scenario.product_instances()}
+    assert {p.stem for p in (out / "aas").glob("*.aasx")} == names
+    db = open_database(sqlite_url(out / "run.db"))
+    with db.session() as s:
+        documented = Counter(d.product for d in s.exec(select(DocumentationRecord)).all())
+    db.dispose()
+    assert documented, "nothing was documented in ten seconds"
+    for product, n in documented.items():
+        objects = list(read_aasx(out / "aas" / f"{product}.aasx").objects)
+        (doc,) = [
+            o for o in objects if isinstance(o, model.Submodel) and o.id_short == "ProcessDocumentation"
+        ]
+        records = build.read_step_records(doc)
+        # an award is documented in the AAS at once and made durable with the booking that follows
+        assert len([r for r in records if r.outcome != "negotiating"]) <= n <= len(records), product
+    # the killed share was taken over once, at the end
+    assert [r.share for r in result.recoveries] == [chaos.share]
