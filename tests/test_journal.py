@@ -16,7 +16,7 @@ from conftest import postgres_schema
 from sqlmodel import select
 
 from agents.persistence import Journal, open_database
-from agents.persistence.tables import ConversationRecord, NoteRecord, OutboxRecord
+from agents.persistence.tables import AgentRecord, ConversationRecord, NoteRecord, OutboxRecord
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -71,7 +71,21 @@ async def test_upserts_keep_the_last_row_per_key_and_messages_wait_for_the_commi
     journal.update(OutboxRecord, ("p-1", "m-3"), {"published": True})  # put, then update: both
     journal.update(OutboxRecord, ("p-1", "m-4"), {"published": True})
     journal.put(OutboxRecord, _outbox("m-4", 4))  # update, then the whole row: the row wins
+    agent = {
+        "name": "p-1",
+        "kind": "product",
+        "aas_id": "urn:p-1",
+        "status": "running",
+        "started_wall_ms": 0,
+        "restarts": 0,
+    }
+    journal.put(AgentRecord, agent)
     await journal.commit()
+    journal.update(AgentRecord, ("p-1",), {"published_seq": 3})
+    journal.put(AgentRecord, {**agent, "restarts": 1})  # a row without that column: both stay
+    await journal.commit()
+    (row,) = _rows(db, AgentRecord, AgentRecord.name)
+    assert (row.restarts, row.published_seq) == (1, 3)
     rows = _rows(db, OutboxRecord, OutboxRecord.seq)
     assert [(r.message_id, r.payload, r.published) for r in rows] == [
         ("m-1", '{"a": 2}', True),
@@ -122,6 +136,7 @@ async def test_a_refused_write_withholds_its_messages_and_the_journal_goes_on(db
     journal.after_commit(lambda: released.append(9))
     await asyncio.wait_for(journal.commit(), 10)
     assert released == [] and journal.failed is not None  # never announced: it is not durable
+    assert journal.retries == 0  # another attempt would be refused as well
     journal.put(OutboxRecord, _outbox("m-10", 10))
     journal.after_commit(lambda: released.append(10))
     await asyncio.wait_for(journal.commit(), 10)
@@ -130,19 +145,74 @@ async def test_a_refused_write_withholds_its_messages_and_the_journal_goes_on(db
     await journal.close()
 
 
-async def test_epoch_milliseconds_fit_and_an_old_schema_is_widened(db) -> None:
-    """Epoch ms exceed 32 bits: v1 declared them INTEGER, which PostgreSQL refused (schema v2)."""
+async def test_a_batch_that_finds_the_database_locked_is_written_again(tmp_path: Path) -> None:
+    """Another process holds SQLite's write lock longer than the busy timeout (here 50 ms): the
+    batch fails with "database is locked", is written again once the lock is free, and its
+    messages go out then. It used to be dropped, rows and messages."""
+    import subprocess
+    import sys
+
+    from sqlalchemy import event
+
+    path = tmp_path / "run.db"
+    db = open_database(f"sqlite:///{path}")
+    event.listen(db.engine, "connect", lambda conn, _r: conn.execute("PRAGMA busy_timeout=50"))
+    db.engine.dispose()  # connections from now on wait 50 ms for a lock, then fail
+    holder = subprocess.Popen(  # noqa: ASYNC220 - started before the loop has anything to do
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, time\n"
+            f"db = sqlite3.connect({str(path)!r}, isolation_level=None)\n"
+            "db.execute('BEGIN EXCLUSIVE')\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(1.0)\n"
+            "db.execute('COMMIT')\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        journal = Journal(db)
+        journal.start()
+        released: list[int] = []
+        journal.put(OutboxRecord, _outbox("m-1", 1))
+        journal.after_commit(lambda: released.append(1))
+        await asyncio.sleep(0.3)
+        assert released == [] and journal.retries >= 1  # refused, waiting for the next attempt
+        journal.put(OutboxRecord, _outbox("m-2", 2))  # staged meanwhile: written after it
+        journal.after_commit(lambda: released.append(2))
+        await asyncio.wait_for(journal.commit(), 20)
+        assert released == [1, 2] and journal.failed is None
+        assert [r.message_id for r in _rows(db, OutboxRecord, OutboxRecord.seq)] == ["m-1", "m-2"]
+        await journal.close()
+    finally:
+        holder.wait(10)
+        db.dispose()
+
+
+async def test_epoch_milliseconds_fit_and_an_old_schema_is_upgraded(db) -> None:
+    """Epoch ms exceed 32 bits: v1 declared them INTEGER, which PostgreSQL refused (schema v2).
+    v3 added the agents' published watermark; an old run's agents get 0 (their outbox rows keep
+    their own flags)."""
     from sqlalchemy import inspect as sa_inspect
 
     from agents.persistence.database import schema_version, upgrade
-    from agents.persistence.tables import SCHEMA_VERSION
+    from agents.persistence.tables import SCHEMA_VERSION, AgentRecord
 
-    assert schema_version(db) == SCHEMA_VERSION == 2
+    assert schema_version(db) == SCHEMA_VERSION == 3
     with db.engine.begin() as conn:
         conn.exec_driver_sql("UPDATE tb_schema_version SET version = 1")
         if db.engine.dialect.name == "postgresql":  # the v1 column type, as an old run left it
             conn.exec_driver_sql('ALTER TABLE "tb_outbox" ALTER COLUMN "created_wall_ms" TYPE INTEGER')
-    assert upgrade(db) == 2 and schema_version(db) == 2
+        conn.exec_driver_sql('ALTER TABLE "tb_agent" DROP COLUMN "published_seq"')  # as v2 left it
+        conn.exec_driver_sql(
+            "INSERT INTO tb_agent (name, kind, aas_id, status, started_wall_ms, restarts)"
+            " VALUES ('p-1', 'product', 'urn:p-1', 'running', 0, 0)"
+        )
+    assert upgrade(db) == 3 and schema_version(db) == 3
+    assert _rows(db, AgentRecord, AgentRecord.name)[0].published_seq == 0
     column = next(c for c in sa_inspect(db.engine).get_columns("tb_outbox") if c["name"] == "created_wall_ms")
     if db.engine.dialect.name == "postgresql":
         assert column["type"].python_type is int and "BIG" in str(column["type"]).upper()

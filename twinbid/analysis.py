@@ -479,7 +479,7 @@ def load(out: Path | str, *, db: str | None = None) -> Run:
     outbox = raw.get("tb_outbox", pd.DataFrame())
     inbox = raw.get("tb_inbox", pd.DataFrame())
     steps_raw = raw.get("tb_step", pd.DataFrame())
-    messages = _messages(outbox, recorded, steps_raw)
+    messages = _messages(outbox, recorded, steps_raw, _watermarks(raw.get("tb_agent")))
     t0 = float(messages["time_ms"].min()) if len(messages) else 0.0
     if len(messages):
         messages["t_ms"] = messages["time_ms"] - t0
@@ -516,7 +516,21 @@ def load(out: Path | str, *, db: str | None = None) -> Run:
     return run
 
 
-def _messages(outbox: pd.DataFrame, recorded: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:
+def _watermarks(agents: pd.DataFrame | None) -> dict[str, int]:
+    """Each agent's published watermark: its outbox rows up to this seq were acknowledged by the
+    broker (schema v3; rows of older runs carry their own ``published`` flag)."""
+    if agents is None or not len(agents) or "published_seq" not in agents:
+        return {}
+    return {str(n): int(s) for n, s in zip(agents["name"], agents["published_seq"], strict=True)}
+
+
+def _messages(
+    outbox: pd.DataFrame,
+    recorded: pd.DataFrame,
+    steps: pd.DataFrame,
+    watermarks: dict[str, int] | None = None,
+) -> pd.DataFrame:
+    watermarks = watermarks or {}
     frames = recorded[recorded["message_id"].notna()] if len(recorded) else recorded
     first_seen: dict[str, float] = {}
     seen_count: Counter[str] = Counter()
@@ -551,7 +565,7 @@ def _messages(outbox: pd.DataFrame, recorded: pd.DataFrame, steps: pd.DataFrame)
                     source="outbox",
                     agent=r.agent,
                     seq=int(r.seq),
-                    published=bool(r.published),
+                    published=bool(r.published) or int(r.seq) <= watermarks.get(r.agent, 0),
                     message_id=r.message_id,
                     conversation_id=r.conversation_id,
                 )

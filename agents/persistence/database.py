@@ -34,10 +34,19 @@ def _widen_epoch_ms(conn: Connection) -> None:
                 conn.exec_driver_sql(f'ALTER TABLE "{table.name}" ALTER COLUMN "{column.name}" TYPE BIGINT')
 
 
+def _add_published_seq(conn: Connection) -> None:
+    """v3: tb_agent.published_seq, the broker-acknowledged watermark of the agent's outbox
+    (a database created at v3 has it from its first step)."""
+    columns = {c["name"] for c in inspect(conn).get_columns("tb_agent")}
+    if "published_seq" not in columns:
+        conn.exec_driver_sql('ALTER TABLE "tb_agent" ADD COLUMN "published_seq" INTEGER NOT NULL DEFAULT 0')
+
+
 #: version -> upgrade step from the version before. Version 1 is the initial schema.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: lambda conn: SQLModel.metadata.create_all(conn),
     2: _widen_epoch_ms,
+    3: _add_published_seq,
 }
 
 

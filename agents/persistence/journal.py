@@ -7,6 +7,12 @@ writer thread commits everything staged so far in one transaction, and only
 then are that batch's messages released, in the order they were staged. While
 one batch is being written the next one fills, so durability costs latency of
 one commit, not throughput.
+
+A batch that fails for a passing reason (the database locked beyond its busy timeout, a
+connection to PostgreSQL lost) is written again, whole and before anything staged after it,
+with growing pauses for up to ``retry_for`` seconds; meanwhile the agents go on staging. Only
+an error that another attempt cannot mend (a constraint, a bug) or one that outlasts the
+retries drops the batch: its messages are withheld and ``failed`` is set.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy import exc as sa_exc
 from sqlmodel import SQLModel
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_delay, wait_exponential
 
 try:
     import fcntl
@@ -55,7 +63,7 @@ def _writer_lock(db: Database) -> int | None:
 
 
 class Journal:
-    def __init__(self, db: Database, *, threaded: bool | None = None) -> None:
+    def __init__(self, db: Database, *, threaded: bool | None = None, retry_for: float = 60.0) -> None:
         self.db = db
         # A writer thread only pays off when the database is across a network: with SQLite the
         # commit is sub-millisecond, and a thread would wait up to the GIL switch interval (5 ms)
@@ -80,6 +88,8 @@ class Journal:
         self.commit_seconds = 0.0
         self.lock_waits = 0  # batches that waited for another process's transaction
         self.lock_wait_seconds = 0.0  # (counted in commit_seconds too)
+        self.retries = 0  # attempts after a passing failure
+        self.retry_for = retry_for
         self.failed: BaseException | None = None
 
     # --- staging (synchronous, from the event loop) ---------------------------------------------
@@ -88,9 +98,9 @@ class Journal:
         """Insert or replace the row with this primary key (the last put in a batch wins)."""
         key = tuple(row[c] for c in primary_key(table))
         self._upserts.setdefault(table, {})[key] = row
-        if self._updates:  # a whole row put after a partial update of it: the row wins
-            for (t, _cols), rows in self._updates.items():
-                if t is table:
+        if self._updates:  # a row put after a partial update of it wins for the columns it has
+            for (t, cols), rows in self._updates.items():
+                if t is table and row.keys() >= set(cols):
                     rows.pop(key, None)
         self._kick()
 
@@ -162,10 +172,7 @@ class Journal:
             after, waiters = self._after, self._waiters
             self._upserts, self._inserts, self._updates, self._after, self._waiters = {}, {}, {}, [], []
             try:
-                if self.threaded:
-                    await loop.run_in_executor(self._executor, self._write, upserts, inserts, updates)
-                else:
-                    self._write(upserts, inserts, updates)
+                await self._write_batch(loop, (upserts, inserts, updates), locked)
             except Exception as exc:
                 self.failed = exc
                 log.exception("journal commit failed; %d messages withheld", len(after))
@@ -173,9 +180,6 @@ class Journal:
                     if not w.done():
                         w.set_exception(exc)
                 continue
-            finally:
-                if locked:
-                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             self.commit_seconds += time.perf_counter() - t0
             self.batches += 1
             for cb in after:
@@ -190,6 +194,52 @@ class Journal:
                 self._wake.set()
             else:
                 self._idle.set()
+
+    async def _write_batch(self, loop: asyncio.AbstractEventLoop, batch: tuple, locked: bool) -> None:
+        """Write one batch (the writer lock already held when ``locked``), again after a passing
+        failure; the lock is let go between attempts so that other processes can write."""
+        attempts = AsyncRetrying(
+            retry=retry_if_exception(self._passing),
+            wait=wait_exponential(multiplier=0.05, max=2.0),
+            stop=stop_after_delay(self.retry_for),
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+        async for attempt in attempts:
+            with attempt:
+                if attempt.retry_state.attempt_number > 1:
+                    self.retries += 1
+                    locked = False if self.threaded else await self._take_writer_lock(loop)
+                try:
+                    if self.threaded:
+                        await loop.run_in_executor(self._executor, self._write, *batch)
+                    else:
+                        self._write(*batch)
+                finally:
+                    if locked:
+                        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _passing(self, exc: BaseException) -> bool:
+        """A failure another attempt may not meet: the database busy or locked, the connection
+        lost. The driver's own OperationalError (rows go through its cursor) or SQLAlchemy's."""
+        if isinstance(exc, sa_exc.DBAPIError):
+            return exc.connection_invalidated or isinstance(
+                exc, (sa_exc.OperationalError, sa_exc.InterfaceError)
+            )
+        dbapi = getattr(self.db.engine.dialect, "dbapi", None)
+        passing = tuple(
+            t for t in (getattr(dbapi, "OperationalError", None), getattr(dbapi, "InterfaceError", None)) if t
+        )
+        return bool(passing) and isinstance(exc, passing)
+
+    @staticmethod
+    def _log_retry(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "journal commit failed (%s); the batch is written again in %.2f s",
+            exc,
+            state.next_action.sleep if state.next_action else 0.0,
+        )
 
     async def _take_writer_lock(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Take the database's writer lock; wait for it off the event loop if another process has it.

@@ -53,7 +53,18 @@ class StateReader:
                 self._group(found, "docs", s.exec(select(DocumentationRecord).where(DocumentationRecord.product.in_(chunk))), lambda r: r.product)  # type: ignore[attr-defined]  # fmt: skip
                 self._group(found, "conversations", s.exec(select(ConversationRecord).where(ConversationRecord.agent.in_(chunk))), lambda r: f"{r.agent}\0{r.role}")  # type: ignore[attr-defined]  # fmt: skip
                 self._group(found, "work", s.exec(select(WorkOrderRecord).where(WorkOrderRecord.resource.in_(chunk), WorkOrderRecord.state.in_(OPEN_WORK))), lambda r: r.resource)  # type: ignore[attr-defined]  # fmt: skip
-                self._group(found, "unsent", s.exec(select(OutboxRecord).where(OutboxRecord.agent.in_(chunk), OutboxRecord.published == False).order_by(OutboxRecord.seq)), lambda r: r.agent)  # type: ignore[attr-defined]  # noqa: E712  # fmt: skip
+                # not acknowledged: above the agent's watermark (v3), and not flagged (rows of v2)
+                unsent = (
+                    select(OutboxRecord)
+                    .join(AgentRecord, AgentRecord.name == OutboxRecord.agent, isouter=True)  # type: ignore[arg-type]
+                    .where(
+                        OutboxRecord.agent.in_(chunk),  # type: ignore[attr-defined]
+                        OutboxRecord.published == False,  # noqa: E712
+                        OutboxRecord.seq > func.coalesce(AgentRecord.published_seq, 0),
+                    )
+                    .order_by(OutboxRecord.seq)
+                )
+                self._group(found, "unsent", s.exec(unsent), lambda r: r.agent)
                 for agent, seq in s.exec(select(OutboxRecord.agent, func.max(OutboxRecord.seq)).where(OutboxRecord.agent.in_(chunk)).group_by(OutboxRecord.agent)):  # type: ignore[attr-defined]  # fmt: skip
                     found[("last_seq", agent)] = seq
         for name in names:  # what was not found is known to be absent: no query later

@@ -10,7 +10,7 @@ from __future__ import annotations
 from sqlalchemy import BigInteger
 from sqlmodel import Field, SQLModel
 
-SCHEMA_VERSION = 2  # 2: epoch-ms columns BIGINT (PostgreSQL)
+SCHEMA_VERSION = 3  # 2: epoch-ms columns BIGINT (PostgreSQL); 3: tb_agent.published_seq
 
 
 class SchemaVersion(SQLModel, table=True):
@@ -179,3 +179,6 @@ class AgentRecord(SQLModel, table=True):
     status: str = "running"
     started_wall_ms: int = Field(default=0, sa_type=BigInteger)
     restarts: int = 0
+    #: every outbox row of the agent up to this seq was acknowledged by the broker: one small
+    #: update per acknowledged batch instead of rewriting each message's row (schema v3)
+    published_seq: int = Field(default=0, sa_column_kwargs={"server_default": "0"})

@@ -25,7 +25,7 @@ from agents.aas.server import AasServer
 from agents.aas.store import AasStore
 from agents.persistence import Database, Journal
 from agents.persistence.reader import StateReader
-from agents.persistence.tables import AgentRecord, OutboxRecord
+from agents.persistence.tables import AgentRecord
 from agents.runtime.agent import Agent
 from agents.runtime.directory import Directory, Entry
 from agents.runtime.gc_policy import tune_for_agents
@@ -114,15 +114,18 @@ class Node:
         entry = Entry(name, agent.aas_id, self.base_url, tuple(capabilities))
         self.directory.add(entry, local=True)
         restarted = self._mark_started(agent)
-        await agent.recover()
-        filters = agent.topic_filters()
-        self._filters += [(f, name) for f in filters]
         self._queues[name] = asyncio.Queue()
         self._publishers[name] = asyncio.get_running_loop().create_task(
             self._publish_loop(agent), name=f"pub:{name}"
         )
         if restarted:
+            # Before recovering: what the last incarnation decided goes out before anything this
+            # one decides, and this one's messages continue its seq (the published watermark
+            # relies on seq order).
             self._republish_unsent(agent)
+        await agent.recover()
+        filters = agent.topic_filters()
+        self._filters += [(f, name) for f in filters]
         self.state.forget(name)  # everything read back is in the agent now
         password = self.config.passwords.get(name)
         broker = BrokerAddress(
@@ -237,6 +240,11 @@ class Node:
     async def _publish_loop(self, agent: Agent) -> None:
         queue = self._queues[agent.name]
         unacked: list[dict] = []
+        # The agent's outbox is published in seq order; once the broker has acknowledged
+        # everything handed over so far, the agent's watermark moves to the last seq (one small
+        # row per batch, not a flag per message). A publish that failed for a passing reason
+        # (the transport closing) holds the watermark where it is until the next start.
+        watermark, held = 0, False
         while True:
             topic, payload, row = await queue.get()
             try:
@@ -256,11 +264,24 @@ class Node:
                     # An outbox row counts as published once the broker acknowledged it; what was
                     # only handed to the socket when the process died goes out again on restart.
                     await transport.flush(timeout=10)
-                    for r in unacked:  # the flag only: the row (and its payload) is not rewritten
-                        self.journal.update(OutboxRecord, (r["agent"], r["message_id"]), {"published": True})
+                    last = max(r["seq"] for r in unacked)
                     unacked = []
+                    if not held and last > watermark:
+                        watermark = last
+                        self.journal.update(AgentRecord, (agent.name,), {"published_seq": last})
+            except TimeoutError:  # not acknowledged yet: the rows wait for the next flush
+                log.warning(
+                    "%s: the broker has not acknowledged %d messages in 10 s", agent.name, len(unacked)
+                )
+            except (ValueError, TypeError):
+                # It can never be published (larger than the broker allows): counted as gone, or
+                # every later message would be sent again at each restart.
+                log.exception("%s: publishing on %s failed", agent.name, topic)
+                if row is not None:
+                    unacked.append(row)
             except Exception:
                 log.exception("%s: publishing on %s failed", agent.name, topic)
+                held = held or (row is not None)
             finally:
                 queue.task_done()
 
