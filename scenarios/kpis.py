@@ -61,12 +61,13 @@ def compute(
     makespan = (max(finished) - min(releases)) if finished and releases else 0.0
     flow: dict[int, list[float]] = defaultdict(list)
     lateness: dict[int, list[float]] = defaultdict(list)
+    last_finish: dict[str, float] = {}  # by product, in one pass (a scan per product was quadratic)
+    for st in steps:
+        if st.finished is not None and st.finished > last_finish.get(st.product, float("-inf")):
+            last_finish[st.product] = st.finished
     for p in products:
         if p.status == "completed" and p.completed_sim is not None:
-            end = max(
-                (st.finished for st in steps if st.product == p.product and st.finished is not None),
-                default=p.completed_sim,
-            )
+            end = last_finish.get(p.product, p.completed_sim)
             flow[p.priority].append(end - p.release)
             if p.due is not None:
                 lateness[p.priority].append(end - p.due)

@@ -206,6 +206,35 @@ def test_status_query_after_silence_gets_the_result_replayed() -> None:
     assert replayed.type is M.INFORM and of(r.receive(replayed, 70_001), Completed)
 
 
+def test_a_step_documented_as_completed_ends_its_procedure_and_is_never_bid_again() -> None:
+    """The resource did the step and documented it, but neither its informConfirm nor its inform
+    arrived: without the documentation the confirmation timeout would bid the step again."""
+    r, cfp = requester(expected=("urn:a",))
+    a = provider("urn:a", cfp)
+    (accept,) = sends(r.receive(propose(a, 10, 1), 3))
+    (confirm,) = sends(a.receive(accept, 4))  # lost
+    (inform,) = sends(a.complete(StepResult("urn:a", 1.0, 6.0, "cell"), 6))  # lost too
+    out = r.documented(7)
+    assert r.state is RState.DONE and r.deadline is None and sends(out) == []
+    assert [n.kind for n in of(out, Note)] == ["documented"]
+    assert r.tick(10_000) == [] and r.documented(10_001) == []  # no timeout, no second ending
+    assert r.receive(inform, 10_002) == []  # the winner's result, late: already known
+    assert [n.kind for n in of(r.receive(confirm, 10_003), Note)] == ["out-of-sequence"]
+    restored = Requester.restore(r.snapshot())
+    assert restored.state is RState.DONE and restored.settled
+
+
+def test_a_round_open_when_the_step_is_documented_rejects_its_offers() -> None:
+    """A re-bid round was collecting when the step turned out done: the offers' holds are freed."""
+    r, cfp = requester()
+    a = provider("urn:a", cfp)
+    assert r.receive(propose(a, 10, 1), 3) == []
+    (reject,) = sends(r.documented(4))
+    assert reject.type is M.REJECT_PROPOSAL and reject.receiver == "urn:a"
+    assert Reason.from_json_elements(reject.interactionElements).code == "step-done"
+    assert of(a.receive(reject, 5), Release) and r.state is RState.DONE
+
+
 def test_provider_offer_expires_and_releases_its_hold() -> None:
     _, cfp = requester()
     a = provider("urn:a", cfp)

@@ -25,8 +25,9 @@ from agents.product.notifier import Notifier
 from agents.product.order import PlannedStep, ProductOrder
 from agents.runtime.node import Node, NodeConfig
 from protocol.bidding.effects import Scheduled
-from protocol.bidding.requester import Requester, RequesterConfig
-from protocol.elements import Booking, StepCall
+from protocol.bidding.requester import Requester, RequesterConfig, RState
+from protocol.elements import Bid, Booking, StepCall
+from protocol.selection import Offer
 from protocol.transport import BrokerAddress
 from shopfloor.clock import make_clock
 
@@ -84,6 +85,30 @@ async def test_a_step_documented_as_completed_is_done_though_its_inform_was_lost
     agent.node.db.dispose()
 
 
+async def test_a_procedure_whose_step_is_documented_ends_instead_of_bidding_again(tmp_path: Path) -> None:
+    """Step 1 awarded, its confirmation and inform lost, the resource silent; the step is in the
+    documentation. When the award's deadline comes the procedure ends (it used to re-send the
+    acceptance and then bid the step again: a second execution) and the product goes on."""
+    agent, driver, requester = product(tmp_path, {"status": "running"})
+    await driver.advance()
+    (r,) = requester.machines.values()
+    r.state, r.deadline = RState.AWARDING, agent.now_ms()
+    r.winner = Offer(
+        "prop-1", "urn:lathe-1", Bid("lathe-1", "turning", 0.0, 8.5, 5.5, 0.0, 0.0, 1.0, 60.0, "")
+    )
+    r.accept_id = "acc-1"
+    driver.docs.merge(1, docjson.completion(1, 3.0, 8.5, "lathe-1"), "resource")
+
+    await requester._tick(r.conversation_id)
+
+    assert r.state is RState.DONE and r.settled
+    assert driver.steps[1]["status"] == "done"
+    assert [x.call.step for x in requester.machines.values() if not x.done] == [2]  # went on
+    assert agent.counters["note:documented"] == 1
+    agent.cancel_timers()
+    agent.node.db.dispose()
+
+
 async def test_a_late_re_confirmation_does_not_undo_a_done_step(tmp_path: Path) -> None:
     """Found by the chaos soak: a restarted product asked a restarted resource where step 5 stood;
     the resource, which had not yet recorded the step as finished, re-confirmed the booking, and
@@ -101,6 +126,7 @@ async def test_a_late_re_confirmation_does_not_undo_a_done_step(tmp_path: Path) 
     row = driver.steps[1]
     assert (row["status"], row["started"], row["finished"]) == ("done", 3.0, 8.5)
     assert driver.docs.outcome(1) == "completed"
+    assert agent.counters["after-done"] == 1
     agent.cancel_timers()
     agent.node.db.dispose()
 

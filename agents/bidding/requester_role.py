@@ -25,6 +25,12 @@ from protocol.topics import Topic
 class OutcomeListener(Protocol):
     async def on_outcome(self, requester: Requester, outcome: object) -> None: ...
 
+    def step_completed(self, step: int) -> bool:
+        """Does the product's documentation record the step as completed?"""
+        ...
+
+    async def advance(self) -> None: ...
+
 
 class BiddingRequester(Role):
     def __init__(
@@ -63,6 +69,12 @@ class BiddingRequester(Role):
     async def _tick(self, conversation_id: str) -> None:
         r = self.machines.get(conversation_id)
         if r is None:
+            return
+        if not r.done and self.listener.step_completed(r.call.step):
+            # Its deadline came, but the step is documented as done (the inform lost or late):
+            # end the procedure instead of asking again or bidding anew, and let the product go on.
+            await self.settle(r)
+            await self.listener.advance()
             return
         if r.state is RState.BACKOFF:
             r.set_expected(await self._bidders(r.call))
@@ -110,6 +122,10 @@ class BiddingRequester(Role):
                 r.deadline = now
                 conv = r.conversation_id
                 self.agent.set_timer_ms(f"req:{conv}", now, lambda conv=conv: self._tick(conv))
+
+    async def settle(self, r: Requester) -> None:
+        """End a procedure whose step the product's documentation records as completed."""
+        await self._step(r, r.documented(self.agent.now_ms()))
 
     def open_for_step(self, step: int) -> Requester | None:
         for r in self.machines.values():

@@ -60,6 +60,7 @@ TABLE: dict[tuple[RState, str], str] = {
     (RState.AWARDING, DEADLINE): "_on_confirm_timeout",
     (RState.AWARDING, M.INFORM): "_on_inform",  # overtook its informConfirm: booked and done
     (RState.DONE, M.INFORM_CONFIRM): "_on_late_confirm",
+    (RState.DONE, M.INFORM): "_on_late_inform",
     (RState.CONFIRMED, M.INFORM): "_on_inform",
     (RState.CONFIRMED, M.INFORM_FAILURE): "_on_step_failure",
     (RState.CONFIRMED, M.INFORM_CONFIRM): "_on_repeated_confirm",
@@ -113,6 +114,7 @@ class Requester:
     failures: int = 0
     deferrals: int = 0
     reason: str = ""
+    settled: bool = False  # ended by the product's documentation (see documented)
 
     # --- inputs -------------------------------------------------------------------------------------
 
@@ -139,6 +141,28 @@ class Requester:
         handler = TABLE.get((self.state, DEADLINE))
         self.deadline = None
         return getattr(self, handler)(None, now) if handler else []
+
+    def documented(self, now: int) -> list[object]:
+        """The product's own documentation records the step as completed: the procedure is over.
+
+        Resources document a step in the product's AAS before they inform, and a product resumes
+        from its documentation; a procedure left open beside it would, with a silent provider,
+        time the booking out and bid the step again although it was done. Offers still held for
+        it are rejected (their holds are freed); the winner's inform, if it still comes, is taken
+        quietly.
+        """
+        if self.done:
+            return []
+        effects: list[object] = [
+            Note("documented", f"step {self.call.step} is documented as completed; the procedure ends")
+        ]
+        if self.state is RState.COLLECTING:
+            effects += [
+                self._reject_offer(o.provider, o.proposal_id, "step-done", "the step is already done")
+                for o in self.offers.values()
+            ]
+        self.state, self.deadline, self.settled = RState.DONE, None, True
+        return effects
 
     def set_expected(self, bidders: frozenset[str]) -> None:
         """Update who is expected to answer (the registry may change between rounds)."""
@@ -327,6 +351,12 @@ class Requester:
             return self._stray(msg, now)
         return [Note("out-of-sequence", f"informConfirm {msg.id} after the result", msg.id)]
 
+    def _on_late_inform(self, msg: Message, now: int) -> list[object]:
+        """The winner's result after the procedure ended on the documentation: already known."""
+        if self.settled and self._from_winner(msg, self.accept_id):
+            return []
+        return self._unexpected(msg, now)
+
     def _on_status_due(self, _msg: Message | None, now: int) -> list[object]:
         """Booked but silent past the expected end: re-send the acceptance, the provider replays its answer."""
         self.queries += 1
@@ -496,6 +526,7 @@ class Requester:
             "failures": self.failures,
             "deferrals": self.deferrals,
             "reason": self.reason,
+            "settled": self.settled,
         }
 
     @classmethod
@@ -522,4 +553,5 @@ class Requester:
         r.retries, r.queries = data["retries"], data.get("queries", 0)
         r.empty_rounds, r.failures, r.reason = data["empty_rounds"], data["failures"], data["reason"]
         r.deferrals = data.get("deferrals", 0)
+        r.settled = data.get("settled", False)
         return r
