@@ -292,3 +292,36 @@ async def test_directory_lookups_fail_for_their_waiters_only_while_the_registry_
             assert (await directory.by_id(agent(1)["id"])).name == "r1"
         finally:
             await server.stop()
+
+
+async def test_a_crashed_agent_stops_renewing_its_lease(
+    registry: RegistryServer, mosquitto, tmp_path: Path
+) -> None:
+    """An agent crashed in its process (a scenario fault) is gone as a killed process would be:
+    its descriptor lapses with its lease while its neighbours' are renewed; a restart registers
+    it again."""
+    from agents.persistence import open_database
+    from agents.persistence.database import sqlite_url
+    from agents.runtime.agent import Agent
+    from agents.runtime.node import Node, NodeConfig
+    from shopfloor.clock import make_clock
+
+    db = open_database(sqlite_url(tmp_path / "run.db"))
+    config = NodeConfig("t", mosquitto.address, registry.base_url, registry_ttl=0.9)  # renewed every 0.3 s
+    node = Node(config, make_clock("real"), db)
+    await node.start()
+    client = RegistryClient(registry.base_url)
+    try:
+        for name in ("r1", "r2"):
+            await node.add_agent(Agent(node, name, f"urn:{name}"), capabilities=("milling",))
+        assert sorted(short_name_of(d) for d in await client.find_by_capability(MILLING)) == ["r1", "r2"]
+        await node.crash_agent(node.agents["r1"])
+        await asyncio.sleep(2.0)  # more than twice the lease
+        assert [short_name_of(d) for d in await client.find_by_capability(MILLING)] == ["r2"]
+        await node.add_agent(Agent(node, "r1", "urn:r1"), capabilities=("milling",))  # the restart
+        await asyncio.sleep(0.5)  # renewed in the background
+        assert sorted(short_name_of(d) for d in await client.find_by_capability(MILLING)) == ["r1", "r2"]
+    finally:
+        await node.stop()
+        await client.aclose()
+        db.dispose()

@@ -208,6 +208,8 @@ class Node:
             with contextlib.suppress(Exception):
                 await transport.close(timeout=0.05)
         self._filters = [(f, n) for f, n in self._filters if n != agent.name]
+        if self.registrar:  # a dead agent renews nothing: its lease runs out unless it restarts
+            self.registrar.forget(agent.aas_id)
         self.agents.pop(agent.name, None)
         self.store.remove_owner(agent.name)
         self.store.set_write_hook(agent.name, None)
