@@ -25,7 +25,7 @@ from sqlmodel import select
 from agents.aas.io import write_aasx
 from agents.ordertaking.auth import VendorFileError
 from agents.persistence import open_database
-from agents.persistence.database import sqlite_url
+from agents.persistence.database import build_analysis_indexes, drop_analysis_indexes, sqlite_url
 from agents.product.agent import start_product
 from agents.resource.agent import start_resource
 from agents.runtime.agent import Agent
@@ -250,6 +250,7 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
     try:
         registry_url = await registry.start()
         db = open_database(db_url)
+        drop_analysis_indexes(db)  # built again at the end: nothing reads them while the plant runs
         recorder = await asyncio.to_thread(
             RecorderProcess(
                 credentials.observer_address(broker.address) if credentials else broker.address,
@@ -361,6 +362,7 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
         await registry.stop()
         await asyncio.to_thread(broker.stop)
     db = open_database(db_url)
+    build_analysis_indexes(db)
     plan_steps = sum(len(p.plan) for p in scenario.product_instances())
     figures = kpis.compute(
         db,

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from basyx.aas import model
 from conftest import postgres_schema
+from sqlalchemy import inspect
 from sqlmodel import select
 
 from agents.aas import build
@@ -25,7 +26,13 @@ from agents.aas.io import read_aasx
 from agents.aas.verify import verify_objects
 from agents.persistence import open_database
 from agents.persistence.database import sqlite_url
-from agents.persistence.tables import DocumentationRecord, ProductRecord, StepRecord, WorkOrderRecord
+from agents.persistence.tables import (
+    ANALYSIS_INDEXES,
+    DocumentationRecord,
+    ProductRecord,
+    StepRecord,
+    WorkOrderRecord,
+)
 from scenarios.launcher import RunOptions, run
 from scenarios.loader import load_scenario, load_scenario_text
 
@@ -57,6 +64,13 @@ def check_record(
         steps = s.exec(select(StepRecord)).all()
         docs = s.exec(select(DocumentationRecord)).all()
         done = s.exec(select(WorkOrderRecord).where(WorkOrderRecord.state == "done")).all()
+    # the run is over: its messages and machines are indexed by conversation for analysis
+    found = {
+        i["name"]
+        for t in ("tb_inbox", "tb_outbox", "tb_conversation")
+        for i in inspect(db.engine).get_indexes(t)
+    }
+    assert found >= {name for name, _, _ in ANALYSIS_INDEXES}
     db.dispose()
     assert len(products) == total and all(p.status == "completed" for p in products)
     assert kpis["steps"]["completed"] == len(steps) == kpis["steps"]["total"] == len(done)

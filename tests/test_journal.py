@@ -195,14 +195,21 @@ async def test_a_batch_that_finds_the_database_locked_is_written_again(tmp_path:
 async def test_epoch_milliseconds_fit_and_an_old_schema_is_upgraded(db) -> None:
     """Epoch ms exceed 32 bits: v1 declared them INTEGER, which PostgreSQL refused (schema v2).
     v3 added the agents' published watermark; an old run's agents get 0 (their outbox rows keep
-    their own flags)."""
+    their own flags). v4 dropped the outbox's seq index; the conversation indexes are built for
+    analysis when a run ends, and dropped while one runs."""
     from sqlalchemy import inspect as sa_inspect
 
-    from agents.persistence.database import schema_version, upgrade
-    from agents.persistence.tables import SCHEMA_VERSION, AgentRecord
+    from agents.persistence.database import (
+        build_analysis_indexes,
+        drop_analysis_indexes,
+        schema_version,
+        upgrade,
+    )
+    from agents.persistence.tables import ANALYSIS_INDEXES, SCHEMA_VERSION, AgentRecord
 
-    assert schema_version(db) == SCHEMA_VERSION == 3
+    assert schema_version(db) == SCHEMA_VERSION == 4
     with db.engine.begin() as conn:
+        conn.exec_driver_sql('CREATE INDEX "ix_tb_outbox_seq" ON "tb_outbox" ("seq")')  # as v3 had it
         conn.exec_driver_sql("UPDATE tb_schema_version SET version = 1")
         if db.engine.dialect.name == "postgresql":  # the v1 column type, as an old run left it
             conn.exec_driver_sql('ALTER TABLE "tb_outbox" ALTER COLUMN "created_wall_ms" TYPE INTEGER')
@@ -211,8 +218,21 @@ async def test_epoch_milliseconds_fit_and_an_old_schema_is_upgraded(db) -> None:
             "INSERT INTO tb_agent (name, kind, aas_id, status, started_wall_ms, restarts)"
             " VALUES ('p-1', 'product', 'urn:p-1', 'running', 0, 0)"
         )
-    assert upgrade(db) == 3 and schema_version(db) == 3
+    assert upgrade(db) == 4 and schema_version(db) == 4
     assert _rows(db, AgentRecord, AgentRecord.name)[0].published_seq == 0
+
+    def indexes() -> set[str]:
+        found = set()
+        for table in ("tb_inbox", "tb_outbox", "tb_conversation"):
+            found |= {i["name"] for i in sa_inspect(db.engine).get_indexes(table)}
+        return found
+
+    assert indexes() == set()  # the seq index gone, the others not built (no run has ended)
+    build_analysis_indexes(db)
+    build_analysis_indexes(db)  # again: nothing changes
+    assert indexes() == {name for name, _, _ in ANALYSIS_INDEXES}
+    drop_analysis_indexes(db)
+    assert indexes() == set()
     column = next(c for c in sa_inspect(db.engine).get_columns("tb_outbox") if c["name"] == "created_wall_ms")
     if db.engine.dialect.name == "postgresql":
         assert column["type"].python_type is int and "BIG" in str(column["type"]).upper()

@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session, SQLModel, create_engine, select
 
 from agents.persistence import tables
-from agents.persistence.tables import SCHEMA_VERSION, SchemaVersion
+from agents.persistence.tables import ANALYSIS_INDEXES, SCHEMA_VERSION, SchemaVersion
 
 
 def _widen_epoch_ms(conn: Connection) -> None:
@@ -42,11 +42,18 @@ def _add_published_seq(conn: Connection) -> None:
         conn.exec_driver_sql('ALTER TABLE "tb_agent" ADD COLUMN "published_seq" INTEGER NOT NULL DEFAULT 0')
 
 
+def _analysis_indexes_only_after_runs(conn: Connection) -> None:
+    """v4: the outbox's seq index is gone (no query used it) and the conversation indexes are
+    built for analysis when a run ends (tables.ANALYSIS_INDEXES), not kept up to date during it."""
+    conn.exec_driver_sql('DROP INDEX IF EXISTS "ix_tb_outbox_seq"')
+
+
 #: version -> upgrade step from the version before. Version 1 is the initial schema.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: lambda conn: SQLModel.metadata.create_all(conn),
     2: _widen_epoch_ms,
     3: _add_published_seq,
+    4: _analysis_indexes_only_after_runs,
 }
 
 
@@ -127,3 +134,18 @@ def upgrade(db: Database) -> int:
             s.add(row)
             s.commit()
     return SCHEMA_VERSION
+
+
+def drop_analysis_indexes(db: Database) -> None:
+    """A run starts (or resumes): the plant writes without them."""
+    with db.engine.begin() as conn:
+        for name, _table, _columns in ANALYSIS_INDEXES:
+            conn.exec_driver_sql(f'DROP INDEX IF EXISTS "{name}"')
+
+
+def build_analysis_indexes(db: Database) -> None:
+    """A run is over: index what researchers look up (messages and machines by conversation)."""
+    with db.engine.begin() as conn:
+        for name, table, columns in ANALYSIS_INDEXES:
+            cols = ", ".join(f'"{c}"' for c in columns)
+            conn.exec_driver_sql(f'CREATE INDEX IF NOT EXISTS "{name}" ON "{table}" ({cols})')
