@@ -72,8 +72,8 @@ class BiddingRequester(Role):
             return
         if not r.done and self.listener.step_completed(r.call.step):
             # Its deadline came, but the step is documented as done (the inform lost or late):
-            # end the procedure instead of asking again or bidding anew, and let the product go on.
-            await self.settle(r)
+            # the product goes on, and going on ends every procedure of a documented step
+            # instead of asking again or bidding anew.
             await self.listener.advance()
             return
         if r.state is RState.BACKOFF:

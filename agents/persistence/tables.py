@@ -10,9 +10,8 @@ from __future__ import annotations
 from sqlalchemy import BigInteger
 from sqlmodel import Field, SQLModel
 
-SCHEMA_VERSION = (
-    4  # 2: epoch-ms columns BIGINT (PostgreSQL); 3: tb_agent.published_seq; 4: see ANALYSIS_INDEXES
-)
+# 2: epoch-ms columns BIGINT (PostgreSQL); 3: tb_agent.published_seq; 4: see ANALYSIS_INDEXES
+SCHEMA_VERSION = 4
 
 #: Indexes nothing reads while the plant runs, on the tables every message writes (inbox, outbox,
 #: machine snapshots): keeping them up to date cost a fifth of those rows' writing (random keys

@@ -110,7 +110,7 @@ class ManufacturingDriver(Role):
             return
         self._settle_documented()
         for r in [r for r in self.requester.machines.values() if not r.done]:
-            if self.step_completed(r.call.step):  # e.g. resumed open beside its documentation
+            if self.step_completed(r.call.step):  # resumed open beside it, or its deadline came first
                 await self.requester.settle(r)
         step = self.next_step()
         if step is None:

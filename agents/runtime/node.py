@@ -185,7 +185,12 @@ class Node:
         transport = self.transports.pop(agent.name, None)
         if transport:
             await transport.close()
-        if not everyone:  # all of them going: cleared once (a pass per agent was quadratic)
+        self._forget(agent, filters=not everyone)  # all of them going: filters cleared once
+
+    def _forget(self, agent: Agent, *, filters: bool = True) -> None:
+        """No more deliveries to it, no more lease renewals for it (a dead agent's lease runs
+        out unless it restarts), not one of this node's agents any longer."""
+        if filters:  # a pass over every agent's filters: once per agent would be quadratic
             self._filters = [(f, n) for f, n in self._filters if n != agent.name]
         if self.registrar:
             self.registrar.forget(agent.aas_id)
@@ -207,10 +212,7 @@ class Node:
         if transport:
             with contextlib.suppress(Exception):
                 await transport.close(timeout=0.05)
-        self._filters = [(f, n) for f, n in self._filters if n != agent.name]
-        if self.registrar:  # a dead agent renews nothing: its lease runs out unless it restarts
-            self.registrar.forget(agent.aas_id)
-        self.agents.pop(agent.name, None)
+        self._forget(agent)
         self.store.remove_owner(agent.name)
         self.store.set_write_hook(agent.name, None)
 
@@ -259,7 +261,7 @@ class Node:
 
     async def _publish_loop(self, agent: Agent) -> None:
         queue = self._queues[agent.name]
-        unacked: list[dict] = []
+        unacked: list[int] = []  # seqs handed to the broker, not yet known to be acknowledged
         # The agent's outbox is published in seq order; once the broker has acknowledged
         # everything handed over so far, the agent's watermark moves to the last seq (one small
         # row per batch, not a flag per message). A publish that failed for a passing reason
@@ -279,12 +281,12 @@ class Node:
                     for hook in self.first_publish_hooks:
                         hook(now_ms)
                 if row is not None:
-                    unacked.append(row)
+                    unacked.append(row["seq"])
                 if unacked and (queue.qsize() == 0 or len(unacked) >= 64):
                     # An outbox row counts as published once the broker acknowledged it; what was
                     # only handed to the socket when the process died goes out again on restart.
                     await transport.flush(timeout=10)
-                    last = max(r["seq"] for r in unacked)
+                    last = max(unacked)
                     unacked = []
                     if not held and last > watermark:
                         watermark = last
@@ -298,7 +300,7 @@ class Node:
                 # every later message would be sent again at each restart.
                 log.exception("%s: publishing on %s failed", agent.name, topic)
                 if row is not None:
-                    unacked.append(row)
+                    unacked.append(row["seq"])
             except Exception:
                 log.exception("%s: publishing on %s failed", agent.name, topic)
                 held = held or (row is not None)
