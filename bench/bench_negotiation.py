@@ -12,7 +12,14 @@ server and workers, mosquitto, registry, recorder) sampled with psutil, over the
 (first to last message), per step and by role — a figure that depends far less on what else the
 machine was doing than steps per second do.
 
-    python bench/bench_negotiation.py [--k 1,5,10] [--processes 1,2] [--products 100] [--json]
+Each configuration runs ``--repeat`` times (default 3) and every figure is the median. Beside it,
+alternately with it, the same workload runs as a bare-bones contract net directly on gmqtt (no
+persistence, no AAS, no state machine; ``bare_contract_net.py``) through its own private
+mosquitto: the floor issue 11 compares against, measured on this machine in this session, and
+twinbid's steps/s as a ratio to it (``--no-bare`` leaves it out).
+
+    python bench/bench_negotiation.py [--k 1,5,10] [--processes 1,2] [--products 100] [--repeat 3]
+                                      [--no-bare] [--json]
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import argparse
 import asyncio
 import json
 import sqlite3
+import statistics
 import sys
 import tempfile
 import threading
@@ -30,8 +38,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import psutil
+from bare_contract_net import run_bare
 from machineinfo import machine
 
+from protocol.mosquitto import MosquittoProcess, find_mosquitto
 from scenarios.launcher import RunOptions, run
 from scenarios.loader import load_scenario_text
 
@@ -74,6 +84,9 @@ class CpuSampler:
         self.samples: list[tuple[float, dict[str, float]]] = []  # (epoch s, CPU s by role)
         self._last: dict[int, tuple[str, float]] = {}
         self._stop = threading.Event()
+        self._me = psutil.Process()
+        self._procs: dict[int, psutil.Process] = {}
+        self._next_scan = 0.0
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def __enter__(self) -> CpuSampler:
@@ -90,16 +103,23 @@ class CpuSampler:
             self._sample()
 
     def _sample(self) -> None:
-        me = psutil.Process()
-        for proc in [me, *me.children(recursive=True)]:
+        # Finding the descendants reads every process's stat file on the machine: done once a
+        # second, not per sample, so the sampler (a thread of the launcher's process) does not
+        # take the CPU and the GIL it is measuring.
+        now = time.monotonic()
+        if now >= self._next_scan:
+            self._next_scan = now + 1.0
+            for proc in [self._me, *self._me.children(recursive=True)]:
+                self._procs.setdefault(proc.pid, proc)
+        for pid, proc in list(self._procs.items()):
             try:
-                with proc.oneshot():
-                    times = proc.cpu_times()
-                    cpu = times.user + times.system
-                    role = self._last[proc.pid][0] if proc.pid in self._last else _role(proc, me)
+                times = proc.cpu_times()
+                cpu = times.user + times.system
+                role = self._last[pid][0] if pid in self._last else _role(proc, self._me)
             except psutil.Error:
+                del self._procs[pid]
                 continue
-            self._last[proc.pid] = (role, cpu)
+            self._last[pid] = (role, cpu)
         by_role: dict[str, float] = {}
         for role, cpu in self._last.values():
             by_role[role] = by_role.get(role, 0.0) + cpu
@@ -167,41 +187,104 @@ def _negotiation_span(kpis: dict) -> float | None:
     return kpis.get("active_seconds") or kpis["wall_seconds"]
 
 
+def bare(k: int, processes: int, products: int) -> dict:
+    """The bare-bones gmqtt contract net on the same workload, through its own private mosquitto."""
+    with tempfile.TemporaryDirectory() as tmp, MosquittoProcess(Path(tmp), persistence=False) as mosq:
+        return run_bare(mosq.port, k, processes, products)
+
+
+_MEDIAN_OF = (
+    "steps_per_s",
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "messages_per_step",
+    "wall_s",
+    "cpu_ms_per_step",
+    "cpu_cores_busy",
+)
+
+
+def median_row(runs: list[dict]) -> dict:
+    """One row of figures: the median of each over the repeats (the runs themselves kept beside)."""
+    row = dict(runs[len(runs) // 2])
+    for key in _MEDIAN_OF:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        row[key] = round(statistics.median(values), 2) if values else None
+    roles = sorted({role for r in runs for role in r["cpu_s_by_role"]})
+    row["cpu_s_by_role"] = {
+        role: round(statistics.median(r["cpu_s_by_role"].get(role, 0.0) for r in runs), 3) for role in roles
+    }
+    row["failed"] = sum(r["failed"] for r in runs)
+    if len(runs) > 1:
+        row["repeats"] = [{key: r.get(key) for key in (*_MEDIAN_OF, "cpu_s_by_role")} for r in runs]
+    return row
+
+
+def measure(k: int, procs: int, products: int, repeat: int, with_bare: bool) -> dict:
+    """twinbid and (unless off) the bare net, alternately, ``repeat`` times each; medians."""
+    t0 = time.perf_counter()
+    runs, bares = [], []
+    for _ in range(repeat):
+        runs.append(one(k, procs, products))
+        if with_bare:
+            bares.append(bare(k, procs, products))
+    row = median_row(runs)
+    if bares:
+        row["bare"] = {
+            key: round(statistics.median(b[key] for b in bares), 2)
+            for key in ("steps_per_s", "latency_p50_ms", "latency_p99_ms", "messages_per_step")
+        }
+        if row["steps_per_s"]:
+            row["ratio_to_bare"] = round(row["steps_per_s"] / row["bare"]["steps_per_s"], 3)
+    row["bench_s"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--k", default="1,5,10")
     ap.add_argument("--processes", default="1,2")
     ap.add_argument("--products", type=int, default=100)
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each configuration; figures are medians")
+    ap.add_argument("--no-bare", action="store_true", help="leave out the bare-bones gmqtt contract net")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    with_bare = not args.no_bare and find_mosquitto() is not None
     rows = []
     for procs in [int(x) for x in args.processes.split(",")]:
         for k in [int(x) for x in args.k.split(",")]:
-            t0 = time.perf_counter()
-            row = one(k, procs, args.products)
-            row["bench_s"] = round(time.perf_counter() - t0, 1)
+            row = measure(k, procs, args.products, args.repeat, with_bare)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
-    alone = one(10, 1, 1)
+    alone = measure(10, 1, 1, args.repeat, with_bare)
     print(f"machine: {machine()}")
     print(
+        f"medians of {args.repeat} run(s) each; bare = the bare-bones gmqtt contract net, same workload and broker"
+    )
+    print(
         f"{'k':>3} {'procs':>5} {'steps':>6} {'steps/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'msg/step':>8}"
-        f" {'wall s':>7} {'CPU ms/step':>11} {'cores':>5}"
+        f" {'wall s':>7} {'CPU ms/step':>11} {'cores':>5} {'bare st/s':>9} {'bare p50':>8} {'ratio':>6}"
     )
     for r in rows:
+        b = r.get("bare", {})
         print(
             f"{r['k']:>3} {r['processes']:>5} {r['steps']:>6} {r['steps_per_s']!s:>8} {r['latency_p50_ms']!s:>8.8}"
-            f" {r['latency_p99_ms']!s:>8.8} {r['messages_per_step']!s:>8} {r['wall_s']:>7}"
-            f" {r['cpu_ms_per_step']!s:>11} {r['cpu_cores_busy']!s:>5}"
+            f" {r['latency_p99_ms']!s:>8.8} {r['messages_per_step']!s:>8} {r['wall_s']!s:>7}"
+            f" {r['cpu_ms_per_step']!s:>11} {r['cpu_cores_busy']!s:>5} {b.get('steps_per_s', '-')!s:>9}"
+            f" {b.get('latency_p50_ms', '-')!s:>8} {r.get('ratio_to_bare', '-')!s:>6}"
         )
     for r in rows:
         roles = ", ".join(f"{role} {sec:g}" for role, sec in r["cpu_s_by_role"].items())
         print(f"  k={r['k']} procs={r['processes']}: CPU s while negotiating: {roles}")
+    bare_alone = alone.get("bare", {})
     print(
         f"single product alone, 10 bidders: p50 {alone['latency_p50_ms']} ms, p99 {alone['latency_p99_ms']} ms"
+        f" (bare: p50 {bare_alone.get('latency_p50_ms', '-')} ms, p99 {bare_alone.get('latency_p99_ms', '-')} ms)"
     )
+    if any(r["failed"] for r in [*rows, alone]):
+        print("some products failed: the figures above are not comparable", file=sys.stderr)
     if args.json:
-        print(json.dumps({"machine": machine(), "runs": rows, "alone": alone}))
+        print(json.dumps({"machine": machine(), "repeat": args.repeat, "runs": rows, "alone": alone}))
 
 
 if __name__ == "__main__":
