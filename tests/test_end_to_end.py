@@ -29,6 +29,8 @@ from agents.persistence.database import sqlite_url
 from agents.persistence.tables import (
     ANALYSIS_INDEXES,
     DocumentationRecord,
+    InboxRecord,
+    OutboxRecord,
     ProductRecord,
     StepRecord,
     WorkOrderRecord,
@@ -64,6 +66,8 @@ def check_record(
         steps = s.exec(select(StepRecord)).all()
         docs = s.exec(select(DocumentationRecord)).all()
         done = s.exec(select(WorkOrderRecord).where(WorkOrderRecord.state == "done")).all()
+        receipts = s.exec(select(InboxRecord.message_id, InboxRecord.payload)).all()
+        sent = set(s.exec(select(OutboxRecord.message_id)).all())
     # the run is over: its messages and machines are indexed by conversation for analysis
     found = {
         i["name"]
@@ -72,6 +76,9 @@ def check_record(
     }
     assert found >= {name for name, _, _ in ANALYSIS_INDEXES}
     db.dispose()
+    # every message an agent received is its sender's outbox row; the inbox keeps the receipt only
+    assert receipts and all(payload == "" for _, payload in receipts)
+    assert {message_id for message_id, _ in receipts} <= sent
     assert len(products) == total and all(p.status == "completed" for p in products)
     assert kpis["steps"]["completed"] == len(steps) == kpis["steps"]["total"] == len(done)
     assert sum(kpis["messages"]["by_type"].values()) == kpis["messages"]["total"]

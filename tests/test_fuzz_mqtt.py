@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import random
+import sqlite3
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,7 @@ from fuzzing import LivePlant, PlantThread, Tally, fuzz_settings, rejections
 from hypothesis import given
 from hypothesis import strategies as st
 
+from agents.runtime.directory import Entry
 from protocol.frame import MessageType
 from scenarios.launcher import offered_capabilities
 from scenarios.loader import load_scenario
@@ -405,6 +407,46 @@ def test_fuzz_mqtt_long(target: Target) -> None:
     run_hypothesis(target, HYPOTHESIS_FRAMES * LONG, seed=77).check()
     run_raw(target, RAW_BYTES * LONG, seed=77).check()
     target.healthy()
+
+
+def test_the_inbox_keeps_a_foreign_message_whole_and_a_receipt_of_a_plant_one(target: Target) -> None:
+    """A plant agent's message is its sender's outbox row (and a line of the recording): its
+    receivers' inbox rows keep the receipt without a second copy. A message from a sender outside
+    the plant (registered, with ids of its own, like another implementation's product) is kept."""
+    node = target.plant.node
+    assert node is not None
+    topic, call = next(
+        (t, m)
+        for t, m in target.corpus
+        if t.split("/")[2] == "cfp" and m["frame"]["type"] == "callForProposal"
+    )
+    capability = topic.split("/")[3]
+    foreign_id = "urn:example:other-implementation:buyer-7:aas"
+    node.directory.add(Entry("buyer-7", foreign_id, None))
+    message = json.loads(json.dumps(call))
+    message["frame"]["sender"]["identification"]["id"] = foreign_id
+    message["frame"]["messageId"] = mid = str(uuid.uuid4())
+    message["frame"]["conversationId"] = str(uuid.uuid4())
+    payload = json.dumps(message).encode()
+    for name in target.offered[capability]:
+        target.thread.call(
+            target.agents[name].on_raw(f"i40/{target.ns}/cfp/{capability}/buyer-7", payload), 5
+        )
+    target.thread.call(node.journal.commit(), 10)
+    plant_ids = [m["frame"]["messageId"] for _, m in target.corpus if isinstance(m, dict) and "frame" in m]
+    with sqlite3.connect(target.plant.out / "run.db") as db:
+        kept = db.execute("SELECT agent, payload FROM tb_inbox WHERE message_id = ?", (mid,)).fetchall()
+        db.execute("CREATE TEMP TABLE plant_ids (message_id TEXT)")
+        db.executemany("INSERT INTO plant_ids VALUES (?)", [(m,) for m in plant_ids])
+        receipts = db.execute(
+            "SELECT COUNT(*), SUM(i.payload = ''), SUM(o.message_id IS NOT NULL) FROM tb_inbox i"
+            " JOIN plant_ids p ON p.message_id = i.message_id"
+            " LEFT JOIN (SELECT DISTINCT message_id FROM tb_outbox) o ON o.message_id = i.message_id"
+        ).fetchone()
+    assert sorted(a for a, _ in kept) == sorted(target.offered[capability])
+    assert all(p == payload.decode() for _, p in kept)  # the foreign call, whole
+    count, empty, in_outbox = receipts
+    assert count > 100 and empty == count and in_outbox == count, receipts  # the plant's: receipts only
 
 
 def test_deeply_nested_json_is_refused_as_a_bad_frame() -> None:

@@ -18,6 +18,7 @@ __all__ = [
     "b64url_decode",
     "b64url_encode",
     "check_short_name",
+    "plant_id_prefix",
     "shell_id",
     "submodel_id",
 ]
@@ -43,6 +44,11 @@ def _segment(value: str, what: str) -> str:
 def shell_id(short_name: str, namespace: str = "default") -> str:
     """The AAS id of an agent: ``https://twinbid.dev/ids/{ns}/{short_name}/aas``."""
     return f"{ID_BASE}/{_segment(namespace, 'namespace')}/{check_short_name(short_name)}/aas"
+
+
+def plant_id_prefix(namespace: str = "default") -> str:
+    """What every id twinbid mints for a plant's agents starts with (uploads may not use it)."""
+    return f"{ID_BASE}/{_segment(namespace, 'namespace')}/"
 
 
 def asset_id(short_name: str, namespace: str = "default") -> str:

@@ -42,6 +42,8 @@ class InboxRecord(SQLModel, table=True):
     topic: str
     received_wall_ms: int = Field(sa_type=BigInteger)
     received_sim: float
+    # "" for a message of one of the plant's own agents: it is its sender's outbox row (same
+    # message_id) and a line of the recording; a message from outside the plant is kept here whole
     payload: str
 
 

@@ -136,7 +136,12 @@ class Agent:
                 "topic": topic_text,
                 "received_wall_ms": int(time.time() * 1000),
                 "received_sim": self.now(),
-                "payload": payload.decode(errors="replace"),
+                # A plant agent's message is its sender's outbox row (same messageId) and a line of
+                # the run's recording: the inbox keeps the receipt, not a second copy (a sixth of
+                # the bytes a step wrote). A message from outside the plant keeps its payload.
+                "payload": ""
+                if msg.sender.startswith(self.node.plant_ids)
+                else payload.decode(errors="replace"),
             },
         )
         for role in self.roles:

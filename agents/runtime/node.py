@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 
 from agents.aas.client import AasClient
+from agents.aas.ids import plant_id_prefix
 from agents.aas.server import AasServer
 from agents.aas.store import AasStore
 from agents.persistence import Database, Journal
@@ -60,6 +61,8 @@ class Node:
     def __init__(self, config: NodeConfig, clock: Clock, db: Database) -> None:
         self.config = config
         self.ns = config.ns
+        #: the id space of this plant's own agents (a vendor's product keeps its vendor's ids)
+        self.plant_ids = plant_id_prefix(config.ns)
         self.clock = clock
         self.db = db
         self.journal = Journal(db)
