@@ -6,9 +6,11 @@ agents believe they sent.
 
 How it loses nothing:
 
-* **Cheap receive path.**  paho's network thread only timestamps the message and appends
-  it to a queue; a writer thread decodes, writes and flushes in batches.  The broker's
-  queue for the recorder drains as fast as paho can read the socket.
+* **Cheap receive path.**  paho's network thread timestamps each message and appends it to a
+  queue; after each read of the socket (up to 64 KiB of packets) it writes, flushes and
+  acknowledges that batch itself, with one PUBACK packet for the batch — no thread hand-over
+  per batch, which was most of the recorder's CPU while a run's messages trickle in. A writer
+  thread takes over should that fail (and serves a paho without the internals it relies on).
 * **Acknowledged after writing.**  QoS 1 messages are acknowledged (PUBACK) only once their
   line has been written and flushed to the file, so if the recorder dies in between, the
   broker delivers them again (at least once to the file; a redelivery carries
@@ -35,9 +37,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
+import struct
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +56,8 @@ from protocol.transport import BrokerAddress
 log = logging.getLogger(__name__)
 
 _RECV_SIZE = 1 << 16
+_PUBACK = struct.Struct("!BBH")  # fixed header, remaining length 2, packet id (MQTT 3.1.1 and 5)
+_PUBACK_TYPE = 0x40
 _BUFFERED = all(hasattr(mqtt.Client, n) for n in ("_sock_recv", "_sock_close", "_packet_read"))
 
 RECORDED_TABLE = """
@@ -75,12 +81,67 @@ class _Client(mqtt.Client):
     the rest, and processes one packet per ``select()``; under a burst those syscalls are
     most of the recorder's time.  Here ``recv`` fills a 64 KiB buffer that paho's reads are
     served from, and ``loop_read`` goes on while the buffer holds data (``select()`` cannot
-    see it).  It relies on two paho 2.x internals, checked at import (``_BUFFERED``).
+    see it).  It relies on two paho 2.x internals, checked at import (``_BUFFERED``).  It also
+    acknowledges a written batch at once (``ack_many``), relying on two more, checked per client
+    (``batch_acks``).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._rbuf = bytearray()
+        self._acks: deque[int] = deque()
+        #: called by the network thread after each read of the socket (the recorder writes there)
+        self.after_read: Callable[[], None] | None = None
+        # paho 2.x internals the batched acknowledgements rely on (else: one ``ack`` per message)
+        self.batch_acks = isinstance(getattr(self, "_out_packet", None), deque) and hasattr(
+            self, "_sockpairW"
+        )
+
+    def ack_many(self, mids: list[int]) -> None:
+        """PUBACK a written batch (QoS 1), from the writer thread, at the cost of one wake-up.
+
+        paho's ``ack`` wakes the network thread with a byte on its socket pair and has it send each
+        PUBACK with a ``send`` of its own: per message a wake-up and two syscalls, most of the
+        recorder's CPU once a run's messages trickle in rather than burst. Here the batch's mids
+        are handed over with one wake-up, and the network thread queues them as one packet of
+        PUBACKs (``_queue_acks``), written with one ``send``.
+        """
+        self._acks.extend(mids)
+        wake = self._sockpairW
+        if wake is not None:
+            with contextlib.suppress(BlockingIOError, OSError):
+                wake.send(b"0")
+
+    def _queue_acks(self) -> None:
+        if not self._acks:
+            return
+        data = bytearray()
+        while True:
+            try:
+                mid = self._acks.popleft()
+            except IndexError:
+                break
+            data += _PUBACK.pack(_PUBACK_TYPE, 2, mid)
+        packet = bytes(data)
+        self._out_packet.append(
+            {
+                "command": _PUBACK_TYPE,
+                "mid": 0,
+                "qos": 1,
+                "pos": 0,
+                "to_process": len(packet),
+                "packet": packet,
+                "info": None,
+            }
+        )
+
+    def want_write(self) -> bool:
+        self._queue_acks()  # the network thread asks this before every select()
+        return super().want_write()
+
+    def loop_write(self) -> mqtt.MQTTErrorCode:
+        self._queue_acks()  # woken by ack_many: the acknowledgements go out in this write
+        return super().loop_write()
 
     def _sock_recv(self, bufsize: int) -> bytes:
         if not self._rbuf:
@@ -104,7 +165,17 @@ class _Client(mqtt.Client):
         rc = super().loop_read(max_packets)
         while rc == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS and self._rbuf and self._sock is not None:
             rc = super().loop_read(max_packets)
+        hook = self.after_read
+        if hook is not None:
+            hook()
         return rc
+
+    def send_acks(self, mids: list[int]) -> None:
+        """PUBACK these now: the network thread's own call (``after_read``), no wake-up needed."""
+        self._acks.extend(mids)
+        self._queue_acks()
+        if self._sock is not None:
+            super().loop_write()
 
 
 class Recorder:
@@ -150,6 +221,8 @@ class Recorder:
         self._client: mqtt.Client | None = None
         self._subscribed = threading.Event()
         self._last_receive = time.monotonic()
+        self._drain_lock = threading.Lock()
+        self._inline = False  # batches written by the network thread (see _drain_after_read)
 
     # ------------------------------------------------------------------ life cycle
 
@@ -195,6 +268,9 @@ class Recorder:
         client.on_subscribe = self._on_subscribe
         self._subscribed.clear()
         self._client = client  # before anything can arrive: the writer acknowledges through it
+        self._inline = isinstance(client, _Client) and client.batch_acks
+        if self._inline:
+            client.after_read = self._drain_after_read  # type: ignore[attr-defined]
         if version == mqtt.MQTTv5:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = 0 if self.clean else int(self.session_expiry)
@@ -223,12 +299,27 @@ class Recorder:
         self._subscribed.set()
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        # paho's network thread: as little as possible; the writer thread does the rest.
+        # paho's network thread: as little as possible per message; the batch is written after
+        # the read (``_drain_after_read``), or by the writer thread.
         self._queue.append((time.time(), msg.topic, msg.payload, msg.mid, msg.qos, bool(msg.dup)))
         self.count += 1
         self._last_receive = time.monotonic()
-        if not self._wake.is_set():  # a wake-up per message was a quarter of the recorder's time
+        if not self._inline and not self._wake.is_set():  # a wake-up per message cost a quarter
             self._wake.set()
+
+    def _drain_after_read(self) -> None:
+        """Write and acknowledge what one read of the socket brought, in the network thread.
+
+        A run's messages trickle in a few at a time: handing each few to a writer thread cost two
+        thread wake-ups and a socket-pair byte per batch, the recorder's largest cost. Written here,
+        a batch still waits for nothing but the file (acknowledged only once flushed)."""
+        try:
+            self._drain(in_network_thread=True)
+        except Exception:
+            log.exception("recorder: writing a batch failed; the writer thread takes over")
+            self._inline = False
+            if self._client is not None:
+                self._client.after_read = None  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ writing
 
@@ -240,7 +331,11 @@ class Recorder:
             if self._stopping and not self._queue:
                 return
 
-    def _drain(self) -> None:
+    def _drain(self, *, in_network_thread: bool = False) -> None:
+        with self._drain_lock:  # one batch at a time, so lines are written in arrival order
+            self._drain_locked(in_network_thread)
+
+    def _drain_locked(self, in_network_thread: bool) -> None:
         batch = []
         while self._queue:
             try:
@@ -270,11 +365,19 @@ class Recorder:
             self.duplicates += sum(1 for b in batch if b[5])
             self.written += len(batch)
         client = self._client
-        if client is not None:
-            for _received, _topic, _payload, mid, qos, _dup in batch:
-                if qos > 0:
-                    with contextlib.suppress(Exception):
-                        client.ack(mid, qos)
+        if client is None:
+            return
+        if isinstance(client, _Client) and client.batch_acks:
+            mids = [mid for _r, _t, _p, mid, qos, _d in batch if qos == 1]
+            if in_network_thread:
+                client.send_acks(mids)
+            else:
+                client.ack_many(mids)
+            return
+        for _received, _topic, _payload, mid, qos, _dup in batch:
+            if qos > 0:
+                with contextlib.suppress(Exception):
+                    client.ack(mid, qos)
 
     # ------------------------------------------------------------------ stopping
 

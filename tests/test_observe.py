@@ -7,6 +7,7 @@ against its run database, queried here with plain SQL.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import shutil
 import sqlite3
@@ -22,6 +23,7 @@ from typer.testing import CliRunner
 
 from protocol.mosquitto import MosquittoProcess
 from protocol.recorder import Recorder
+from protocol.transport import BrokerAddress
 from scenarios.launcher import RunOptions, run
 from scenarios.loader import load_scenario
 from twinbid import analysis
@@ -312,14 +314,14 @@ def test_analysis_of_a_recording_alone(demo_run: Path, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- the recorder
 
 
+@pytest.mark.parametrize("version", ["5", "3.1.1"])
 async def test_recorder_loses_nothing_in_a_10000_message_burst(
-    mosquitto, make_transport, tmp_path: Path
+    mosquitto, make_transport, tmp_path: Path, version: str
 ) -> None:
     n = 10_000
     out = tmp_path / "messages.jsonl"
-    recorder = Recorder(
-        mosquitto.address, "burst", out, client_id="burst-observer", clean=False, db=tmp_path / "o.db"
-    )
+    address = dataclasses.replace(mosquitto.address, protocol=version)
+    recorder = Recorder(address, "burst", out, client_id="burst-observer", clean=False, db=tmp_path / "o.db")
     await asyncio.to_thread(recorder.start)
     pub = await make_transport("burst-pub", mosquitto.address)
     await asyncio.gather(
@@ -375,22 +377,44 @@ async def test_recorder_process_records_and_does_not_outlive_its_launcher(
     assert json.loads((tmp_path / "orphan.jsonl").read_text())["message"] == {"event": "last"}
 
 
-async def test_recorder_session_survives_its_absence(mosquitto, make_transport, tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", ["5", "3.1.1"])
+async def test_recorder_session_survives_its_absence(
+    mosquitto, make_transport, tmp_path: Path, version: str
+) -> None:
     if not isinstance(mosquitto, MosquittoProcess):
         pytest.skip("needs mosquitto's persistent sessions (fell back to the embedded broker)")
     out = tmp_path / "messages.jsonl"
-    first = Recorder(mosquitto.address, "away", out, client_id="away-observer", clean=False)
+    address = dataclasses.replace(mosquitto.address, protocol=version)
+    first = Recorder(address, "away", out, client_id="away-observer", clean=False)
     await asyncio.to_thread(first.start)
     await asyncio.to_thread(first.stop, 0.1)
     pub = await make_transport("away-pub", mosquitto.address)
     for i in range(300):
         await pub.publish("i40/away/events/away-pub", json.dumps({"event": "tick", "i": i}).encode())
     await pub.flush(10)
-    again = Recorder(mosquitto.address, "away", out, client_id="away-observer", clean=False)
+    again = Recorder(address, "away", out, client_id="away-observer", clean=False)
     await asyncio.to_thread(again.start)
     await asyncio.to_thread(again.stop, 0.5)
     got = sorted(json.loads(line)["message"]["i"] for line in out.read_text().splitlines())
     assert got == list(range(300))
+
+
+def test_the_runs_recorder_speaks_mqtt_3_on_the_runs_own_broker_and_5_elsewhere(tmp_path: Path) -> None:
+    """MQTT 3.1.1 spares the recorder paho's decoding of MQTT 5 properties on every message; an
+    external broker keeps MQTT 5, whose session expiry ends the recorder's queue once it has gone."""
+    from protocol.broker import RunningBroker
+    from protocol.credentials import Credentials
+    from scenarios.launcher import recorder_address
+
+    own = BrokerAddress("127.0.0.1", 18830)
+    for kind in ("mosquitto", "embedded"):
+        assert recorder_address(RunningBroker(kind, own), None).protocol == "3.1.1"
+    assert recorder_address(RunningBroker("external", own), None).protocol == "auto"
+    pinned = dataclasses.replace(own, protocol="5")
+    assert recorder_address(RunningBroker("mosquitto", pinned), None).protocol == "5"  # asked for: kept
+    credentials = Credentials("plant", tmp_path / "broker")
+    observer = recorder_address(RunningBroker("mosquitto", own), credentials)
+    assert observer.protocol == "3.1.1" and observer.username == credentials.observer
 
 
 def test_observe_command_records_a_live_plant(mosquitto, tmp_path: Path) -> None:
