@@ -24,10 +24,10 @@ from agents.product.driver import ManufacturingDriver
 from agents.product.notifier import Notifier
 from agents.product.order import PlannedStep, ProductOrder
 from agents.runtime.node import Node, NodeConfig
-from protocol.bidding.effects import Scheduled
+from protocol.bidding.effects import Awarded, Scheduled
 from protocol.bidding.requester import Requester, RequesterConfig, RState
 from protocol.elements import Bid, Booking, StepCall
-from protocol.selection import Offer
+from protocol.selection import Offer, Ranked
 from protocol.transport import BrokerAddress
 from shopfloor.clock import make_clock
 
@@ -129,6 +129,42 @@ async def test_a_late_re_confirmation_does_not_undo_a_done_step(tmp_path: Path) 
     assert agent.counters["after-done"] == 1
     agent.cancel_timers()
     agent.node.db.dispose()
+
+
+async def test_the_award_is_durable_before_the_acceptance_goes_out(tmp_path: Path) -> None:
+    """Found by the chaos soak: the bids and the winner were documented in memory only, to be
+    mirrored with the booking; with a step that takes no time the resource documents the finish
+    first and the booking is then not documented, so a product killed in between came back with
+    a step record holding only the resource's part. Now the award is in the same commit as the
+    acceptance, and a restarted product's record is whole."""
+    stored = {
+        "aas_id": "urn:p1",
+        "product_type": "pin",
+        "priority": 1,
+        "release": 0.0,
+        "accepted_sim": 0.0,
+        "reason": "",
+    }
+    agent, driver, requester = product(tmp_path, {"status": "running", **stored, "shell": "{}"})
+    await driver.advance()
+    (r,) = requester.machines.values()
+    offer = Offer("prop-1", "urn:lathe-1", Bid("lathe-1", "turning", 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 60.0, ""))
+    await driver.on_outcome(r, Awarded(1, (Ranked(offer, 0.0, "earliest completion"),)))
+    agent.node.journal.start()
+    await agent.node.journal.close()  # what the acceptance's commit makes durable
+    agent.cancel_timers()
+    agent.node.db.dispose()
+
+    again, restarted, _ = product(tmp_path, {"status": "running"})  # a new process, the same database
+    restarted.docs.restore(again.node.state.documentation("p1"))
+    restarted.docs.merge(1, docjson.completion(1, 0.0, 0.0, "lathe-1"), "resource")  # the resource's PATCH
+
+    doc = again.node.store.get_submodel(submodel_id("p1", "ProcessDocumentation", "t"))
+    (record,) = b.read_step_records(doc)
+    assert (record.index, record.outcome, record.winner) == (1, "completed", "lathe-1")
+    assert [bid.resource for bid in record.bids] == ["lathe-1"]
+    again.cancel_timers()
+    again.node.db.dispose()
 
 
 async def test_a_product_restarted_after_its_end_keeps_its_nameplate(tmp_path: Path) -> None:

@@ -66,26 +66,25 @@ class Documentation:
     def outcome(self, step: int) -> str | None:
         return outcome_of(self.records.get(step))
 
-    def merge(self, step: int, update: Record, author: str, *, mirror: bool = True) -> Record:
-        """Merge ``update`` (a StepNNN collection) into the step's record; mirror it unless told not to."""
+    def merge(self, step: int, update: Record, author: str) -> Record:
+        """Merge ``update`` (a StepNNN collection) into the step's record, and mirror it."""
         if update.get("idShort") != step_id_short(step):
             raise ValueError(
                 f"a record for step {step} must be {step_id_short(step)}, not {update.get('idShort')!r}"
             )
         merged = merge_record(self.records.get(step), update)
         self.records[step] = merged
-        if mirror:
-            self.journal.put(
-                DocumentationRecord,
-                {
-                    "product": self.product,
-                    "step": step,
-                    "part": "record",
-                    "author": author,
-                    "element": orjson.dumps(merged).decode(),
-                    "writes": 1,
-                },
-            )
+        self.journal.put(
+            DocumentationRecord,
+            {
+                "product": self.product,
+                "step": step,
+                "part": "record",
+                "author": author,
+                "element": orjson.dumps(merged).decode(),
+                "writes": 1,
+            },
+        )
         self.store.put_element_json(self.doc_id, merged)
         return merged
 
