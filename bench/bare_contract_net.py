@@ -35,22 +35,8 @@ import gmqtt
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-N_RES = 20
-STEPS = 10
-
-
-def offerers(c: int, k: int) -> list[int]:
-    """The reference workload's resources offering capability c: (c + j) mod 20 for j < k."""
-    return sorted({(c + j) % N_RES for j in range(k)})
-
-
-def capability(p: int, s: int) -> int:
-    return (7 * p + 3 * s) % N_RES
-
-
-def cost_rate(r: int, c: int) -> int:
-    return 1 + (r * 7 + c) % 5  # as in the reference scenario
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference_workload import N_RES, STEPS, capability, cost_rate, offered_by
 
 
 @dataclass
@@ -97,7 +83,7 @@ class _Resource(_Agent):
     def __init__(self, r: int, k: int, counts: _Counts) -> None:
         super().__init__(f"r{r}", counts)
         self.r = r
-        self.caps = [c for c in range(N_RES) if r in offerers(c, k)]
+        self.caps = offered_by(r, k)
 
     def topics(self) -> list[str]:
         return [f"bare/cfp/c{c}" for c in self.caps] + [f"bare/res/{self.name}"]

@@ -40,15 +40,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import psutil
 from bare_contract_net import run_bare
 from machineinfo import machine
+from reference_workload import N_RES, STEPS, capability, cost_rate, offered_by
 
 from protocol.mosquitto import MosquittoProcess, find_mosquitto
 from scenarios.launcher import RunOptions, run
 from scenarios.loader import load_scenario_text
 
-N_RES = 20
 
-
-def reference_yaml(k: int, products: int, steps: int = 10, bidders_alone: bool = False) -> str:
+def reference_yaml(k: int, products: int, steps: int = STEPS, bidders_alone: bool = False) -> str:
     lines = [
         f"name: negotiation-k{k}",
         "namespace: bench",
@@ -60,12 +59,13 @@ def reference_yaml(k: int, products: int, steps: int = 10, bidders_alone: bool =
         "resources:",
     ]
     for r in range(N_RES):
-        caps = [c for c in range(N_RES) if any((c + j) % N_RES == r for j in range(k))]
-        cap_list = ", ".join(f"{{name: c{c}, duration: 0, cost_rate: {1 + (r * 7 + c) % 5}}}" for c in caps)
+        cap_list = ", ".join(
+            f"{{name: c{c}, duration: 0, cost_rate: {cost_rate(r, c)}}}" for c in offered_by(r, k)
+        )
         lines.append(f"  - {{kind: workstation, name: r{r}, location: r{r}, capabilities: [{cap_list}]}}")
     lines.append("product_types:")
     for p in range(products):
-        plan = ", ".join(f"{{capability: c{(7 * p + 3 * s) % N_RES}}}" for s in range(steps))
+        plan = ", ".join(f"{{capability: c{capability(p, s)}}}" for s in range(steps))
         lines.append(f"  - {{name: t{p}, plan: [{plan}]}}")
     lines.append("orders:")
     for p in range(products):

@@ -82,8 +82,9 @@ class _Client(mqtt.Client):
     most of the recorder's time.  Here ``recv`` fills a 64 KiB buffer that paho's reads are
     served from, and ``loop_read`` goes on while the buffer holds data (``select()`` cannot
     see it).  It relies on two paho 2.x internals, checked at import (``_BUFFERED``).  It also
-    acknowledges a written batch at once (``ack_many``), relying on two more, checked per client
-    (``batch_acks``).
+    acknowledges a written batch with one packet of PUBACKs — from the network thread after a read
+    (``after_read``, ``send_acks``) or from the writer thread (``ack_many``) — relying on two more,
+    checked per client (``batch_acks``).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -173,9 +174,8 @@ class _Client(mqtt.Client):
     def send_acks(self, mids: list[int]) -> None:
         """PUBACK these now: the network thread's own call (``after_read``), no wake-up needed."""
         self._acks.extend(mids)
-        self._queue_acks()
         if self._sock is not None:
-            super().loop_write()
+            self.loop_write()  # queues them (one packet) and writes
 
 
 class Recorder:

@@ -22,10 +22,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 import bare_contract_net  # noqa: E402
 import bench_negotiation  # noqa: E402
+import reference_workload as w  # noqa: E402
 
 
 @pytest.mark.parametrize("k", [1, 5, 10])
-def test_the_bare_net_runs_the_reference_workload(k: int) -> None:
+def test_the_scenario_is_the_reference_workload(k: int) -> None:
     scenario = load_scenario_text(bench_negotiation.reference_yaml(k, 30), "reference.yaml")
     offered: dict[str, set[str]] = {}
     rates: dict[tuple[str, str], float] = {}
@@ -33,14 +34,18 @@ def test_the_bare_net_runs_the_reference_workload(k: int) -> None:
         for cap in r.capabilities:
             offered.setdefault(cap.name, set()).add(r.name)
             rates[(r.name, cap.name)] = cap.cost_rate
-    for c in range(bare_contract_net.N_RES):
-        bidders = bare_contract_net.offerers(c, k)
-        assert len(bidders) == k and {f"r{r}" for r in bidders} == offered[f"c{c}"]
-        for r in bidders:
-            assert rates[(f"r{r}", f"c{c}")] == bare_contract_net.cost_rate(r, c)
+    # the issue's own words: capability c offered by the k resources (c + j) mod 20 for j < k ...
+    for c in range(20):
+        assert offered[f"c{c}"] == {f"r{(c + j) % 20}" for j in range(k)}
+        assert sorted(w.offerers(c, k)) == sorted((c + j) % 20 for j in range(k))  # what the bare net uses
+        for r in w.offerers(c, k):
+            assert rates[(f"r{r}", f"c{c}")] == w.cost_rate(r, c)
+            assert c in w.offered_by(r, k)
+    # ... and step s of product p needing capability (7p + 3s) mod 20, ten steps each
     for p, product in enumerate(scenario.product_instances()):
         caps = [step.capability for step in product.plan]
-        assert caps == [f"c{bare_contract_net.capability(p, s)}" for s in range(bare_contract_net.STEPS)]
+        assert caps == [f"c{(7 * p + 3 * s) % 20}" for s in range(10)]
+        assert [w.capability(p, s) for s in range(w.STEPS)] == [(7 * p + 3 * s) % 20 for s in range(10)]
 
 
 @needs_mosquitto
