@@ -283,3 +283,38 @@ async def test_sqlite_journals_of_two_processes_take_turns_without_blocking_the_
     assert holder.wait(10) == 0
     await journal.close()
     db.dispose()
+
+
+@pytest.mark.parametrize("checkpoint_rows", [50, None])
+async def test_sqlite_log_is_copied_into_the_database_file_by_the_checkpoint_thread(
+    tmp_path: Path, checkpoint_rows: int | None
+) -> None:
+    """Every ``checkpoint_rows`` rows the journal's own thread copies the write-ahead log into the
+    database file (SQLite's checkpoint, done by the commit that crossed its threshold, held the
+    event loop 40-60 ms); what it copied is in the file itself, without the log. Without it
+    (None), a log this small stays a log: the file alone holds none of the rows."""
+    import shutil
+    import sqlite3
+
+    path = tmp_path / "run.db"
+    db = open_database(f"sqlite:///{path}")
+    journal = Journal(db, checkpoint_rows=checkpoint_rows)
+    journal.start()
+    for batch in range(3):
+        for n in range(40):
+            seq = batch * 40 + n + 1
+            journal.put(OutboxRecord, _outbox(f"m-{seq}", seq))
+        await journal.commit()
+    await journal.close()  # waits for a checkpoint under way
+    copy = tmp_path / "file-only.db"
+    shutil.copyfile(path, copy)  # the database file without its -wal
+    with sqlite3.connect(copy) as conn:
+        created = conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'tb_outbox'").fetchone()[0]
+        in_file = conn.execute("SELECT count(*) FROM tb_outbox").fetchone()[0] if created else 0
+    if checkpoint_rows is None:
+        assert journal.checkpoints == 0 and in_file == 0
+    else:
+        assert journal.checkpoints >= 1 and journal.checkpoint_seconds > 0
+        assert in_file >= 80  # copied once 50 rows had gathered: after the second batch at the latest
+    assert len(_rows(db, OutboxRecord, OutboxRecord.seq)) == 120  # and nothing is lost either way
+    db.dispose()

@@ -9,7 +9,10 @@ before its conversation exists. Both used to open one, and two resources execute
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
+
+from sqlmodel import select
 
 from agents.aas import build as b
 from agents.aas import docjson
@@ -18,18 +21,32 @@ from agents.aas.io import to_json
 from agents.bidding.requester_role import BiddingRequester
 from agents.persistence import open_database
 from agents.persistence.database import sqlite_url
+from agents.persistence.tables import ConversationRecord, OutboxRecord
 from agents.product.agent import ProductAgent, build_shell
 from agents.product.documentation import Documentation
 from agents.product.driver import ManufacturingDriver
 from agents.product.notifier import Notifier
 from agents.product.order import PlannedStep, ProductOrder
+from agents.runtime.directory import Entry
 from agents.runtime.node import Node, NodeConfig
 from protocol.bidding.effects import Awarded, Scheduled
 from protocol.bidding.requester import Requester, RequesterConfig, RState
 from protocol.elements import Bid, Booking, StepCall
+from protocol.frame import MessageType, make_message
+from protocol.frame import Role as FrameRole
 from protocol.selection import Offer, Ranked
 from protocol.transport import BrokerAddress
 from shopfloor.clock import make_clock
+
+#: the product row of a running product (what order intake stored)
+STORED = {
+    "aas_id": "urn:p1",
+    "product_type": "pin",
+    "priority": 1,
+    "release": 0.0,
+    "accepted_sim": 0.0,
+    "reason": "",
+}
 
 
 class SlowRegistry(BiddingRequester):
@@ -137,15 +154,7 @@ async def test_the_award_is_durable_before_the_acceptance_goes_out(tmp_path: Pat
     first and the booking is then not documented, so a product killed in between came back with
     a step record holding only the resource's part. Now the award is in the same commit as the
     acceptance, and a restarted product's record is whole."""
-    stored = {
-        "aas_id": "urn:p1",
-        "product_type": "pin",
-        "priority": 1,
-        "release": 0.0,
-        "accepted_sim": 0.0,
-        "reason": "",
-    }
-    agent, driver, requester = product(tmp_path, {"status": "running", **stored, "shell": "{}"})
+    agent, driver, requester = product(tmp_path, {"status": "running", **STORED, "shell": "{}"})
     await driver.advance()
     (r,) = requester.machines.values()
     offer = Offer("prop-1", "urn:lathe-1", Bid("lathe-1", "turning", 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 60.0, ""))
@@ -165,6 +174,64 @@ async def test_the_award_is_durable_before_the_acceptance_goes_out(tmp_path: Pat
     assert [bid.resource for bid in record.bids] == ["lathe-1"]
     again.cancel_timers()
     again.node.db.dispose()
+
+
+class TwoLathes(BiddingRequester):
+    async def _bidders(self, call):  # type: ignore[override]
+        return frozenset({"urn:lathe-1", "urn:lathe-2"})
+
+
+async def test_a_bid_is_recorded_with_the_round_that_it_closes(tmp_path: Path) -> None:
+    """A bid that neither closes the round nor is answered gets no record of its own (k records of
+    a growing bid list per step were a tenth of the journal's rows); the bid that closes the round
+    is recorded with every bid, the winner and the acceptance, in one commit."""
+    agent, driver, _ = product(tmp_path, {"status": "running", **STORED, "shell": "{}"})
+    requester = agent.role(BiddingRequester)
+    agent.roles[agent.roles.index(requester)] = two = TwoLathes(RequesterConfig(), driver, None)
+    two.bind(agent)
+    node = agent.node
+    for name in ("lathe-1", "lathe-2"):
+        node.directory.add(Entry(name, f"urn:{name}", None))
+    node.journal.start()
+    await driver.advance()
+    (r,) = two.machines.values()
+
+    def bid(name: str, completion: float) -> object:
+        return make_message(
+            MessageType.PROPOSAL,
+            sender=f"urn:{name}",
+            sender_role=FrameRole.PROVIDER,
+            conversation_id=r.conversation_id,
+            receiver=agent.aas_id,
+            receiver_role=FrameRole.REQUESTER,
+            in_reply_to=r.cfp_id,
+            reply_by=agent.now_ms() + 60_000,
+            elements=Bid(name, "turning", 0.0, completion, 1.0, 0.0, 0.0, 1.0, 60.0, "").to_json_elements(),
+        )
+
+    def record() -> tuple[str, list[str], str | None]:
+        with node.db.session() as s:
+            row = s.get(ConversationRecord, ("p1", r.conversation_id))
+            snapshot = json.loads(row.snapshot)
+            winner = snapshot["winner"][1] if snapshot["winner"] else None
+            return row.state, [o[1] for o in snapshot["offers"]], winner
+
+    def sent() -> list[str]:
+        with node.db.session() as s:
+            return [row.type for row in s.exec(select(OutboxRecord).order_by(OutboxRecord.seq))]
+
+    await two.handle(bid("lathe-2", 3.0), None)
+    await node.journal.commit()
+    assert r.state is RState.COLLECTING and len(r.offers) == 1
+    assert record() == ("collecting", [], None)  # the call's record: nothing was decided
+
+    await two.handle(bid("lathe-1", 2.0), None)  # every expected bidder answered: the round closes
+    await node.journal.commit()
+    assert record() == ("awarding", ["urn:lathe-2", "urn:lathe-1"], "urn:lathe-1")
+    assert sent() == ["callForProposal", "acceptProposal", "rejectProposal"]
+    await node.journal.close()
+    agent.cancel_timers()
+    node.db.dispose()
 
 
 async def test_a_product_restarted_after_its_end_keeps_its_nameplate(tmp_path: Path) -> None:

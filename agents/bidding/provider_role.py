@@ -110,8 +110,13 @@ class BiddingProvider(Role):
         if not any(isinstance(e, Evaluate) for e in effects):
             await self._apply(p, effects)
             return
-        await self._apply(p, [e for e in effects if not isinstance(e, Evaluate)])
-        if self.agent.clock.kind == "virtual":
+        rest = [e for e in effects if not isinstance(e, Evaluate)]
+        virtual = self.agent.clock.kind == "virtual"
+        if rest or virtual:
+            # (Answered at once and with nothing else to do, the call gets one record, the
+            # proposal's: a crash before it sent nothing, and the product's round goes on without.)
+            await self._apply(p, rest)
+        if virtual:
             c = p.call
             # "~eval" sorts after every agent's own timers ((name, key)): products that deferred
             # their call to this instant have called again before any call of it is answered.

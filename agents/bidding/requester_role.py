@@ -47,7 +47,13 @@ class BiddingRequester(Role):
 
     async def handle(self, msg: Message, topic: Topic) -> None:
         r = self.machines[msg.conversation]
-        await self._step(r, r.receive(msg, self.agent.now_ms()))
+        state = r.state
+        effects = r.receive(msg, self.agent.now_ms())
+        # A bid that neither closes the round nor is answered (nothing to send, same state) gets
+        # no snapshot of its own: the round's record is written when it closes (with every bid)
+        # or sends; a restart in between closes it with the bids of the last record, or calls
+        # again. k snapshots of a growing bid list per step were a tenth of the journal's rows.
+        await self._step(r, effects, persist=bool(effects) or r.state is not state)
 
     async def request(self, call: StepCall) -> Requester:
         """Start the bidding procedure for one step."""
@@ -59,8 +65,9 @@ class BiddingRequester(Role):
         await self._step(r, r.start(self.agent.now_ms()))
         return r
 
-    async def _step(self, r: Requester, effects: list[object]) -> None:
-        self._persist(r)  # staged before anything it implies is published
+    async def _step(self, r: Requester, effects: list[object], *, persist: bool = True) -> None:
+        if persist:
+            self._persist(r)  # staged before anything it implies is published
         for outcome in await self.agent.carry_out(effects):
             await self.listener.on_outcome(r, outcome)
         conv = r.conversation_id

@@ -13,6 +13,11 @@ connection to PostgreSQL lost) is written again, whole and before anything stage
 with growing pauses for up to ``retry_for`` seconds; meanwhile the agents go on staging. Only
 an error that another attempt cannot mend (a constraint, a bug) or one that outlasts the
 retries drops the batch: its messages are withheld and ``failed`` is set.
+
+With SQLite, the write-ahead log is copied into the database file (a checkpoint) by a thread of
+the journal's own, holding the writer lock, after every ``checkpoint_rows`` rows: done by the
+commit that crosses SQLite's threshold, a checkpoint held the event loop (and every agent on it)
+for 40-60 ms, a third of all the time spent writing.
 """
 
 from __future__ import annotations
@@ -63,7 +68,14 @@ def _writer_lock(db: Database) -> int | None:
 
 
 class Journal:
-    def __init__(self, db: Database, *, threaded: bool | None = None, retry_for: float = 60.0) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        threaded: bool | None = None,
+        retry_for: float = 60.0,
+        checkpoint_rows: int = 4000,
+    ) -> None:
         self.db = db
         # A writer thread only pays off when the database is across a network: with SQLite the
         # commit is sub-millisecond, and a thread would wait up to the GIL switch interval (5 ms)
@@ -91,6 +103,13 @@ class Journal:
         self.retries = 0  # attempts after a passing failure
         self.retry_for = retry_for
         self.failed: BaseException | None = None
+        # SQLite file: checkpoints off the event loop (None: SQLite's own, in the commit).
+        self.checkpoint_rows = checkpoint_rows if self._lock_fd is not None else None
+        self._rows_since_checkpoint = 0
+        self._checkpointing: concurrent.futures.Future | None = None
+        self._checkpoint_executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self.checkpoints = 0
+        self.checkpoint_seconds = 0.0  # in the checkpoint thread, not on the event loop
 
     # --- staging (synchronous, from the event loop) ---------------------------------------------
 
@@ -145,6 +164,9 @@ class Journal:
                 pass
             self._task = None
         self._executor.shutdown(wait=True)
+        if self._checkpoint_executor is not None:
+            self._checkpoint_executor.shutdown(wait=True)
+            self._checkpoint_executor = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -182,6 +204,7 @@ class Journal:
                 continue
             self.commit_seconds += time.perf_counter() - t0
             self.batches += 1
+            self._maybe_checkpoint(upserts, inserts, updates)
             for cb in after:
                 try:
                     cb()
@@ -261,6 +284,49 @@ class Journal:
             await loop.run_in_executor(self._executor, fcntl.flock, self._lock_fd, fcntl.LOCK_EX)
             self.lock_wait_seconds += time.perf_counter() - t0
         return True
+
+    def _maybe_checkpoint(self, upserts: dict, inserts: dict, updates: dict) -> None:
+        if self.checkpoint_rows is None:
+            return
+        self._rows_since_checkpoint += (
+            sum(map(len, upserts.values()))
+            + sum(map(len, inserts.values()))
+            + sum(map(len, updates.values()))
+        )
+        if self._rows_since_checkpoint < self.checkpoint_rows or self._checkpointing is not None:
+            return
+        self._rows_since_checkpoint = 0
+        if self._checkpoint_executor is None:
+            self._checkpoint_executor = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="checkpoint"
+            )
+        self._checkpointing = self._checkpoint_executor.submit(self._checkpoint)
+        self._checkpointing.add_done_callback(self._checkpoint_done)
+
+    def _checkpoint(self) -> None:
+        """Copy the log into the database file, in this thread (SQLite lets go of the GIL meanwhile).
+
+        It holds the writer lock (its own descriptor: flock is per open file), so no transaction
+        appends to the log while it is copied and the next one starts the log afresh; the
+        journals go on staging and commit what gathered as soon as it is done.
+        """
+        path = f"{self.db.engine.url.database}.writer-lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        t0 = time.perf_counter()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            with self.db.engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            os.close(fd)  # lets go of the lock
+        self.checkpoint_seconds += time.perf_counter() - t0
+        self.checkpoints += 1
+
+    def _checkpoint_done(self, fut: concurrent.futures.Future) -> None:
+        self._checkpointing = None
+        exc = fut.exception()
+        if exc is not None:  # SQLite's own checkpoint in the commit remains: nothing is lost
+            log.warning("WAL checkpoint failed: %s", exc)
 
     def _sql(self, table: type[SQLModel], columns: tuple[str, ...], upsert: bool) -> str:
         """INSERT (... ON CONFLICT DO UPDATE) for these columns.
