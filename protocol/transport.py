@@ -267,6 +267,17 @@ class _CoalescingWriter:
             self._loop.call_soon(self.flush)
         self._write(data)
 
+    def write_soon(self, data: bytes | bytearray) -> None:
+        """Written with whatever else this turn of the loop writes, at the start of the next one
+        (acknowledgements released by a commit join the messages that commit released)."""
+        if self.direct:
+            self.write(data)
+            return
+        self._buffer += data
+        if not self._pending:
+            self._pending = True
+            self._loop.call_soon(self.flush)
+
     def flush(self) -> None:
         self._pending = False
         if self._buffer:
@@ -311,7 +322,13 @@ class MqttTransport:
         v5_probe_timeout: float = 1.5,
         max_backoff: float = 5.0,
         receive_maximum: int | None = None,
+        ack_after: Callable[[Callable[[], None]], None] | None = None,
     ) -> None:
+        """``ack_after``: where the PUBACKs of handled messages wait before they go out. None: they
+        are written once the inbox is empty. A callable (``Journal.after_commit``) is handed a
+        callback that writes them, to be run once what the handlers staged is durable: a message
+        is then acknowledged only after the commit of what it caused, and its PUBACK goes to the
+        socket in one write with the messages it caused (written in the same turn of the loop)."""
         if not client_id:
             raise ValueError("client_id is required (persistent sessions are keyed by it)")
         if protocol not in ("auto", "5", "3.1.1"):
@@ -321,6 +338,7 @@ class MqttTransport:
         self.client_id = client_id
         self.broker = broker
         self._on_message = on_message
+        self._ack_after = ack_after
         self._protocol: ProtocolChoice = protocol
         self._clean_start = clean_start
         self._max_inflight = max_inflight
@@ -805,10 +823,19 @@ class MqttTransport:
                 acks.append(mid & 0xFF)
 
     def _send_acks(self, acks: bytearray, gen: int) -> None:
+        if self._ack_after is None:
+            self._write_acks(acks, gen)
+        else:
+            self._ack_after(lambda: self._write_acks(acks, gen, deferred=True))
+
+    def _write_acks(self, acks: bytearray, gen: int, *, deferred: bool = False) -> None:
         # PUBACKs are only valid on the connection whose packet ids they carry; after a
         # reconnect the broker re-sends those messages (DUP) and they are acknowledged then.
         if gen == self._gen and self._connected and self._writer is not None:
-            self._writer.write(acks)
+            if deferred:
+                self._writer.write_soon(acks)
+            else:
+                self._writer.write(acks)
 
     async def _wait_idle(self, limit: float) -> None:
         if self._consumer is None or asyncio.current_task() is self._consumer:

@@ -1,5 +1,6 @@
 """Published means acknowledged: a restart sends again what the broker had not acknowledged, and
-nothing it had.
+nothing it had. And acknowledged means committed: a message received is acknowledged to the broker
+only once what it caused is durable.
 
 The broker's acknowledgements move each agent's watermark (``tb_agent.published_seq``); the
 outbox rows above it are what a restarted agent publishes again, before anything it decides
@@ -9,6 +10,8 @@ anew, and its own messages continue the seq. Real mosquitto, real SQLite, a real
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from agents.persistence import open_database
 from agents.persistence.database import Database, sqlite_url
 from agents.persistence.tables import AgentRecord, OutboxRecord
 from agents.runtime.agent import Agent
+from agents.runtime.directory import Entry
 from agents.runtime.node import Node, NodeConfig
 from protocol.frame import MessageType, Role, make_message, parse_message
 from protocol.topics import direct_topic
@@ -93,5 +97,61 @@ async def test_a_restart_publishes_again_exactly_what_the_broker_had_not_acknowl
             rows = s.exec(select(OutboxRecord).order_by(OutboxRecord.seq)).all()
         assert [(r.message_id, r.seq) for r in rows] == [(f"m-{n}", n) for n in range(1, 7)]
     finally:
+        await node.stop()
+        db.dispose()
+
+
+async def test_a_message_is_acknowledged_only_once_what_it_caused_is_committed(
+    tmp_path: Path, mosquitto, make_transport
+) -> None:
+    """The agent handled the message, but the journal could not commit yet (another process holds
+    the writer lock): its PUBACK waits for the commit, so an agent killed in between gets the
+    message again from the broker when it comes back (persistent session)."""
+    broker = require_mosquitto(mosquitto)
+    db = open_database(sqlite_url(tmp_path / "run.db"))
+    node = Node(NodeConfig("t", broker.address), make_clock("real"), db)
+    await node.start()
+    holder: subprocess.Popen | None = None
+    try:
+        node.directory.add(Entry("p1", "urn:p1", None))
+        agent = Agent(node, "a1", "urn:a1")
+        await node.add_agent(agent)
+        await node.journal.commit()
+        sender = await make_transport("p1", broker.address)
+        holder = subprocess.Popen(  # noqa: ASYNC220 - returns at once; its stdin lets go of the lock
+            [
+                sys.executable,
+                "-c",
+                "import fcntl, os, sys\n"
+                f"fd = os.open({str(tmp_path / 'run.db')!r} + '.writer-lock', os.O_RDWR | os.O_CREAT)\n"
+                "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                "print('locked', flush=True)\n"
+                "sys.stdin.read()\n",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        msg = make_message(
+            MessageType.INFORM, sender="urn:p1", sender_role=Role.PROVIDER, conversation_id="c-9"
+        )
+        await sender.publish(direct_topic("t", "a1", "p1"), msg.to_json())
+        await until(lambda: agent.counters["received"] == 1)
+        await asyncio.sleep(0.3)  # an acknowledgement written at once would have reached the broker
+        await node.crash_agent(agent)
+        assert holder.stdin is not None
+        holder.stdin.close()
+        assert holder.wait(10) == 0
+
+        again = Agent(node, "a1", "urn:a1")
+        await node.add_agent(again)
+        await until(lambda: again.counters["received"] == 1)  # delivered again: it was not acknowledged
+        await node.journal.commit()
+        await asyncio.sleep(0.3)
+        assert again.counters["received"] == 1  # and acknowledged after this commit: not a third time
+    finally:
+        if holder is not None and holder.poll() is None:
+            holder.kill()
         await node.stop()
         db.dispose()

@@ -88,11 +88,9 @@ class Agent:
         clock = self.node.clock
         try:
             with clock.activity():
-                # The broker gets its PUBACK when this returns, possibly before the journal has
-                # committed what the message caused. That is safe: nothing it caused is visible
-                # before the commit (messages go out after it), and the bidding procedure re-sends
-                # every message whose loss would stall it (docs/recovery.md). Waiting for the commit
-                # here would serialise each agent's inbox on the commit latency.
+                # The broker gets its PUBACK once the journal has committed what the message
+                # caused (the transport's ack_after), not when this returns: waiting for the
+                # commit here would serialise each agent's inbox on the commit latency.
                 await self._on_raw(topic_text, payload)
         except Exception:
             self.counters["handler-error"] += 1

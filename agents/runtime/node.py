@@ -147,7 +147,15 @@ class Node:
         broker = BrokerAddress(
             **{**self.config.broker.__dict__, "username": name if password else None, "password": password}
         )
-        transport = MqttTransport(name, broker, agent.on_raw, max_inflight=self.config.max_inflight)
+        # A message is acknowledged to the broker once what it caused is committed, in one write
+        # with the messages it caused (half the writes to the socket were PUBACKs of their own).
+        transport = MqttTransport(
+            name,
+            broker,
+            agent.on_raw,
+            max_inflight=self.config.max_inflight,
+            ack_after=self.journal.after_commit,
+        )
         self.transports[name] = transport
         await transport.connect()
         await transport.subscribe(*filters)
