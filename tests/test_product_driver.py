@@ -55,7 +55,9 @@ class SlowRegistry(BiddingRequester):
         return frozenset({"urn:lathe-1"})
 
 
-def product(tmp_path: Path, record: dict) -> tuple[ProductAgent, ManufacturingDriver, SlowRegistry]:
+def product(
+    tmp_path: Path, record: dict, requester_role: type[BiddingRequester] = SlowRegistry
+) -> tuple[ProductAgent, ManufacturingDriver, BiddingRequester]:
     """A product twin with its roles and AAS, on a real node that is never started (nothing connects)."""
     db = open_database(sqlite_url(tmp_path / "run.db"))
     node = Node(NodeConfig("t", BrokerAddress("127.0.0.1", 1)), make_clock("virtual"), db)
@@ -67,7 +69,7 @@ def product(tmp_path: Path, record: dict) -> tuple[ProductAgent, ManufacturingDr
         node.store.put_submodel(obj, owner="p1")
     docs = Documentation(node.store, node.journal, "p1", submodel_id("p1", "ProcessDocumentation", "t"))
     driver = ManufacturingDriver(order, {"product": "p1", "location": "", "ready_at": 0.0, **record}, docs)
-    requester = SlowRegistry(RequesterConfig(), driver, None)
+    requester = requester_role(RequesterConfig(), driver, None)
     for role in (Notifier(), driver, requester):
         agent.add_role(role)
     return agent, driver, requester
@@ -185,10 +187,7 @@ async def test_a_bid_is_recorded_with_the_round_that_it_closes(tmp_path: Path) -
     """A bid that neither closes the round nor is answered gets no record of its own (k records of
     a growing bid list per step were a tenth of the journal's rows); the bid that closes the round
     is recorded with every bid, the winner and the acceptance, in one commit."""
-    agent, driver, _ = product(tmp_path, {"status": "running", **STORED, "shell": "{}"})
-    requester = agent.role(BiddingRequester)
-    agent.roles[agent.roles.index(requester)] = two = TwoLathes(RequesterConfig(), driver, None)
-    two.bind(agent)
+    agent, driver, two = product(tmp_path, {"status": "running", **STORED, "shell": "{}"}, TwoLathes)
     node = agent.node
     for name in ("lathe-1", "lathe-2"):
         node.directory.add(Entry(name, f"urn:{name}", None))

@@ -58,7 +58,8 @@ def primary_key(table: type[SQLModel]) -> tuple[str, ...]:
 
 
 def _writer_lock(db: Database) -> int | None:
-    """An open lock file beside a SQLite database file (None for other databases)."""
+    """An open lock file beside a SQLite database file (None for other databases); each call opens
+    it anew, and flock locks belong to the open file: two descriptors contend like two processes."""
     if fcntl is None or not db.is_sqlite:
         return None
     path = db.engine.url.database
@@ -105,7 +106,7 @@ class Journal:
         self.failed: BaseException | None = None
         # SQLite file: checkpoints off the event loop (None: SQLite's own, in the commit).
         self.checkpoint_rows = checkpoint_rows if self._lock_fd is not None else None
-        self._rows_since_checkpoint = 0
+        self._rows_at_checkpoint = 0  # `rows` when the last checkpoint was started
         self._checkpointing: concurrent.futures.Future | None = None
         self._checkpoint_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.checkpoints = 0
@@ -204,7 +205,7 @@ class Journal:
                 continue
             self.commit_seconds += time.perf_counter() - t0
             self.batches += 1
-            self._maybe_checkpoint(upserts, inserts, updates)
+            self._maybe_checkpoint()
             for cb in after:
                 try:
                     cb()
@@ -285,17 +286,12 @@ class Journal:
             self.lock_wait_seconds += time.perf_counter() - t0
         return True
 
-    def _maybe_checkpoint(self, upserts: dict, inserts: dict, updates: dict) -> None:
-        if self.checkpoint_rows is None:
+    def _maybe_checkpoint(self) -> None:
+        if self.checkpoint_rows is None or self._checkpointing is not None:
             return
-        self._rows_since_checkpoint += (
-            sum(map(len, upserts.values()))
-            + sum(map(len, inserts.values()))
-            + sum(map(len, updates.values()))
-        )
-        if self._rows_since_checkpoint < self.checkpoint_rows or self._checkpointing is not None:
+        if self.rows - self._rows_at_checkpoint < self.checkpoint_rows:
             return
-        self._rows_since_checkpoint = 0
+        self._rows_at_checkpoint = self.rows
         if self._checkpoint_executor is None:
             self._checkpoint_executor = concurrent.futures.ThreadPoolExecutor(
                 1, thread_name_prefix="checkpoint"
@@ -306,12 +302,13 @@ class Journal:
     def _checkpoint(self) -> None:
         """Copy the log into the database file, in this thread (SQLite lets go of the GIL meanwhile).
 
-        It holds the writer lock (its own descriptor: flock is per open file), so no transaction
-        appends to the log while it is copied and the next one starts the log afresh; the
-        journals go on staging and commit what gathered as soon as it is done.
+        It holds the writer lock (a descriptor of its own, so that it contends with this journal's
+        commits too), so no transaction appends to the log while it is copied and the next one
+        starts the log afresh; the journals go on staging and commit what gathered as soon as it
+        is done.
         """
-        path = f"{self.db.engine.url.database}.writer-lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _writer_lock(self.db)
+        assert fd is not None  # checkpoints are only started for a SQLite file
         t0 = time.perf_counter()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
