@@ -318,3 +318,35 @@ async def test_sqlite_log_is_copied_into_the_database_file_by_the_checkpoint_thr
         assert in_file >= 80  # copied once 50 rows had gathered: after the second batch at the latest
     assert len(_rows(db, OutboxRecord, OutboxRecord.seq)) == 120  # and nothing is lost either way
     db.dispose()
+
+
+@pytest.mark.postgres
+async def test_a_connection_the_server_dropped_is_replaced_and_the_batch_written_again() -> None:
+    """The journal keeps one connection from batch to batch: when PostgreSQL ends it (a restart, an
+    administrator, a failover), the next batch fails on it, is written again on a new connection,
+    and its messages go out then; nothing is lost and nothing written twice."""
+    import psycopg
+    from conftest import PG_URL
+
+    with postgres_schema() as url:
+        db = open_database(url)
+        journal = Journal(db)
+        journal.start()
+        released: list[int] = []
+        journal.put(OutboxRecord, _outbox("m-1", 1))
+        await journal.commit()
+        cursor = journal._conn.cursor()  # the connection it keeps
+        cursor.execute("SELECT pg_backend_pid()")
+        (pid,) = cursor.fetchone()
+        journal._conn.rollback()
+        with psycopg.connect(PG_URL.replace("postgresql+psycopg", "postgresql"), autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        journal.put(OutboxRecord, _outbox("m-2", 2))
+        journal.after_commit(lambda: released.append(2))
+        await asyncio.wait_for(journal.commit(), 20)
+        assert released == [2] and journal.failed is None
+        assert journal.retries >= 1  # the first attempt met the dropped connection
+        assert [r.message_id for r in _rows(db, OutboxRecord, OutboxRecord.seq)] == ["m-1", "m-2"]
+        assert journal.rows == 2
+        await journal.close()
+        db.dispose()

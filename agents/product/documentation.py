@@ -62,9 +62,12 @@ class Documentation:
         self.product = product
         self.doc_id = doc_id
         self.records: dict[int, Record] = {}
+        # Each record's Outcome, read once per change: the driver asks for every step's outcome
+        # each time it moves on, which read every record again (quadratic in the plan's length).
+        self._outcomes: dict[int, str | None] = {}
 
     def outcome(self, step: int) -> str | None:
-        return outcome_of(self.records.get(step))
+        return self._outcomes.get(step)
 
     def merge(self, step: int, update: Record, author: str) -> Record:
         """Merge ``update`` (a StepNNN collection) into the step's record, and mirror it."""
@@ -74,6 +77,7 @@ class Documentation:
             )
         merged = merge_record(self.records.get(step), update)
         self.records[step] = merged
+        self._outcomes[step] = outcome_of(merged)
         self.journal.put(
             DocumentationRecord,
             {
@@ -96,4 +100,5 @@ class Documentation:
 
     def load(self, step: int, record: Record) -> None:
         self.records[step] = record
+        self._outcomes[step] = outcome_of(record)
         self.store.put_element_json(self.doc_id, record)
