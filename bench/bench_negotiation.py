@@ -18,8 +18,14 @@ persistence, no AAS, no state machine; ``bare_contract_net.py``) through its own
 mosquitto: the floor issue 11 compares against, measured on this machine in this session, and
 twinbid's steps/s as a ratio to it (``--no-bare`` leaves it out).
 
+``--against PATH`` compares this checkout with another one (a ``git worktree`` of the commit
+before a change, say) instead: each configuration runs ``--repeat`` times in each, alternately
+(this, other, other, this, ...), every run in a fresh Python whose imports and working directory
+are that checkout's; it prints the medians of both and their ratios (this / other). The machine's
+speed drifts by 10-25 % between runs here, so a change of a few per cent shows only this way.
+
     python bench/bench_negotiation.py [--k 1,5,10] [--processes 1,2] [--products 100] [--repeat 3]
-                                      [--no-bare] [--json]
+                                      [--no-bare] [--against PATH] [--json]
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -240,6 +248,94 @@ def measure(k: int, procs: int, products: int, repeat: int, with_bare: bool) -> 
     return row
 
 
+HERE = Path(__file__).resolve().parents[1]
+_COMPARED = ("steps_per_s", "cpu_ms_per_step", "latency_p50_ms", "latency_p99_ms")
+
+
+def one_in(tree: Path, k: int, processes: int, products: int, timeout: float = 1800) -> dict:
+    """`one` run by another checkout's code, in a fresh Python with its imports and working directory."""
+    bench = tree / "bench" / "bench_negotiation.py"
+    if not bench.is_file():
+        raise SystemExit(f"--against {tree}: no bench/bench_negotiation.py there (a twinbid checkout?)")
+    code = (
+        "import json, sys\nsys.path.insert(0, 'bench')\nimport bench_negotiation as b\n"
+        f"print('\\nRESULT ' + json.dumps(b.one({k}, {processes}, {products})))\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tree, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    for line in reversed(out.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    raise RuntimeError(
+        f"the run in {tree} ended without figures (exit {out.returncode}): {out.stderr[-2000:]}"
+    )
+
+
+def compare(k: int, processes: int, products: int, repeat: int, against: Path) -> dict:
+    """This checkout and ``against``, ``repeat`` runs each, alternately; medians and their ratios."""
+    t0 = time.perf_counter()
+    trees = [("this", HERE), ("against", against)]
+    runs: dict[str, list[dict]] = {"this": [], "against": []}
+    for i in range(repeat):
+        for name, tree in trees if i % 2 == 0 else trees[::-1]:
+            runs[name].append(one_in(tree, k, processes, products))
+    this, other = median_row(runs["this"]), median_row(runs["against"])
+    ratio = {
+        key: round(this[key] / other[key], 3) if this.get(key) and other.get(key) else None
+        for key in _COMPARED
+    }
+    return {
+        "k": k,
+        "processes": processes,
+        "products": products,
+        "this": this,
+        "against": other,
+        "ratio": ratio,
+        "bench_s": round(time.perf_counter() - t0, 1),
+    }
+
+
+def main_compare(args: argparse.Namespace) -> None:
+    against = Path(args.against).resolve()
+    configs = [
+        (k, p, args.products)
+        for p in map(int, args.processes.split(","))
+        for k in map(int, args.k.split(","))
+    ]
+    configs.append((10, 1, 1))  # one product alone with 10 bidders
+    rows = []
+    for k, p, n in configs:
+        rows.append(compare(k, p, n, args.repeat, against))
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    print(f"machine: {machine()}")
+    print(
+        f"this: {HERE}\nagainst: {against}\nmedians of {args.repeat} alternating run(s) each; ratio = this / against"
+    )
+    print(
+        f"{'k':>3} {'procs':>5} {'prods':>5} | {'steps/s':>8} {'against':>8} {'ratio':>6}"
+        f" | {'CPU ms/step':>11} {'against':>8} {'ratio':>6} | {'p50 ms':>7} {'against':>8} {'ratio':>6}"
+    )
+    for r in rows:
+        a, b, q = r["this"], r["against"], r["ratio"]
+        print(
+            f"{r['k']:>3} {r['processes']:>5} {r['products']:>5} | {a['steps_per_s']!s:>8} {b['steps_per_s']!s:>8}"
+            f" {q['steps_per_s']!s:>6} | {a['cpu_ms_per_step']!s:>11} {b['cpu_ms_per_step']!s:>8}"
+            f" {q['cpu_ms_per_step']!s:>6} | {a['latency_p50_ms']!s:>7} {b['latency_p50_ms']!s:>8}"
+            f" {q['latency_p50_ms']!s:>6}"
+        )
+    if any(r[side]["failed"] for r in rows for side in ("this", "against")):
+        print("some products failed: the figures above are not comparable", file=sys.stderr)
+    if args.json:
+        print(
+            json.dumps({"machine": machine(), "repeat": args.repeat, "against": str(against), "runs": rows})
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--k", default="1,5,10")
@@ -247,8 +343,15 @@ def main() -> None:
     ap.add_argument("--products", type=int, default=100)
     ap.add_argument("--repeat", type=int, default=3, help="runs of each configuration; figures are medians")
     ap.add_argument("--no-bare", action="store_true", help="leave out the bare-bones gmqtt contract net")
+    ap.add_argument(
+        "--against",
+        metavar="PATH",
+        help="another twinbid checkout: alternate runs of both, medians and ratios",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.against:
+        return main_compare(args)
     with_bare = not args.no_bare and find_mosquitto() is not None
     rows = []
     for procs in [int(x) for x in args.processes.split(",")]:

@@ -78,3 +78,29 @@ def test_a_small_run_reports_medians_of_its_repeats_and_the_ratio_to_the_bare_ne
     alone = figures["alone"]
     assert alone["k"] == 10 and alone["steps"] == 10 and alone["bare"]["messages_per_step"] == 23
     assert "bare st/s" in result.stdout and "single product alone" in result.stdout
+
+
+@needs_mosquitto
+def test_against_runs_each_checkout_with_its_own_code_alternately_and_reports_ratios(tmp_path: Path) -> None:
+    """``--against PATH``: the same configuration in this checkout and in another, each run in a
+    fresh Python importing that checkout's code; medians of each side and this / against."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(REPO, other, ignore=shutil.ignore_patterns(".git", "out", "*.egg-info", "__pycache__"))
+    bench = other / "bench" / "bench_negotiation.py"
+    text = bench.read_text()
+    marker = '    return {\n        "k": k,\n        "processes": processes,\n        "products": products,\n        "steps": steps,'
+    assert marker in text
+    bench.write_text(
+        text.replace(marker, marker.replace('"k": k,', '"k": k,\n        "checkout": "other",'), 1)
+    )
+    row = bench_negotiation.compare(2, 1, 3, 2, other)
+    this, against = row["this"], row["against"]
+    assert "checkout" not in this and against["checkout"] == "other"  # each side ran its own code
+    for side in (this, against):
+        assert side["steps"] == 30 and side["failed"] == 0 and len(side["repeats"]) == 2
+    for key in ("steps_per_s", "cpu_ms_per_step", "latency_p50_ms"):
+        assert row["ratio"][key] == round(this[key] / against[key], 3), key
+    with pytest.raises(SystemExit, match=r"no bench/bench_negotiation\.py"):
+        bench_negotiation.one_in(tmp_path, 2, 1, 3)
