@@ -248,7 +248,8 @@ def measure(k: int, procs: int, products: int, repeat: int, with_bare: bool) -> 
     return row
 
 
-HERE = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parents[1]  # this checkout
+ALONE = (10, 1, 1)  # k, processes, products: one product negotiating alone with 10 bidders
 _COMPARED = ("steps_per_s", "cpu_ms_per_step", "latency_p50_ms", "latency_p99_ms")
 
 
@@ -300,16 +301,19 @@ def compare(k: int, processes: int, products: int, repeat: int, against: Path) -
     }
 
 
-def main_compare(args: argparse.Namespace) -> None:
-    against = Path(args.against).resolve()
-    configs = [
+def _grid(args: argparse.Namespace) -> list[tuple[int, int, int]]:
+    """(k, processes, products) of every configuration asked for, processes outermost."""
+    return [
         (k, p, args.products)
         for p in map(int, args.processes.split(","))
         for k in map(int, args.k.split(","))
     ]
-    configs.append((10, 1, 1))  # one product alone with 10 bidders
+
+
+def main_compare(args: argparse.Namespace) -> None:
+    against = Path(args.against).resolve()
     rows = []
-    for k, p, n in configs:
+    for k, p, n in [*_grid(args), ALONE]:
         rows.append(compare(k, p, n, args.repeat, against))
         print(json.dumps(rows[-1]), file=sys.stderr)
     print(f"machine: {machine()}")
@@ -354,12 +358,11 @@ def main() -> None:
         return main_compare(args)
     with_bare = not args.no_bare and find_mosquitto() is not None
     rows = []
-    for procs in [int(x) for x in args.processes.split(",")]:
-        for k in [int(x) for x in args.k.split(",")]:
-            row = measure(k, procs, args.products, args.repeat, with_bare)
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr)
-    alone = measure(10, 1, 1, args.repeat, with_bare)
+    for k, procs, products in _grid(args):
+        row = measure(k, procs, products, args.repeat, with_bare)
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+    alone = measure(*ALONE, args.repeat, with_bare)
     print(f"machine: {machine()}")
     print(
         f"medians of {args.repeat} run(s) each; bare = the bare-bones gmqtt contract net, same workload and broker"

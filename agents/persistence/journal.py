@@ -244,7 +244,7 @@ class Journal:
         # The retrying machinery only once a write has failed: per batch it cost a tenth of the
         # journal's time, and nearly every batch succeeds at once.
         pause = 0.05
-        log.warning("journal commit failed (%s); the batch is written again in %.2f s", first, pause)
+        self._warn_retry(first, pause)
         await asyncio.sleep(pause)
         attempts = AsyncRetrying(
             retry=retry_if_exception(self._passing),
@@ -285,11 +285,11 @@ class Journal:
     @staticmethod
     def _log_retry(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
-        log.warning(
-            "journal commit failed (%s); the batch is written again in %.2f s",
-            exc,
-            state.next_action.sleep if state.next_action else 0.0,
-        )
+        Journal._warn_retry(exc, state.next_action.sleep if state.next_action else 0.0)
+
+    @staticmethod
+    def _warn_retry(exc: BaseException | None, pause: float) -> None:
+        log.warning("journal commit failed (%s); the batch is written again in %.2f s", exc, pause)
 
     async def _take_writer_lock(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Take the database's writer lock; wait for it off the event loop if another process has it.
