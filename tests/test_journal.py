@@ -97,6 +97,32 @@ async def test_upserts_keep_the_last_row_per_key_and_messages_wait_for_the_commi
     await journal.close()
 
 
+async def test_an_update_without_wake_rides_on_the_next_batch_or_is_written_soon_after(db) -> None:
+    journal = Journal(db)
+    journal.start()
+    agent = {"name": "p-1", "kind": "product", "aas_id": "urn:p-1", "status": "running"}
+    journal.put(AgentRecord, {**agent, "started_wall_ms": 0, "restarts": 0})
+    await journal.commit()
+    batches = journal.batches
+    journal.lazy_delay = 0.5
+    journal.update(AgentRecord, ("p-1",), {"published_seq": 7}, wake=False)
+    await asyncio.sleep(0.1)
+    assert journal.batches == batches  # no transaction of its own yet
+    assert _rows(db, AgentRecord, AgentRecord.name)[0].published_seq == 0
+    journal.put(OutboxRecord, _outbox("m-1", 1))  # the next batch takes it along
+    await asyncio.sleep(0.1)
+    assert journal.batches == batches + 1
+    assert _rows(db, AgentRecord, AgentRecord.name)[0].published_seq == 7
+    journal.lazy_delay = 0.05
+    journal.update(AgentRecord, ("p-1",), {"published_seq": 9}, wake=False)  # nothing follows it
+    for _ in range(100):
+        await asyncio.sleep(0.02)
+        if journal.batches == batches + 2:
+            break
+    assert _rows(db, AgentRecord, AgentRecord.name)[0].published_seq == 9
+    await journal.close()
+
+
 async def test_inserts_append_with_their_own_keys_and_nulls_round_trip(db) -> None:
     journal = Journal(db)
     journal.start()

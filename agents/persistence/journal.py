@@ -115,6 +115,8 @@ class Journal:
         # The journal's own driver connection, kept from its first batch to close(): checking one
         # out of SQLAlchemy's pool and resetting it for every batch cost more than SQLite's commit.
         self._conn: Any = None
+        self.lazy_delay = 0.05
+        self._lazy: asyncio.TimerHandle | None = None
 
     # --- staging (synchronous, from the event loop) ---------------------------------------------
 
@@ -128,11 +130,25 @@ class Journal:
                     rows.pop(key, None)
         self._kick()
 
-    def update(self, table: type[SQLModel], key: tuple, values: dict[str, Any]) -> None:
+    def update(self, table: type[SQLModel], key: tuple, values: dict[str, Any], *, wake: bool = True) -> None:
         """Set some columns of an existing row, by primary key (in key column order); the rest of
-        the row is not rewritten. Applied after the batch's puts and adds."""
+        the row is not rewritten. Applied after the batch's puts and adds.
+
+        ``wake=False`` lets the update ride on the next batch instead of starting one (or, when
+        none comes, one started ``lazy_delay`` seconds later): for bookkeeping that nothing waits
+        for and whose loss costs only repeated work after a crash (the publish watermark), which
+        otherwise took a commit of its own several times a step.
+        """
         self._updates.setdefault((table, tuple(values)), {})[key] = tuple(values.values())
-        self._kick()
+        if wake:
+            self._kick()
+        elif self._lazy is None:
+            self._lazy = asyncio.get_running_loop().call_later(self.lazy_delay, self._lazy_due)
+
+    def _lazy_due(self) -> None:
+        self._lazy = None
+        if self._updates:  # not taken by a batch meanwhile
+            self._kick()
 
     def add(self, table: type[SQLModel], row: dict[str, Any]) -> None:
         """Append a row (autoincrement keys, logs)."""
@@ -161,6 +177,9 @@ class Journal:
 
     async def close(self) -> None:
         await self.commit()
+        if self._lazy is not None:
+            self._lazy.cancel()
+            self._lazy = None
         if self._task:
             self._task.cancel()
             try:

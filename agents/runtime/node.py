@@ -301,7 +301,9 @@ class Node:
                     unacked = []
                     if not held and last > watermark:
                         watermark = last
-                        self.journal.update(AgentRecord, (agent.name,), {"published_seq": last})
+                        # Rides on the next batch: lost in a crash, it only means messages the
+                        # broker already has go out again, and receivers drop what they have seen.
+                        self.journal.update(AgentRecord, (agent.name,), {"published_seq": last}, wake=False)
             except TimeoutError:  # not acknowledged yet: the rows wait for the next flush
                 log.warning(
                     "%s: the broker has not acknowledged %d messages in 10 s", agent.name, len(unacked)
