@@ -11,6 +11,7 @@ from protocol.bidding.effects import (
     Evaluate,
     Failed,
     Note,
+    Reawarded,
     Rebid,
     Release,
     Scheduled,
@@ -72,10 +73,65 @@ def test_early_close_when_every_expected_bidder_answered_and_top_priority_takes_
     out = r.receive(propose(b, completion=12, price=1), 4)
     (award,) = of(out, Awarded)
     assert award.winner.provider == "urn:a" and r.state is RState.AWARDING
-    accept, reject = sends(out)
+    (accept,) = sends(out)  # the runner-up stays open until the winner has confirmed
     assert accept.type is M.ACCEPT_PROPOSAL and accept.receiver == "urn:a"
+    out = r.receive(sends(a.receive(accept, 5))[0], 6)
+    assert of(out, Scheduled) and r.state is RState.CONFIRMED
+    (reject,) = sends(out)
     assert reject.type is M.REJECT_PROPOSAL and reject.receiver == "urn:b"
     assert Reason.from_json_elements(reject.interactionElements).code == "not-selected"
+    assert of(b.receive(reject, 7), Release) and b.state is PState.RELEASED
+
+
+def test_a_winner_that_withdraws_is_replaced_by_the_runner_up_in_the_same_round() -> None:
+    r, cfp = requester(expected=("urn:a", "urn:b", "urn:c"))
+    a, b, c = provider("urn:a", cfp), provider("urn:b", cfp), provider("urn:c", cfp)
+    r.receive(propose(a, completion=10, price=1, valid=4), 3)  # best, but about to lapse
+    r.receive(propose(b, completion=11, price=1, valid=50), 3)
+    (accept,) = sends(r.receive(propose(c, completion=12, price=1, valid=5_000), 3))
+    (refusal,) = sends(a.receive(accept, 4))  # too late for a: it refuses and lets go
+    out = r.receive(refusal, 60)  # b's offer has lapsed meanwhile, c's has not
+    (reawarded,) = of(out, Reawarded)
+    assert reawarded.winner.offer.provider == "urn:c" and "urn:a withdrew" in reawarded.reason
+    expired, accept_c = sends(out)
+    assert (expired.type, expired.receiver) == (M.REJECT_PROPOSAL, "urn:b")
+    assert Reason.from_json_elements(expired.interactionElements).code == "expired"
+    assert (accept_c.type, accept_c.receiver, accept_c.in_reply_to) == (
+        M.ACCEPT_PROPOSAL,
+        "urn:c",
+        r.winner.proposal_id,
+    )
+    assert r.round == 1 and r.state is RState.AWARDING and r.failures == 1 and not of(out, Rebid)
+    out = r.receive(sends(c.receive(accept_c, 61))[0], 62)
+    assert of(out, Scheduled)[0].booking.resource == "urn:c" and sends(out) == []
+    assert Requester.restore(r.snapshot()).snapshot() == r.snapshot()
+
+
+def test_runners_up_are_rejected_when_the_award_ends_without_a_confirmation() -> None:
+    """The winner's inform overtakes its confirmation, or the step is documented as done, or the
+    step fails: whatever ends the award rejects the offers still held open."""
+    for end in ("inform", "documented", "failed"):
+        r, cfp = requester()
+        a, b = provider("urn:a", cfp), provider("urn:b", cfp)
+        r.receive(propose(a, completion=10, price=1), 3)
+        (accept,) = sends(r.receive(propose(b, completion=12, price=1), 3))
+        restored = Requester.restore(r.snapshot())  # the reserve survives a restart
+        assert [x.offer.provider for x in restored.reserve] == ["urn:b"]
+        if end == "inform":
+            a.receive(accept, 4)
+            (inform,) = sends(a.complete(StepResult("urn:a", 1.0, 6.0, "cell"), 5))
+            out = restored.receive(inform, 6)
+            assert of(out, Completed)
+        elif end == "documented":
+            out = restored.documented(6)
+        else:
+            restored.failures = CFG.max_failures  # the next failed award is one too many
+            (refusal,) = sends(a.receive(accept, 6_000))  # after validity
+            out = restored.receive(refusal, 6_001)
+            assert of(out, Failed)
+        (reject,) = sends(out)
+        assert (reject.type, reject.receiver) == (M.REJECT_PROPOSAL, "urn:b"), end
+        assert restored.reserve == [] and restored.done, end
 
 
 def test_lowest_priority_takes_the_cheapest() -> None:

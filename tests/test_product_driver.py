@@ -227,7 +227,9 @@ async def test_a_bid_is_recorded_with_the_round_that_it_closes(tmp_path: Path) -
     await two.handle(bid("lathe-1", 2.0), None)  # every expected bidder answered: the round closes
     await node.journal.commit()
     assert record() == ("awarding", ["urn:lathe-2", "urn:lathe-1"], "urn:lathe-1")
-    assert sent() == ["callForProposal", "acceptProposal", "rejectProposal"]
+    # the runner-up stays open until the winner confirms (docs/protocol.md)
+    assert sent() == ["callForProposal", "acceptProposal"]
+    assert [x.offer.provider for x in r.reserve] == ["urn:lathe-2"]
     await node.journal.close()
     agent.cancel_timers()
     node.db.dispose()

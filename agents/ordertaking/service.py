@@ -122,6 +122,7 @@ _EVENT_STATUS = {
     "step-scheduled": "running",
     "step-completed": "running",
     "step-rebid": "running",
+    "step-reawarded": "running",
     "step-failed": "running",
     "manufacturing-completed": "completed",
     "manufacturing-failed": "failed",

@@ -100,7 +100,8 @@ def verify_signature(
 
 def event_key(event: Mapping[str, Any]) -> str:
     """The idempotency key of an event: its ``id`` if given, else ``<order>:<kind>:<step>`` (a rescheduled
-    step's ``step-scheduled`` also names resource and start, so a second booking is a second event)."""
+    step's ``step-scheduled`` also names resource and start, so a second booking is a second event; a
+    ``step-reawarded`` names its new resource)."""
     if event.get("id"):
         return str(event["id"])
     kind = str(event["kind"])
@@ -110,6 +111,8 @@ def event_key(event: Mapping[str, Any]) -> str:
         key += f":{data.get('resource')}@{data.get('start')}"
     elif kind == "step-rebid" and "round" in data:
         key += f":{data['round']}"
+    elif kind == "step-reawarded" and "resource" in data:  # a second withdrawal is a second event
+        key += f":{data['resource']}"
     return key[:512]
 
 

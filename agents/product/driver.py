@@ -19,7 +19,7 @@ from agents.product import documentation
 from agents.product.notifier import Notifier
 from agents.product.order import PlannedStep, ProductOrder
 from agents.runtime.role import Role
-from protocol.bidding.effects import Awarded, CallIssued, Completed, Failed, Rebid, Scheduled
+from protocol.bidding.effects import Awarded, CallIssued, Completed, Failed, Reawarded, Rebid, Scheduled
 from protocol.bidding.requester import Requester
 from protocol.elements import StepCall
 
@@ -218,6 +218,13 @@ class ManufacturingDriver(Role):
                 # the restarted product's record held only the resource's part (chaos soak).
             )
             self._save_step(step, resource=winner.resource, price=winner.price)
+        elif isinstance(outcome, Reawarded):
+            # The bids documented with the first award stay; the winner and the reason change.
+            winner = outcome.winner.offer.bid
+            reason = f"{outcome.reason}; runner-up: {outcome.winner.reason}"
+            self._document(step, winner=winner.resource, reason=reason, outcome="negotiating")
+            self._save_step(step, resource=winner.resource, price=winner.price)
+            self.notifier.notify("step-reawarded", step=step, resource=winner.resource, reason=outcome.reason)
         elif isinstance(outcome, Scheduled):
             b = outcome.booking
             self._document(

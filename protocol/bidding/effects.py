@@ -67,6 +67,15 @@ class Completed:
 
 
 @dataclass(frozen=True, slots=True)
+class Reawarded:
+    """The winner withdrew before confirming; the award went to the runner-up in the same round."""
+
+    round: int
+    winner: Ranked
+    reason: str  # why the previous winner is out
+
+
+@dataclass(frozen=True, slots=True)
 class Rebid:
     """The step goes out to bid again (no confirmation, a failure, an offer withdrawn)."""
 

@@ -2,10 +2,13 @@
 
 One `Requester` per manufacturing step: it calls for proposals, collects until
 `replyBy` or until every expected bidder answered, selects by the product's
-priority, accepts one and rejects the rest, waits for the booking confirmation
-and then for the result. It never touches a socket, a clock or a database: the
-driver feeds it messages and the current time (epoch ms) and carries out the
-effects it returns. Every rule is reachable from `TABLE`.
+priority, accepts one, waits for its booking confirmation and then for the
+result. The runners-up are rejected once the winner has confirmed: until then
+they stay open, so a winner that withdraws is replaced in the same round, and
+the winner's confirmation is not queued behind the losers' rejections. It
+never touches a socket, a clock or a database: the driver feeds it messages and
+the current time (epoch ms) and carries out the effects it returns. Every rule
+is reachable from `TABLE`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from protocol.bidding.effects import (
     Completed,
     Failed,
     Note,
+    Reawarded,
     Rebid,
     Scheduled,
     Send,
@@ -27,7 +31,7 @@ from protocol.bidding.effects import (
 from protocol.bidding.flat import flat
 from protocol.elements import Bid, Booking, ElementError, Reason, StepCall, StepResult
 from protocol.frame import Message, MessageType, Role, make_message, new_id
-from protocol.selection import Offer, PriorityWeighted, SelectionPolicy
+from protocol.selection import Offer, PriorityWeighted, Ranked, SelectionPolicy
 
 M = MessageType
 DEADLINE = "deadline"
@@ -106,6 +110,7 @@ class Requester:
     answered: set[str] = field(default_factory=set)
     seen: set[str] = field(default_factory=set)
     winner: Offer | None = None
+    reserve: list[Ranked] = field(default_factory=list)  # runners-up, still open while awarding
     accept_id: str = ""
     retries: int = 0
     queries: int = 0  # status queries since the booking
@@ -161,6 +166,7 @@ class Requester:
                 self._reject_offer(o.provider, o.proposal_id, "step-done", "the step is already done")
                 for o in self.offers.values()
             ]
+        effects += self._release_reserve()
         self.state, self.deadline, self.settled = RState.DONE, None, True
         return effects
 
@@ -194,6 +200,7 @@ class Requester:
         self.offers.clear()
         self.answered.clear()
         self.winner = None
+        self.reserve = []
         self.accept_id = ""
         cfp = make_message(
             M.CALL_FOR_PROPOSAL,
@@ -243,7 +250,7 @@ class Requester:
         return []
 
     def _close(self, _msg: Message | None, now: int) -> list[object]:
-        """replyBy passed (or all answered): rank valid bids by priority, accept the best, reject the rest; top priority with a choice whose best bid starts later: reject all, call again when it starts; none valid: back off, or fail after max_rounds."""
+        """replyBy passed (or all answered): rank valid bids by priority, accept the best, keep the rest open until it confirms; top priority with a choice whose best bid starts later: reject all, call again when it starts; none valid: back off, or fail after max_rounds."""
         valid, expired = [], []
         for offer in self.offers.values():
             until = self.offer_valid.get(offer.proposal_id)
@@ -269,22 +276,30 @@ class Requester:
                 *(self._reject_offer(o.provider, o.proposal_id, "deferred", text) for o in valid),
                 *(self._reject_offer(o.provider, o.proposal_id, "expired", "offer expired") for o in expired),
             ]
-        self.winner = ranking[0].offer
-        self.accept_id = new_id()
-        self.state = RState.AWARDING
-        self.retries = 0
-        self.deadline = now + self.config.confirm_timeout_ms
-        accept = self.accept_message()
+        self._award(ranking[0].offer, now)
+        self.reserve = list(ranking[1:])
         effects.append(Awarded(self.round, ranking, tuple(expired)))
-        effects.append(Send(accept))
-        for ranked in ranking[1:]:
-            o = ranked.offer
-            effects.append(self._reject_offer(o.provider, o.proposal_id, "not-selected", ranked.reason))
+        effects.append(Send(self.accept_message()))
         for o in expired:
             effects.append(
                 self._reject_offer(o.provider, o.proposal_id, "expired", "offer expired before the decision")
             )
         return effects
+
+    def _award(self, offer: Offer, now: int) -> None:
+        self.winner = offer
+        self.accept_id = new_id()
+        self.state = RState.AWARDING
+        self.retries = 0
+        self.deadline = now + self.config.confirm_timeout_ms
+
+    def _release_reserve(self) -> list[object]:
+        """Reject the runners-up still held open (the winner confirmed, or the award is over)."""
+        reserve, self.reserve = self.reserve, []
+        return [
+            self._reject_offer(r.offer.provider, r.offer.proposal_id, "not-selected", r.reason)
+            for r in reserve
+        ]
 
     def _defer_until(self, ranking: tuple, now: int) -> int | None:
         """When to call again instead of accepting (epoch ms), or None to accept now."""
@@ -297,7 +312,7 @@ class Requester:
         return start_ms if start_ms > now + 1 else None
 
     def _on_confirm(self, msg: Message, now: int) -> list[object]:
-        """The winner booked the step: scheduled; a status query follows if it stays silent past the expected end."""
+        """The winner booked the step: scheduled, the runners-up rejected; a status query follows if it stays silent past the expected end."""
         if not self._from_winner(msg, self.accept_id):
             return self._stray(msg, now)
         try:
@@ -309,9 +324,9 @@ class Requester:
             )
             note = Note("bad-elements", f"informConfirm from {msg.sender}: {exc}", msg.id)
             self.state, self.deadline = RState.CONFIRMED, now + self.config.status_interval_ms
-            return [note, Scheduled(msg.sender, booking)]
+            return [note, Scheduled(msg.sender, booking), *self._release_reserve()]
         self.state, self.deadline = RState.CONFIRMED, now + self.config.status_interval_ms
-        return [Scheduled(msg.sender, booking)]
+        return [Scheduled(msg.sender, booking), *self._release_reserve()]
 
     def _on_repeated_confirm(self, msg: Message, now: int) -> list[object]:
         """A new confirmation from the winner: the booking's times moved; scheduled again with them."""
@@ -327,13 +342,13 @@ class Requester:
         return [note, Scheduled(msg.sender, booking)]
 
     def _on_withdrawn(self, msg: Message, now: int) -> list[object]:
-        """The winner declined the acceptance (offer expired, cannot do it): bid the step again."""
+        """The winner declined the acceptance (offer expired, cannot do it): award the best runner-up still valid, or bid the step again."""
         if not self._from_winner(msg, self.accept_id):
             return self._stray(msg, now)
         return self._rebid(now, f"{msg.sender} withdrew ({msg.type})")
 
     def _on_confirm_timeout(self, _msg: Message | None, now: int) -> list[object]:
-        """No informConfirm in time: re-send the same acceptance (answered idempotently); after confirm_retries, cancel the award and bid again."""
+        """No informConfirm in time: re-send the same acceptance (answered idempotently); after confirm_retries, cancel the award and award the best runner-up still valid, or bid again."""
         assert self.winner is not None
         if self.retries < self.config.confirm_retries:
             self.retries += 1
@@ -396,7 +411,7 @@ class Requester:
                 *self._not_understood(msg, str(exc)),
             ]
         self.state, self.deadline = RState.DONE, None
-        return [Completed(msg.sender, result)]
+        return [Completed(msg.sender, result), *self._release_reserve()]
 
     def _on_step_failure(self, msg: Message, now: int) -> list[object]:
         """The provider could not do the step: bid it again (up to max_failures)."""
@@ -407,13 +422,30 @@ class Requester:
     # --- helpers ------------------------------------------------------------------------------------
 
     def _rebid(self, now: int, reason: str) -> list[object]:
-        """Count a failed award and call again, or give the step up after max_failures."""
+        """Count a failed award; award the best runner-up whose offer is still valid, or call again,
+        or give the step up after max_failures."""
         self.failures += 1
         if self.winner is not None:
             self.cancelled.add(self.winner.provider)
         if self.failures > self.config.max_failures:
-            return self._fail(f"{reason}; gave up after {self.failures} failed awards")
-        return [Rebid(reason, self.round + 1), *self._issue_call(now)]
+            return [
+                *self._release_reserve(),
+                *self._fail(f"{reason}; gave up after {self.failures} failed awards"),
+            ]
+        effects: list[object] = []
+        while self.reserve:
+            ranked = self.reserve.pop(0)
+            o = ranked.offer
+            until = self.offer_valid.get(o.proposal_id)
+            if o.provider in self.cancelled or (until is not None and until <= now):
+                effects.append(
+                    self._reject_offer(o.provider, o.proposal_id, "expired", "offer expired before the award")
+                )
+                continue
+            self._award(o, now)
+            note = Note("reawarded", f"{reason}; the award goes to the runner-up {o.provider}")
+            return [*effects, note, Reawarded(self.round, ranked, reason), Send(self.accept_message())]
+        return [*effects, Rebid(reason, self.round + 1), *self._issue_call(now)]
 
     def _fail(self, reason: str) -> list[object]:
         self.state, self.deadline, self.reason = RState.FAILED, None, reason
@@ -518,6 +550,7 @@ class Requester:
             "winner": [self.winner.proposal_id, self.winner.provider, flat(self.winner.bid)]
             if self.winner
             else None,
+            "reserve": [[r.offer.provider, r.score, r.reason] for r in self.reserve],
             "accept_id": self.accept_id,
             "retries": self.retries,
             "queries": self.queries,
@@ -549,6 +582,7 @@ class Requester:
         r.offer_valid = dict(data["offer_valid"])
         r.answered, r.seen = set(data["answered"]), set(data["seen"])
         r.winner = offer(data["winner"]) if data["winner"] else None
+        r.reserve = [Ranked(r.offers[p], score, reason) for p, score, reason in data.get("reserve", [])]
         r.accept_id, r.cancelled = data["accept_id"], set(data["cancelled"])
         r.retries, r.queries = data["retries"], data.get("queries", 0)
         r.empty_rounds, r.failures, r.reason = data["empty_rounds"], data["failures"], data["reason"]
