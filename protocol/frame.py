@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import functools
 import uuid
+from collections.abc import Callable
 from enum import StrEnum
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 BIDDING_PROTOCOL = "http://www.vdi.de/gma720/vdi2193_2/bidding"
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024
+T = TypeVar("T")
 
 
 class MessageType(StrEnum):
@@ -93,7 +95,9 @@ class Message(_Strict):
 
     frame: Frame
     interactionElements: list[dict[str, Any]] = Field(default_factory=list)
-    __slots__ = ("_wire",)  # the cached wire form; a slot, not a field: never serialized or compared
+    # Slots, not fields (never serialized or compared): the cached wire form, and values read from
+    # the elements once for every agent of a process that shares this message (`memo`).
+    __slots__ = ("_memo", "_wire")
 
     # Convenience accessors, so that callers read like the protocol text.
     @property
@@ -137,8 +141,24 @@ class Message(_Strict):
             object.__setattr__(self, "_wire", wire)
             return wire
 
+    def memo(self, key: str, read: Callable[[], T]) -> T:
+        """``read()``, computed once per message: the agents of a process that received the same
+        payload share one parsed message (`MessageCache`), and a call for proposals read by ten
+        bidders is read once. A failure is not kept: each caller meets it."""
+        try:
+            memo = _MEMO.__get__(self, Message)
+        except AttributeError:
+            memo = {}
+            object.__setattr__(self, "_memo", memo)
+        try:
+            return memo[key]
+        except KeyError:
+            value = memo[key] = read()
+            return value
+
 
 _WIRE = Message.__dict__["_wire"]
+_MEMO = Message.__dict__["_memo"]
 
 
 def _plain_frame(frame: Frame) -> dict[str, Any] | None:

@@ -10,8 +10,10 @@ from basyx.aas.adapter.json import json_serialization
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from protocol.bidding.provider import Provider
 from protocol.elements import Bid, Booking, ElementError, Reason, StepCall, StepResult, decode_element
 from protocol.frame import BIDDING_PROTOCOL, FrameError, MessageType, Role, make_message, parse_message
+from protocol.message_cache import MessageCache
 from protocol.topics import (
     Channel,
     TopicError,
@@ -266,3 +268,24 @@ def test_topic_filter_matching() -> None:
     assert matches("i40/p/#", "i40/p/to/a/b")
     assert not matches("i40/p/to/a/+", "i40/p/to/b/c")
     assert not matches("i40/p/to/a/+", "i40/p/to/a")
+
+
+def test_bidders_of_one_process_share_the_parse_of_a_call_and_its_step() -> None:
+    """Every bidder of a process receives the same call, byte for byte: one parse, one reading of
+    the step, shared; a payload that differs in one byte is its own message; a bad payload is
+    parsed (and rejected) for every receiver, and the cache stays bounded."""
+    cache = MessageCache(size=4)
+    payload = cfp()
+    first = cache.parse(bytes(payload))  # copies: each connection hands over bytes of its own
+    providers = [Provider.on_call(f"urn:r{i}", cache.parse(bytes(payload)), 0)[0] for i in range(10)]
+    assert cache.hits == 10 and all(p.call == CALL for p in providers)
+    assert all(p.call is providers[0].call for p in providers)  # read from the elements once
+    assert first.memo("StepCall", lambda: None) is providers[0].call
+    other = cache.parse(payload.replace(b"c-1", b"c-2"))
+    assert other is not first and other.conversation == "c-2" and cache.hits == 10
+    for _ in range(2):
+        with pytest.raises(FrameError, match="not JSON"):
+            cache.parse(b"not json")
+    for n in range(5):
+        cache.parse(payload.replace(b"c-1", f"c-{n + 3}".encode()))
+    assert len(cache._parsed) == 4 and cache.parse(payload) is not first  # the oldest went

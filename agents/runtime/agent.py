@@ -22,7 +22,7 @@ from agents.persistence.tables import EventRecord, InboxRecord, NoteRecord, Outb
 from agents.runtime.role import Role
 from protocol.bidding.effects import Note, Send
 from protocol.elements import Reason
-from protocol.frame import FrameError, Message, MessageType, make_message, parse_message
+from protocol.frame import FrameError, Message, MessageType, make_message
 from protocol.frame import Role as FrameRole
 from protocol.topics import (
     Channel,
@@ -105,7 +105,7 @@ class Agent:
         except TopicError as exc:
             return self.reject("bad-topic", str(exc))
         try:
-            msg = parse_message(payload, max_bytes=self.node.max_message_bytes)
+            msg = self.node.messages.parse(payload)
         except FrameError as exc:
             self.reject("bad-frame", f"from {topic.sender} on {topic_text}: {exc}")
             if exc.salvaged and topic.channel is not Channel.EVENTS:

@@ -33,6 +33,7 @@ from agents.runtime.gc_policy import tune_for_agents
 from agents.runtime.registrar import Registrar, log_failure
 from protocol.elements import capability_semantic_id
 from protocol.frame import DEFAULT_MAX_MESSAGE_BYTES
+from protocol.message_cache import MessageCache
 from protocol.topics import matches
 from protocol.transport import BrokerAddress, MqttTransport
 from registry.client import RegistryClient
@@ -74,6 +75,7 @@ class Node:
         # Registrations in batches, leases renewed together (agents/runtime/registrar.py).
         self.registrar = Registrar(self.registry, config.registry_ttl) if self.registry else None
         self.max_message_bytes = config.max_message_bytes
+        self.messages = MessageCache(config.max_message_bytes)  # one parse per payload for all agents here
         self.agents: dict[str, Agent] = {}
         self.transports: dict[str, MqttTransport] = {}
         self._queues: dict[str, asyncio.Queue] = {}

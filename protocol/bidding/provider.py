@@ -86,7 +86,7 @@ class Provider:
     def on_call(cls, me: str, msg: Message, now: int) -> tuple[Provider | None, list[object]]:
         """Open a round for a call for proposal; returns (None, effects) if it cannot be read."""
         try:
-            call = StepCall.from_json_elements(msg.interactionElements)
+            call = msg.memo("StepCall", lambda: StepCall.from_json_elements(msg.interactionElements))
         except ElementError as exc:
             return None, [
                 Note("not-understood", f"callForProposal {msg.id} from {msg.sender}: {exc}", msg.id),
