@@ -31,7 +31,7 @@ from agents.runtime.directory import Entry
 from agents.runtime.node import Node, NodeConfig
 from protocol.bidding.effects import Awarded, Scheduled
 from protocol.bidding.requester import Requester, RequesterConfig, RState
-from protocol.elements import Bid, Booking, StepCall
+from protocol.elements import Bid, Booking, Reason, StepCall
 from protocol.frame import MessageType, make_message
 from protocol.frame import Role as FrameRole
 from protocol.selection import Offer, Ranked
@@ -230,6 +230,27 @@ async def test_a_bid_is_recorded_with_the_round_that_it_closes(tmp_path: Path) -
     # the runner-up stays open until the winner confirms (docs/protocol.md)
     assert sent() == ["callForProposal", "acceptProposal"]
     assert [x.offer.provider for x in r.reserve] == ["urn:lathe-2"]
+
+    # lathe-1 withdraws before confirming: lathe-2 gets the step in the same round, and the
+    # documentation keeps both bids, naming the new winner and why
+    refusal = make_message(
+        MessageType.REFUSE_PROPOSAL,
+        sender="urn:lathe-1",
+        sender_role=FrameRole.PROVIDER,
+        conversation_id=r.conversation_id,
+        receiver=agent.aas_id,
+        receiver_role=FrameRole.REQUESTER,
+        in_reply_to=r.accept_id,
+        elements=Reason("expired", "offer expired").to_json_elements(),
+    )
+    await two.handle(refusal, None)
+    await node.journal.commit()
+    assert record() == ("awarding", ["urn:lathe-2", "urn:lathe-1"], "urn:lathe-2") and r.round == 1
+    assert sent() == ["callForProposal", "acceptProposal", "acceptProposal"]
+    fields = {c["idShort"]: c.get("value") for c in driver.docs.records[1]["value"]}
+    assert fields["Winner"] == "lathe-2" and "urn:lathe-1 withdrew" in fields["SelectionReason"]
+    assert len(fields["Bids"]) == 2 and fields["Outcome"] == "negotiating"
+    assert driver.steps[1]["resource"] == "lathe-2"
     await node.journal.close()
     agent.cancel_timers()
     node.db.dispose()

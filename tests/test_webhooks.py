@@ -53,6 +53,11 @@ def test_idempotency_keys() -> None:
         {"order": "o", "kind": "step-scheduled", "step": 1, "data": {"resource": "b", "start": 5.0}}
     )
     assert first != again  # a step booked again after a failure is a new event
+    reawards = [
+        event_key({"order": "o", "kind": "step-reawarded", "step": 1, "data": {"resource": r, "reason": "x"}})
+        for r in ("b", "c", "b")
+    ]
+    assert reawards[0] != reawards[1] and reawards[0] == reawards[2] == "o:step-reawarded:1:b"
 
 
 async def test_a_flaky_receiver_gets_every_event_exactly_once(db) -> None:
