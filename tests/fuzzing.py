@@ -173,7 +173,11 @@ def rejections(agents: list[Agent]) -> int:
     """Every refusal the agents counted (a note of a kind that means 'input not acted upon')."""
     total = 0
     for a in agents:
-        for key, n in a.counters.items():
+        # A copy first: the fuzzers read the counters from their own thread while the agents'
+        # loop thread goes on counting (timers, messages still in flight), and a Python loop over
+        # the live dict failed with "dictionary changed size during iteration" (CI, session 8).
+        # dict() copies in one C call, which the GIL does not interrupt.
+        for key, n in dict(a.counters).items():
             if key.startswith("note:") and key[5:] in REJECTION_NOTES:
                 total += n
     return total
