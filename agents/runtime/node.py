@@ -74,8 +74,8 @@ class Node:
         self.directory = Directory(self.registry)
         # Registrations in batches, leases renewed together (agents/runtime/registrar.py).
         self.registrar = Registrar(self.registry, config.registry_ttl) if self.registry else None
-        self.max_message_bytes = config.max_message_bytes
-        self.messages = MessageCache(config.max_message_bytes)  # one parse per payload for all agents here
+        # Parses inbound payloads (size limit first), once per payload for all agents here.
+        self.messages = MessageCache(config.max_message_bytes)
         self.agents: dict[str, Agent] = {}
         self.transports: dict[str, MqttTransport] = {}
         self._queues: dict[str, asyncio.Queue] = {}

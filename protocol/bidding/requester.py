@@ -253,8 +253,7 @@ class Requester:
         """replyBy passed (or all answered): rank valid bids by priority, accept the best, keep the rest open until it confirms; top priority with a choice whose best bid starts later: reject all, call again when it starts; none valid: back off, or fail after max_rounds."""
         valid, expired = [], []
         for offer in self.offers.values():
-            until = self.offer_valid.get(offer.proposal_id)
-            (valid if until is None or until > now else expired).append(offer)
+            (valid if self._valid(offer, now) else expired).append(offer)
         effects: list[object] = []
         if not valid:
             self.empty_rounds += 1
@@ -285,6 +284,11 @@ class Requester:
                 self._reject_offer(o.provider, o.proposal_id, "expired", "offer expired before the decision")
             )
         return effects
+
+    def _valid(self, offer: Offer, now: int) -> bool:
+        """The offer still binds its bidder (no validity given: until the round ends)."""
+        until = self.offer_valid.get(offer.proposal_id)
+        return until is None or until > now
 
     def _award(self, offer: Offer, now: int) -> None:
         self.winner = offer
@@ -436,8 +440,7 @@ class Requester:
         while self.reserve:
             ranked = self.reserve.pop(0)
             o = ranked.offer
-            until = self.offer_valid.get(o.proposal_id)
-            if o.provider in self.cancelled or (until is not None and until <= now):
+            if o.provider in self.cancelled or not self._valid(o, now):
                 effects.append(
                     self._reject_offer(o.provider, o.proposal_id, "expired", "offer expired before the award")
                 )
