@@ -63,16 +63,25 @@ class _Agent:
             self.client.subscribe(t, qos=1)
 
     def publish(self, topic: str, body: dict[str, Any]) -> None:
-        payload = orjson.dumps(body)
+        self.send(topic, self.encode(topic, body))
+
+    def send(self, topic: str, payload: bytes) -> None:
         try:
             self.client.publish(topic, payload, qos=1)
         except OverflowError:  # more in flight than the broker's receive maximum: a moment later
-            asyncio.get_running_loop().call_later(0.001, self.publish, topic, body)
+            asyncio.get_running_loop().call_later(0.001, self.send, topic, payload)
             return
         self.counts.sent += 1
 
+    def encode(self, topic: str, body: dict[str, Any]) -> bytes:
+        """The wire form of a message (bench_floor.py puts VDI/VDE 2193 frames here)."""
+        return orjson.dumps(body)
+
+    def decode(self, payload: bytes) -> dict[str, Any]:
+        return orjson.loads(payload)
+
     def _on_message(self, _client: Any, topic: str, payload: bytes, _qos: int, _props: Any) -> int:
-        self.handle(orjson.loads(payload))
+        self.handle(self.decode(payload))
         return 0
 
     def handle(self, msg: dict[str, Any]) -> None:
@@ -148,11 +157,25 @@ class _Product(_Agent):
                     self.done.set_result(None)
 
 
-async def _share(port: int, k: int, products: list[int], resources: list[int], ready: Any, go: Any) -> dict:
+async def _share(
+    port: int,
+    k: int,
+    products: list[int],
+    resources: list[int],
+    ready: Any,
+    go: Any,
+    layers: tuple[str, ...] = (),
+    workdir: str | None = None,
+) -> dict:
     counts = _Counts()
     loop = asyncio.get_running_loop()
-    res = [_Resource(r, k, counts) for r in resources]
-    prods = [_Product(p, k, counts, loop.create_future()) for p in products]
+    resource_cls, product_cls, close = _Resource, _Product, None
+    if layers:  # what a faithful implementation cannot leave out, added one by one (bench_floor.py)
+        from bench_floor import layered
+
+        resource_cls, product_cls, close = layered(layers, workdir, _Resource, _Product)
+    res = [resource_cls(r, k, counts) for r in resources]
+    prods = [product_cls(p, k, counts, loop.create_future()) for p in products]
     for a in [*res, *prods]:
         await a.connect(port, a.topics())
     await asyncio.sleep(0.3)  # the SUBACKs
@@ -165,6 +188,8 @@ async def _share(port: int, k: int, products: list[int], resources: list[int], r
     await asyncio.sleep(0.2)  # the last acknowledgements
     for a in [*res, *prods]:
         await a.client.disconnect()
+    if close is not None:
+        await close()
     return {
         "sent": counts.sent,
         "steps": counts.steps,
@@ -174,14 +199,21 @@ async def _share(port: int, k: int, products: list[int], resources: list[int], r
     }
 
 
-def _share_process(
-    port: int, k: int, products: list[int], resources: list[int], ready: Any, go: Any, out: Any
-) -> None:
-    out.put(asyncio.run(_share(port, k, products, resources, ready, go)))
+def _share_process(out: Any, *args: Any) -> None:
+    """A share in a process of its own: ``_share(*args)``, its figures put on ``out``."""
+    out.put(asyncio.run(_share(*args)))
 
 
-def run_bare(port: int, k: int, processes: int = 1, products: int = 100) -> dict[str, Any]:
-    """Run the net on a broker at 127.0.0.1:port; the figures as the negotiation benchmark's."""
+def run_bare(
+    port: int,
+    k: int,
+    processes: int = 1,
+    products: int = 100,
+    layers: tuple[str, ...] = (),
+    workdir: str | None = None,
+) -> dict[str, Any]:
+    """Run the net on a broker at 127.0.0.1:port; the figures as the negotiation benchmark's.
+    ``layers`` (with a ``workdir`` for their files) adds bench_floor.py's layers."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     go = ctx.Event()
@@ -191,7 +223,9 @@ def run_bare(port: int, k: int, processes: int = 1, products: int = 100) -> dict
         share_p = [p for p in range(products) if p % processes == i]
         share_r = [r for r in range(N_RES) if r % processes == i]
         proc = ctx.Process(
-            target=_share_process, args=(port, k, share_p, share_r, ready, go, out), daemon=True
+            target=_share_process,
+            args=(out, port, k, share_p, share_r, ready, go, layers, workdir),
+            daemon=True,
         )
         proc.start()
         procs.append(proc)
