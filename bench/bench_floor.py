@@ -8,11 +8,12 @@ guarantee needs, written as cheaply as this stack allows:
 
 - ``frames``: every message is a VDI/VDE 2193-1 frame with its interaction elements as AAS
   submodel-element JSON (twinbid's own codec, ``protocol.frame`` and ``protocol.elements``:
-  the standard's wire form, built without validation and parsed with it, as a receiver must);
+  the standard's wire form, built without validation and parsed with it, as a receiver must;
+  the rung "+ frames, read unchecked" reads them with orjson alone, to show what checking costs);
 - ``journal``: write before you send — every message received (inbox row, its conversation's
   state) and every message to send (outbox row) is committed to one SQLite database (WAL,
-  synchronous=NORMAL, as twinbid) before a message goes out; raw ``sqlite3``, group commit in a
-  writer thread, one database for all processes as ``twinbid run`` has. (Cheaper than twinbid
+  synchronous=NORMAL, as twinbid) before a message goes out; raw ``sqlite3``, group commit on the
+  event loop, one database for all processes as ``twinbid run`` has. (Cheaper than twinbid
   still: the MQTT acknowledgement goes out at once, not after the commit, and nothing is
   deduplicated on read.)
 - ``recorder``: the negotiation log — a process of its own subscribed to every message, writing
