@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bare_contract_net import run_bare
 from machineinfo import machine
+from reference_workload import ALONE
 
 from protocol.elements import Bid, Booking, Reason, StepCall, StepResult
 from protocol.frame import MessageType, Role, make_message, parse_message
@@ -91,10 +92,12 @@ def _short(aas_id: str) -> str:
 def _frame(name: str, topic: str, body: dict[str, Any]) -> bytes:
     """The bare net's message as the standard's frame, with the content twinbid's messages carry."""
     kind = body["type"]
-    reply_by = receiver = None
-    role = Role.PROVIDER
+    # A call goes to its capability's topic; every other message to its receiver's own.
+    receiver = None if kind == "cfp" else _aas(topic.rsplit("/", 1)[-1])
+    reply_by = None
+    role = Role.REQUESTER if kind in ("cfp", "accept", "reject") else Role.PROVIDER
     if kind == "cfp":
-        role, reply_by = Role.REQUESTER, int(time.time() * 1000) + 5000
+        reply_by = int(time.time() * 1000) + 5000
         elements = StepCall(
             product=body["product"],
             step=0,
@@ -103,19 +106,15 @@ def _frame(name: str, topic: str, body: dict[str, Any]) -> bytes:
             release=0.0,
         ).to_json_elements()
     elif kind == "proposal":
-        receiver = _aas(topic.rsplit("/", 1)[-1])
         elements = Bid(
             resource=name, capability="c0", earliest_start=0.0, completion=0.0, duration=0.0, setup=0.0,
             transport=0.0, price=float(body["price"]), valid_until=10.0, location=name,
         ).to_json_elements()  # fmt: skip
     elif kind in ("accept", "reject"):
-        role, receiver = Role.REQUESTER, _aas(topic.rsplit("/", 1)[-1])
         elements = [] if kind == "accept" else Reason("not-selected").to_json_elements()
     elif kind == "informConfirm":
-        receiver = _aas(topic.rsplit("/", 1)[-1])
         elements = Booking(resource=name, start=0.0, completion=0.0).to_json_elements()
     else:
-        receiver = _aas(topic.rsplit("/", 1)[-1])
         elements = StepResult(resource=name, started=0.0, finished=0.0, location=name).to_json_elements()
     return make_message(
         _TYPES[kind], sender=_aas(name), sender_role=role, conversation_id=body["conv"],
@@ -123,44 +122,46 @@ def _frame(name: str, topic: str, body: dict[str, Any]) -> bytes:
     ).to_json()  # fmt: skip
 
 
+def _body(kind: str, conv: str, message_id: str, sender: str, **content: Any) -> dict[str, Any]:
+    """The bare net's message from what a reader took out of a frame: the product answers the
+    resources, the resources answer the product, and the sender is the one named."""
+    body: dict[str, Any] = {"type": kind, "conv": conv, "id": message_id, **content}
+    if kind in ("accept", "reject"):
+        body["product"] = sender
+    elif kind in ("informConfirm", "inform"):
+        body["resource"] = sender
+    return body
+
+
 def _unframe_unchecked(payload: bytes) -> dict[str, Any]:
     """The frame read as a receiver that trusts every sender would: no validation at all."""
     data = orjson.loads(payload)
     frame = data["frame"]
     kind = _NAMES[MessageType(frame["type"])]
-    body: dict[str, Any] = {"type": kind, "conv": frame["conversationId"], "id": frame["messageId"]}
-    sender = _short(frame["sender"]["identification"]["id"])
+    content: dict[str, Any] = {}
     if kind in ("cfp", "proposal"):
         items = data["interactionElements"][0]["value"]
         values = {p["idShort"]: p.get("value") for p in items}
         if kind == "cfp":  # the capability is the element of modelType Capability
             capability = next(p["idShort"] for p in items if p.get("modelType") == "Capability")
-            body.update(product=values["product"], capability=int(capability[1:]))
+            content = {"product": values["product"], "capability": int(capability[1:])}
         else:
-            body.update(resource=values["resource"], price=float(values["price"]))
-    elif kind in ("accept", "reject"):
-        body["product"] = sender
-    else:
-        body["resource"] = sender
-    return body
+            content = {"resource": values["resource"], "price": float(values["price"])}
+    sender = _short(frame["sender"]["identification"]["id"])
+    return _body(kind, frame["conversationId"], frame["messageId"], sender, **content)
 
 
 def _unframe(payload: bytes) -> dict[str, Any]:
     msg = parse_message(payload)
     kind = _NAMES[msg.type]
-    body: dict[str, Any] = {"type": kind, "conv": msg.conversation, "id": msg.id}
-    sender = _short(msg.sender)
+    content: dict[str, Any] = {}
     if kind == "cfp":
         call = StepCall.from_json_elements(msg.interactionElements)
-        body.update(product=call.product, capability=int(call.capability[1:]))
+        content = {"product": call.product, "capability": int(call.capability[1:])}
     elif kind == "proposal":
         bid = Bid.from_json_elements(msg.interactionElements)
-        body.update(resource=bid.resource, price=bid.price)
-    elif kind in ("accept", "reject"):
-        body["product"] = sender
-    else:
-        body["resource"] = sender
-    return body
+        content = {"resource": bid.resource, "price": bid.price}
+    return _body(kind, msg.conversation, msg.id, _short(msg.sender), **content)
 
 
 class _Journal:
@@ -334,9 +335,6 @@ def run_floor(
             if recorder is not None:
                 stop.set()
                 recorder.join(30)
-
-
-ALONE = (10, 1, 1)  # k, processes, products: one product negotiating alone with 10 bidders
 
 
 def main() -> None:

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import psutil
 from bare_contract_net import run_bare
 from machineinfo import machine
-from reference_workload import N_RES, STEPS, capability, cost_rate, offered_by
+from reference_workload import ALONE, N_RES, STEPS, capability, cost_rate, offered_by
 
 from protocol.mosquitto import MosquittoProcess, find_mosquitto
 from scenarios.launcher import RunOptions, run
@@ -249,7 +249,6 @@ def measure(k: int, procs: int, products: int, repeat: int, with_bare: bool) -> 
 
 
 HERE = Path(__file__).resolve().parents[1]  # this checkout
-ALONE = (10, 1, 1)  # k, processes, products: one product negotiating alone with 10 bidders
 _COMPARED = ("steps_per_s", "cpu_ms_per_step", "latency_p50_ms", "latency_p99_ms")
 
 

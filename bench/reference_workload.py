@@ -9,6 +9,7 @@ from __future__ import annotations
 
 N_RES = 20
 STEPS = 10
+ALONE = (10, 1, 1)  # k, processes, products: one product negotiating alone with 10 bidders
 
 
 def offerers(c: int, k: int) -> list[int]:

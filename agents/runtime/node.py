@@ -86,8 +86,9 @@ class Node:
         # httpx's API on aiohttp's connection pool: httpcore's pool polled every idle connection on
         # each request, ~2.8 ms of CPU a request with a few dozen in flight (the resources' PATCHes
         # of step documentation into products' AAS in other processes); aiohttp's ~0.3 ms.
-        limits = httpx.Limits(max_connections=64)
-        self._http = httpx.AsyncClient(timeout=10.0, limits=limits, transport=AiohttpTransport(limits=limits))
+        # (With a transport given, httpx leaves its pool limits to the transport.)
+        transport = AiohttpTransport(limits=httpx.Limits(max_connections=64))
+        self._http = httpx.AsyncClient(timeout=10.0, transport=transport)
         self._aas_clients: dict[str, AasClient] = {}
         self.event_hooks: list[EventHook] = []
         self.finished_hooks: list[Callable[[Agent], None]] = []
