@@ -1,7 +1,8 @@
 """Schedule-quality benchmark: the twinbid swarm on classic job-shop instances.
 
     python bench/bench_jobshop.py [--json] [--instances ft06,la01,...] [--flexible 2,3]
-                                  [--time-limit S] [--broker mosquitto|URL] [--run-timeout S]
+                                  [--random SEEDS] [--time-limit S] [--broker mosquitto|URL]
+                                  [--run-timeout S]
 
 For every instance in ``../shared/jobshop`` (``index.json`` order; ``--instances`` picks some):
 
@@ -19,6 +20,12 @@ operation on K machines, same duration) is run the same way and compared with CP
 makespan and proven lower bound within ``--time-limit`` seconds (skipped with a note when
 ``ortools`` is not installed). Gaps there are against CP-SAT's best: exact when CP-SAT proved it
 optimal, otherwise a lower estimate of the true gap.
+
+Then, for each ``--random`` seed (default 1; ``--random ''`` for none), a random job shop of every
+instance's size and duration range (``scenarios.jobshop.random_like(inst, seed)``, Taillard's
+scheme), instances no dispatching rule or swarm setting was tuned on, run the same way against
+CP-SAT's best. The public and the random set are summarised side by side: mean gap of each, and
+the instances where the swarm is worse than FIFO.
 
 Prints the machine (CPU model, cores, Python); with ``--json`` one JSON object of every figure as
 the last line. Ends by itself: every swarm run has a wall-clock safety net (``--run-timeout``)
@@ -46,7 +53,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jobshop_baselines as jb
 from machineinfo import machine
 
-from scenarios.jobshop import JobShopInstance, flexible_variant, read_instance, scenario_from_jobshop
+from scenarios.jobshop import (
+    JobShopInstance,
+    flexible_variant,
+    random_like,
+    read_instance,
+    scenario_from_jobshop,
+)
 from scenarios.launcher import RunOptions, run
 from scenarios.schema import Scenario, Stop
 
@@ -175,9 +188,9 @@ def classic_row(inst: JobShopInstance, args: argparse.Namespace) -> dict[str, An
     return row
 
 
-def flexible_row(inst: JobShopInstance, k: int, args: argparse.Namespace) -> dict[str, Any]:
-    scenario = flexible_variant(inst, k, 0)
-    problem = jb.problem_from_scenario(scenario)
+def cpsat_row(scenario: Scenario, problem: jb.Problem, args: argparse.Namespace) -> dict[str, Any]:
+    """The swarm and the rules on one instance without a known optimum, against CP-SAT's best
+    makespan within ``--time-limit`` seconds (started from the best rule's schedule)."""
     rules = baselines(problem)
     best_rule = min(rules.values(), key=lambda r: r.makespan)
     cp = jb.solve_cpsat(problem, args.time_limit, hint=best_rule.schedule)
@@ -190,8 +203,6 @@ def flexible_row(inst: JobShopInstance, k: int, args: argparse.Namespace) -> dic
     ref = cp.makespan
     row: dict[str, Any] = {
         "instance": scenario.name,
-        "alternatives": k,
-        "classic_optimum": inst.optimum,
         "cpsat": {
             "status": cp.status,
             "best": cp.makespan,
@@ -209,12 +220,43 @@ def flexible_row(inst: JobShopInstance, k: int, args: argparse.Namespace) -> dic
     return row
 
 
+def flexible_row(inst: JobShopInstance, k: int, args: argparse.Namespace) -> dict[str, Any]:
+    scenario = flexible_variant(inst, k, 0)
+    row = cpsat_row(scenario, jb.problem_from_scenario(scenario), args)
+    return {**row, "alternatives": k, "classic_optimum": inst.optimum}
+
+
+def random_row(inst: JobShopInstance, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """A random job shop of ``inst``'s size and duration range (seeded), against CP-SAT."""
+    rand = random_like(inst, seed)
+    row = cpsat_row(scenario_from_jobshop(rand), jb.problem_from_instance(rand), args)
+    return {**row, "like": inst.name, "seed": seed, "size": f"{rand.n_jobs}x{rand.n_machines}"}
+
+
 def mean_gaps(rows: list[dict[str, Any]]) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for key in ("twinbid", *RULES):
         values = [r[f"{key}_gap"] for r in rows if r.get(f"{key}_gap") is not None]
         out[key] = round(statistics.fmean(values), 2) if values else None
     return out
+
+
+def worse_than_fifo(rows: list[dict[str, Any]]) -> list[str]:
+    """Instances where the swarm's makespan exceeds FIFO's (or the swarm did not finish)."""
+    return [
+        r["instance"]
+        for r in rows
+        if r["twinbid_gap"] is None or r.get("FIFO") is None or r["twinbid"]["makespan"] > r["FIFO"]
+    ]
+
+
+def side_by_side(classic: list[dict[str, Any]], rand: list[dict[str, Any]]) -> dict[str, Any]:
+    """The public and the random set summarised alike: how many, mean gaps, worse than FIFO."""
+    return {
+        name: {"instances": len(rows), "mean_gap": mean_gaps(rows), "worse_than_fifo": worse_than_fifo(rows)}
+        for name, rows in (("public", classic), ("random", rand))
+        if rows
+    }
 
 
 # --------------------------------------------------------------------------- output
@@ -276,10 +318,39 @@ def print_report(results: dict[str, Any]) -> None:
         for k, mg in results["flexible_mean_gap"].items():
             means = "".join(f"{'':>7}{_n(mg[r], 7, '.1f')}" for r in RULES)
             print(f"{'mean, K=' + k:<13}{'':>48}{_n(mg['twinbid'], 7, '.1f')}{means}")
-        notes = {r["cpsat"]["note"] for r in rows if r["cpsat"]["note"]}
-        for note in sorted(notes):
-            print(f"CP-SAT: {note}")
-    everything = results["classic"] + results["flexible"]
+    rows = results["random"]
+    if rows:
+        print()
+        print(
+            f"Random job shops of the public sizes, seeds {results['settings']['random_seeds']} "
+            f"(reference: CP-SAT best within {results['settings']['time_limit']:g} s)"
+        )
+        print(
+            f"{'instance':<12}{'size':>7}{'CP-SAT':>8}{'bound':>7}{'status':>10}{'cp s':>6}"
+            f"{'twinbid':>9}{'gap%':>7}{rule_head}{'wall s':>8}"
+        )
+        for r in rows:
+            cp = r["cpsat"]
+            print(
+                f"{r['instance']:<12}{r['size']:>7}{_n(cp['best'], 8)}{_n(cp['bound'], 7)}"
+                f"{cp['status']:>10}{_n(cp['wall_seconds'], 6, '.1f')}{_swarm_cell(r['twinbid']):>9}"
+                f"{_n(r['twinbid_gap'], 7, '.1f')}{_rule_cells(r)}{_n(r['twinbid'].get('wall_seconds'), 8, '.1f')}"
+            )
+    notes = {r["cpsat"]["note"] for r in results["flexible"] + results["random"] if r["cpsat"]["note"]}
+    for note in sorted(notes):
+        print(f"CP-SAT: {note}")
+    if results["sets"]:
+        print()
+        print("Public and random sets side by side (mean gap %; instances where twinbid is worse than FIFO)")
+        print(f"{'set':<8}{'n':>4}{'twinbid':>9}" + "".join(f"{r:>7}" for r in RULES) + "  worse than FIFO")
+        for name, st in results["sets"].items():
+            mg = st["mean_gap"]
+            print(
+                f"{name:<8}{st['instances']:>4}{_n(mg['twinbid'], 9, '.1f')}"
+                + "".join(_n(mg[r], 7, ".1f") for r in RULES)
+                + f"  {', '.join(st['worse_than_fifo']) or 'none'}"
+            )
+    everything = results["classic"] + results["flexible"] + results["random"]
     if everything:
         same = [r for r in everything if r["twinbid"].get("same_schedule_as")]
         names = sorted({rule for r in same for rule in r["twinbid"]["same_schedule_as"]})
@@ -290,7 +361,7 @@ def print_report(results: dict[str, Any]) -> None:
         )
     problems = [
         (r["instance"], r["twinbid"])
-        for r in results["classic"] + results["flexible"]
+        for r in everything
         if not r["twinbid"].get("ok") or r["twinbid"].get("feasible") is not True
     ]
     for name, swarm in problems:
@@ -327,7 +398,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--flexible", default="2,3", help="alternatives per operation for flexible variants ('' for none)"
     )
-    p.add_argument("--time-limit", type=float, default=5.0, help="CP-SAT seconds per flexible instance")
+    p.add_argument(
+        "--random",
+        default="1",
+        help="seeds of random job shops of every instance's size ('' for none; default 1)",
+    )
+    p.add_argument(
+        "--time-limit", type=float, default=5.0, help="CP-SAT seconds per flexible or random instance"
+    )
     p.add_argument("--broker", default=None, help="'mosquitto' or a broker URL (default: embedded)")
     p.add_argument(
         "--run-timeout", type=float, default=180.0, help="wall seconds before a swarm run is abandoned"
@@ -337,6 +415,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.flex = [int(k) for k in args.flexible.split(",") if k.strip()]
     except ValueError:
         p.error(f"--flexible takes whole numbers separated by commas, not {args.flexible!r}")
+    try:
+        args.seeds = [int(s) for s in args.random.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--random takes whole numbers separated by commas, not {args.random!r}")
     return args
 
 
@@ -352,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
             "instances": [i.name for i in instances],
             "flexible": args.flex,
             "flexible_seed": 0,
+            "random_seeds": args.seeds,
             "time_limit": args.time_limit,
             "broker": args.broker,
             "clock": "virtual",
@@ -369,6 +452,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             flexible.append(flexible_row(inst, k, args))
             _progress(flexible[-1])
+    rand = []
+    for seed in args.seeds:
+        for inst in instances:
+            rand.append(random_row(inst, seed, args))
+            _progress(rand[-1])
     results.update(
         classic=classic,
         classic_mean_gap=mean_gaps(classic),
@@ -376,6 +464,9 @@ def main(argv: list[str] | None = None) -> int:
         flexible_mean_gap={
             str(k): mean_gaps([r for r in flexible if r["alternatives"] == k]) for k in args.flex
         },
+        random=rand,
+        random_mean_gap=mean_gaps(rand),
+        sets=side_by_side(classic, rand),
         wall_seconds=round(time.perf_counter() - t0, 1),
     )
     results["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]

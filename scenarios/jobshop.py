@@ -13,6 +13,10 @@ cost rate 1 everywhere, so the makespan of a run compares directly with the know
 
 :func:`flexible_variant` makes the flexible job-shop version: each operation may also be done by
 other machines (see its docstring for the exact, seeded rule).
+
+:func:`random_instance` draws a job shop of a given size (Taillard's scheme, seeded), and
+:func:`random_like` one of a public instance's size and duration range, so schedule quality can
+be measured on instances no rule was tuned on.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ __all__ = [
     "flexible_variant",
     "jobshop_yaml",
     "known_optimum",
+    "random_instance",
+    "random_like",
     "read_instance",
     "scenario_from_jobshop",
 ]
@@ -122,6 +128,44 @@ def known_optimum(path: str | PathLike[str]) -> int | None:
             optimum = entry.get("optimum")
             return optimum if isinstance(optimum, int) else None
     return None
+
+
+def random_instance(
+    n_jobs: int, n_machines: int, seed: int, *, low: int = 1, high: int = 99, name: str | None = None
+) -> JobShopInstance:
+    """A random job shop (Taillard's scheme): every job visits every machine once, in an order
+    drawn uniformly, each operation taking a whole duration drawn uniformly in ``[low, high]``.
+
+    ``random.Random(seed)`` draws, job by job, first the machine order (a shuffle) and then the
+    durations in that order, so the same arguments always give the same instance. No optimum is
+    known (``optimum=None``): measure against a solver's best (e.g. CP-SAT).
+    """
+    if n_jobs < 1 or n_machines < 1:
+        raise ValueError(f"a job shop needs at least one job and one machine, not {n_jobs}x{n_machines}")
+    if not 0 <= low <= high:
+        raise ValueError(f"durations must satisfy 0 <= low <= high, not [{low}, {high}]")
+    rng = random.Random(seed)
+    jobs = []
+    for _ in range(n_jobs):
+        order = list(range(n_machines))
+        rng.shuffle(order)
+        jobs.append(tuple((m, rng.randint(low, high)) for m in order))
+    label = name or f"rand-{n_jobs}x{n_machines}-s{seed}"
+    return JobShopInstance(label, n_jobs, n_machines, tuple(jobs), None, f"random_instance(seed={seed})")
+
+
+def random_like(inst: JobShopInstance, seed: int) -> JobShopInstance:
+    """A random job shop of ``inst``'s size whose durations span ``inst``'s own range, named
+    ``<inst>-r<seed>``: a fresh instance of the same shape for a public one."""
+    durations = [d for job in inst.jobs for _, d in job]
+    return random_instance(
+        inst.n_jobs,
+        inst.n_machines,
+        seed,
+        low=min(durations),
+        high=max(durations),
+        name=f"{inst.name}-r{seed}",
+    )
 
 
 def scenario_from_jobshop(

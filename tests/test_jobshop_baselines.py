@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from scenarios.jobshop import flexible_variant, scenario_from_jobshop
+import scenarios.jobshop as scenarios_jobshop
+from scenarios.jobshop import flexible_variant, random_instance, random_like, scenario_from_jobshop
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
@@ -207,6 +208,37 @@ def test_cpsat_without_ortools_is_skipped_with_a_note(monkeypatch: pytest.Monkey
     assert result.status == "skipped" and result.makespan is None and "ortools" in result.note
 
 
+# --------------------------------------------------------------------------- random instances
+
+
+def test_random_instance_is_a_seeded_job_shop_of_the_asked_shape() -> None:
+    inst = random_instance(10, 5, seed=3, low=5, high=99)
+    assert (inst.n_jobs, inst.n_machines, inst.optimum) == (10, 5, None)
+    for job in inst.jobs:
+        assert sorted(m for m, _ in job) == list(range(5))  # every machine once
+        assert all(5 <= d <= 99 for _, d in job)
+    assert random_instance(10, 5, seed=3, low=5, high=99) == inst  # same seed, same instance
+    assert random_instance(10, 5, seed=4, low=5, high=99).jobs != inst.jobs
+    problem = jb.problem_from_instance(inst)
+    assert jb.validate(problem, jb.dispatch(problem, "FIFO").schedule) == []
+    with pytest.raises(ValueError, match="low <= high"):
+        random_instance(2, 2, seed=0, low=9, high=1)
+
+
+@needs_instances
+def test_random_like_keeps_a_public_instance_size_and_duration_range() -> None:
+    ft10 = jb.problem_from_instance(JOBSHOP / "ft10.txt")
+    public = scenarios_jobshop.read_instance(JOBSHOP / "ft10.txt")
+    rand = random_like(public, 1)
+    durations = [d for job in public.jobs for _, d in job]
+    assert rand.name == "ft10-r1" and (rand.n_jobs, rand.n_machines) == (10, 10) == (
+        ft10.n_jobs,
+        ft10.n_machines,
+    )
+    assert all(min(durations) <= d <= max(durations) for job in rand.jobs for _, d in job)
+    assert rand.jobs != public.jobs
+
+
 # --------------------------------------------------------------------------- the benchmark itself
 
 
@@ -229,3 +261,13 @@ def test_benchmark_smoke_run_on_ft06(capsys: pytest.CaptureFixture[str]) -> None
     assert flex["twinbid"]["feasible"] is True, flex["twinbid"]
     if jb.cpsat_available():
         assert flex["cpsat"]["best"] <= flex["twinbid"]["makespan"]
+    # A random job shop of ft06's size (seed 1 by default), beside the public one.
+    (rand,) = figures["random"]
+    assert rand["instance"] == "ft06-r1" and rand["size"] == "6x6" and rand["like"] == "ft06"
+    assert rand["twinbid"]["ok"] and rand["twinbid"]["feasible"] is True, rand["twinbid"]
+    if jb.cpsat_available():
+        assert rand["cpsat"]["best"] <= min(rand["twinbid"]["makespan"], rand["FIFO"])
+        assert rand["twinbid_gap"] == bench_jobshop.gap(rand["twinbid"]["makespan"], rand["cpsat"]["best"])
+    assert set(figures["sets"]) == {"public", "random"}
+    assert figures["sets"]["random"]["instances"] == 1
+    assert "Public and random sets side by side" in out
