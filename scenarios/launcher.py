@@ -26,7 +26,7 @@ from sqlmodel import select
 from agents.aas.io import write_aasx
 from agents.ordertaking.auth import VendorFileError
 from agents.persistence import open_database
-from agents.persistence.database import build_analysis_indexes, drop_analysis_indexes, sqlite_url
+from agents.persistence.database import build_analysis_indexes, checkpoint, drop_analysis_indexes, sqlite_url
 from agents.product.agent import start_product
 from agents.resource.agent import start_resource
 from agents.runtime.agent import Agent
@@ -398,6 +398,10 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
         }
     (out / "kpis.json").write_text(kpis.dumps(figures))
     gantt.gantt(db, out / "gantt.png", title=f"{scenario.name}: schedule")
+    try:
+        checkpoint(db)
+    except Exception as exc:  # the record is whole, only not in one file: say so
+        notices.append(f"run.db needs its -wal file beside it: {exc}")
     db.dispose()
     chaos_log = options.chaos.log if options.chaos else []
     return RunResult(out, figures, timed_out, interrupted, notices, recoveries, chaos_log)

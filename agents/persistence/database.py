@@ -149,3 +149,15 @@ def build_analysis_indexes(db: Database) -> None:
         for name, table, columns in ANALYSIS_INDEXES:
             cols = ", ".join(f'"{c}"' for c in columns)
             conn.exec_driver_sql(f'CREATE INDEX IF NOT EXISTS "{name}" ON "{table}" ({cols})')
+
+
+def checkpoint(db: Database) -> None:
+    """A run is over: copy SQLite's write-ahead log into the database file and empty the log, so
+    that the database file alone is the whole record (copied, mailed or archived without its
+    ``-wal`` beside it). Raises if another connection keeps the log from being emptied."""
+    if not db.is_sqlite:
+        return
+    with db.engine.connect() as conn:
+        busy, _log_pages, _copied = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
+    if busy:
+        raise RuntimeError(f"{db.url}: the write-ahead log could not be emptied: another process has it open")
