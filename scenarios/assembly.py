@@ -47,17 +47,26 @@ def make_asset(scenario: Scenario, resource: Workstation | Warehouse, log_dir: P
         )
     store = resource.capabilities.store
     retrieve = resource.capabilities.retrieve
+    # Exactly the declared operations with their declared durations (a step may time itself;
+    # validation makes sure one of the two gives a time).
     return SimWarehouse(
         resource.name,
         capacity=resource.capacity,
         inventory=dict(resource.stock),
         location=resource.location,
-        store_duration=store.duration.to_data() if store and store.duration is not None else 1.0,
-        retrieve_duration=retrieve.duration.to_data() if retrieve and retrieve.duration is not None else 1.0,
+        store_capability="store" if store is not None else None,
+        retrieve_capability="retrieve" if retrieve is not None else None,
+        store_duration=_declared(store),
+        retrieve_duration=_declared(retrieve),
         cost_rate=max(op.cost_rate for op in (store, retrieve) if op is not None),
         seed=seed,
         log_path=log_path,
     )
+
+
+def _declared(op: Any) -> Any:
+    """A declared operation's duration as config data (0 when only the steps give times)."""
+    return op.duration.to_data() if op is not None and op.duration is not None else 0.0
 
 
 def _mean(value: Any) -> float:

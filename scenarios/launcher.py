@@ -42,7 +42,7 @@ from scenarios.chaos import Chaos
 from scenarios.intake import OrderIntake
 from scenarios.loader import load_scenario
 from scenarios.notifications import ScenarioNotifier
-from scenarios.schema import WAREHOUSE_CAPABILITIES, Scenario
+from scenarios.schema import Scenario
 from scenarios.workers import Recovery, WorkerPool
 from shopfloor.clock import Clock, make_clock
 
@@ -454,10 +454,8 @@ def _broker_security(
 
 
 def offered_capabilities(resource: Any) -> tuple[str, ...]:
-    """The capabilities whose calls a resource's agent subscribes to (a simulated warehouse
-    offers both of its operations, whichever the scenario prices)."""
-    if resource.kind == "warehouse":
-        return tuple(WAREHOUSE_CAPABILITIES)
+    """The capabilities whose calls a resource's agent subscribes to: exactly those the
+    scenario declares for it (a warehouse declared for ``retrieve`` alone takes no store)."""
     return tuple(resource.capability_names())
 
 

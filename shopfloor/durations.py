@@ -32,7 +32,19 @@ __all__ = [
     "Uniform",
     "job_rng",
     "parse_duration",
+    "step_duration",
 ]
+
+
+def step_duration(params: Mapping[str, Any] | None, capability: str) -> float | None:
+    """The time a plan step fixes for itself on ``capability`` (``duration:<capability>``, else
+    ``duration``), or None: a step's own duration wins over the resource's (job shops give one
+    machine many job times, and a scenario may time a store step itself)."""
+    params = params or {}
+    override = params.get(f"duration:{capability}", params.get("duration"))
+    if isinstance(override, int | float) and not isinstance(override, bool) and override >= 0:
+        return float(override)
+    return None
 
 
 def job_rng(seed: object, *parts: object) -> random.Random:

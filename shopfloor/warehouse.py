@@ -5,7 +5,7 @@ Config::
     location: store-1
     capacity: 50                     # items; omit for unlimited
     inventory: {blank-steel: 10}     # initial inventory (only used when the log is new)
-    store: {capability: store, duration: 4}
+    store: {capability: store, duration: 4}          # null: not offered
     retrieve: {capability: retrieve, duration: {uniform: [3, 5]}}
     cost_rate: 0.5
 
@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .asset import Estimate, Job
-from .durations import DurationModel, parse_duration
+from .durations import DurationModel, parse_duration, step_duration
 from .simulated import SimulatedAsset
 
 __all__ = ["Warehouse"]
@@ -44,8 +44,8 @@ class Warehouse(SimulatedAsset):
         capacity: int | None = None,
         inventory: Mapping[str, int] | None = None,
         location: str = "",
-        store_capability: str = "store",
-        retrieve_capability: str = "retrieve",
+        store_capability: str | None = "store",
+        retrieve_capability: str | None = "retrieve",
         store_duration: Any = 1.0,
         retrieve_duration: Any = 1.0,
         cost_rate: float = 0.0,
@@ -55,14 +55,21 @@ class Warehouse(SimulatedAsset):
     ) -> None:
         if capacity is not None and int(capacity) < 0:
             raise ValueError("capacity must be >= 0")
+        if store_capability is None and retrieve_capability is None:
+            raise ValueError(f"warehouse {name!r} needs 'store' or 'retrieve' (or both)")
         if store_capability == retrieve_capability:
             raise ValueError("store and retrieve capabilities must differ")
         self.capacity = None if capacity is None else int(capacity)
         self.store_capability = store_capability
         self.retrieve_capability = retrieve_capability
+        # Only what it offers: a warehouse declared for retrieve alone must not bid for stores.
         self.durations: dict[str, DurationModel] = {
-            store_capability: parse_duration(store_duration),
-            retrieve_capability: parse_duration(retrieve_duration),
+            cap: parse_duration(duration)
+            for cap, duration in (
+                (store_capability, store_duration),
+                (retrieve_capability, retrieve_duration),
+            )
+            if cap is not None
         }
         self.inventory: dict[str, int] = {}
         self._initialized = False
@@ -100,8 +107,10 @@ class Warehouse(SimulatedAsset):
         if unknown:
             raise ValueError(f"warehouse {name!r}: unknown config keys {sorted(unknown)}")
 
-        def op(key: str) -> tuple[str, Any]:
+        def op(key: str) -> tuple[str | None, Any]:
             spec = config.get(key, {})
+            if spec is None:
+                return None, None  # declared as not offered
             if not isinstance(spec, Mapping):
                 return key, spec  # just a duration
             return str(spec.get("capability", key)), spec.get("duration", 1.0)
@@ -176,9 +185,10 @@ class Warehouse(SimulatedAsset):
         model = self.durations.get(job.capability)
         if model is None:
             return None
-        return Estimate(
-            setup=0.0, duration=model.sample_for(self.seed, self.name, job.job_id, job.capability)
-        )
+        duration = step_duration(job.params, job.capability)
+        if duration is None:
+            duration = model.sample_for(self.seed, self.name, job.job_id, job.capability)
+        return Estimate(setup=0.0, duration=duration)
 
     def _on_entry(self, entry: dict[str, Any]) -> None:
         event = entry.get("event")

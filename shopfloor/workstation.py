@@ -21,7 +21,7 @@ from typing import Any
 
 from .asset import Estimate, Job
 from .breakdowns import Breakdowns
-from .durations import DurationModel, Fixed, parse_duration
+from .durations import DurationModel, Fixed, parse_duration, step_duration
 from .simulated import SimulatedAsset
 
 __all__ = ["Workstation"]
@@ -120,11 +120,9 @@ class Workstation(SimulatedAsset):
         return model.sample_for(self.seed, self.name, job.job_id, job.capability, "setup")
 
     def processing_time(self, job: Job) -> float:
-        # A plan step may fix its own time on this machine (job shops: one machine, many job times).
-        params = job.params or {}
-        override = params.get(f"duration:{job.capability}", params.get("duration"))
-        if isinstance(override, int | float) and not isinstance(override, bool) and override >= 0:
-            return float(override)
+        override = step_duration(job.params, job.capability)
+        if override is not None:
+            return override
         return self.durations[job.capability].sample_for(self.seed, self.name, job.job_id, job.capability)
 
     def _plan(self, job: Job, previous_capability: str | None) -> Estimate | None:
