@@ -160,6 +160,7 @@ REJECTION_NOTES = (
     "wrong-receiver",
     "no-role",
     "not-participant",
+    "wrong-product",
     "not-understood",
     "duplicate",
     "late",

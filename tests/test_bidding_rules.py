@@ -346,6 +346,15 @@ def test_unreadable_call_gets_not_understood() -> None:
     assert p is None and [m.type for m in sends(out)] == [M.NOT_UNDERSTOOD]
 
 
+def test_a_call_is_served_only_for_the_product_that_sent_it() -> None:
+    _, cfp = requester()  # a call of product p-1
+    p, out = Provider.on_call("urn:a", cfp, 1, caller="ws-2")
+    assert p is None and [m.type for m in sends(out)] == [M.NOT_UNDERSTOOD]
+    assert [n.kind for n in of(out, Note)] == ["wrong-product"] and not of(out, Evaluate)
+    p, out = Provider.on_call("urn:a", cfp, 1, caller="p-1")
+    assert p is not None and of(out, Evaluate)
+
+
 def test_rounds_route_by_reference_and_snapshots_round_trip() -> None:
     r, cfp = requester(expected=("urn:a",))
     rounds = ProviderRounds()

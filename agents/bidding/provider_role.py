@@ -102,7 +102,7 @@ class BiddingProvider(Role):
             return
         if msg.type is not MessageType.CALL_FOR_PROPOSAL:
             return
-        p, effects = Provider.on_call(self.agent.aas_id, msg, now_ms)
+        p, effects = Provider.on_call(self.agent.aas_id, msg, now_ms, caller=topic.sender)
         if p is None:
             await self.agent.carry_out(effects)
             return

@@ -83,8 +83,17 @@ class Provider:
     replies: dict[str, Message] = field(default_factory=dict)  # received id -> the answer sent
 
     @classmethod
-    def on_call(cls, me: str, msg: Message, now: int) -> tuple[Provider | None, list[object]]:
-        """Open a round for a call for proposal; returns (None, effects) if it cannot be read."""
+    def on_call(
+        cls, me: str, msg: Message, now: int, *, caller: str | None = None
+    ) -> tuple[Provider | None, list[object]]:
+        """Open a round for a call for proposal; returns (None, effects) if it cannot be read or
+        is not the named product's own.
+
+        `caller` is the short name the call was published under (the runtime has checked it
+        against the frame's sender and the broker against the account): a call is served only
+        for the product that sent it, so one agent cannot order, re-run or overwrite another
+        product's step. None skips the check (tests of the machine alone).
+        """
         try:
             call = msg.memo("StepCall", lambda: StepCall.from_json_elements(msg.interactionElements))
         except ElementError as exc:
@@ -93,6 +102,12 @@ class Provider:
                 Send(
                     _reply(me, msg, M.NOT_UNDERSTOOD, Reason("not-understood", str(exc)).to_json_elements())
                 ),
+            ]
+        if caller is not None and call.product != caller:
+            text = f"callForProposal {msg.id} names product {call.product!r} but was sent by {caller!r}"
+            return None, [
+                Note("wrong-product", text, msg.id),
+                Send(_reply(me, msg, M.NOT_UNDERSTOOD, Reason("wrong-product", text).to_json_elements())),
             ]
         p = cls(me, msg.sender, msg.conversation, msg.id, call, reply_by=msg.reply_by, deadline=msg.reply_by)
         p.seen.add(msg.id)

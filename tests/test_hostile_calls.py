@@ -1,0 +1,162 @@
+"""Hostile calls for proposals from insiders, against a live plant on a real mosquitto.
+
+An insider holds a valid account and publishes only on topics the broker allows it; what it lies
+about is the content: a call naming another product (issue 21, finding 2), numbers that no
+database column or schedule can hold (finding 3), and a thousand copies of one call (finding 8).
+Each attack is followed by the invariants that matter: nothing booked or executed for it, no step
+executed twice, and the plant finishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import HAVE_MOSQUITTO
+from fuzzing import LivePlant
+from sqlmodel import select
+
+from agents.persistence.tables import NoteRecord, WorkOrderRecord
+from protocol.elements import StepCall
+from protocol.frame import Message, MessageType, Role, make_message, parse_message
+from protocol.transport import MqttTransport
+from scenarios.loader import load_scenario_text
+
+pytestmark = [
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(not HAVE_MOSQUITTO, reason="mosquitto binary not installed"),
+]
+
+NS = "hostile"
+PLANT = f"""
+name: hostile calls
+namespace: {NS}
+clock: {{kind: accelerated, time_scale: 200}}
+transport: {{default_time: 0}}
+bidding: {{reply_window: 0.5}}
+resources:
+  - {{kind: workstation, name: ws-1, location: a, capabilities: [{{name: turning, duration: 2, cost_rate: 1}}]}}
+  - {{kind: workstation, name: ws-2, location: b, capabilities: [{{name: turning, duration: 3, cost_rate: 1}}]}}
+product_types:
+  - {{name: gear, plan: [{{capability: turning}}, {{capability: turning}}]}}
+orders:
+  - {{type: gear, quantity: 2, priority: 1, release: 1, interval: 1}}
+"""
+
+
+class Insider:
+    """A client on the broker with an agent's own account (a second connection of it)."""
+
+    def __init__(self, plant: LivePlant, account: str) -> None:
+        self.plant = plant
+        self.account = account
+        self.aas_id = plant.agent(account).aas_id
+        self.inbox: list[Message] = []
+        self.transport: MqttTransport | None = None
+
+    async def __aenter__(self) -> Insider:
+        async def handler(topic: str, payload: bytes) -> None:
+            try:
+                self.inbox.append(parse_message(payload))
+            except ValueError:
+                pass
+
+        self.transport = MqttTransport(
+            f"{self.account}-x", self.plant.address(self.account), handler, connect_retries=1
+        )
+        await self.transport.connect()
+        await self.transport.subscribe(f"i40/{NS}/to/{self.account}/+")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.transport is not None
+        await self.transport.close(timeout=2)
+
+    async def call(self, capability: str, elements: list[dict[str, Any]], **frame: Any) -> Message:
+        msg = make_message(
+            MessageType.CALL_FOR_PROPOSAL,
+            sender=self.aas_id,
+            sender_role=Role.REQUESTER,
+            conversation_id=frame.pop("conversation_id", f"attack-{len(self.inbox)}-{id(elements)}"),
+            elements=elements,
+            **frame,
+        )
+        assert self.transport is not None
+        await self.transport.publish(f"i40/{NS}/cfp/{capability}/{self.account}", msg.to_json())
+        await self.transport.flush(5)
+        return msg
+
+    async def accept_proposals(self, call: Message, wait: float) -> list[Message]:
+        """Accept every proposal that answers `call` within `wait` seconds (what a thief would do)."""
+        accepted: list[Message] = []
+        loop = asyncio.get_running_loop()
+        end = loop.time() + wait
+        while loop.time() < end:
+            for m in self.inbox:
+                if m.type is MessageType.PROPOSAL and m.in_reply_to == call.id and m not in accepted:
+                    accept = make_message(
+                        MessageType.ACCEPT_PROPOSAL,
+                        sender=self.aas_id,
+                        sender_role=Role.REQUESTER,
+                        conversation_id=call.conversation,
+                        receiver=m.sender,
+                        in_reply_to=m.id,
+                    )
+                    bidder = next(n for n, a in self.plant.node.agents.items() if a.aas_id == m.sender)
+                    assert self.transport is not None
+                    await self.transport.publish(f"i40/{NS}/to/{bidder}/{self.account}", accept.to_json())
+                    accepted.append(m)
+            await asyncio.sleep(0.05)
+        return accepted
+
+
+def work_orders(plant: LivePlant) -> list[WorkOrderRecord]:
+    assert plant.node is not None
+    with plant.node.db.session() as s:
+        return list(s.exec(select(WorkOrderRecord)).all())
+
+
+def notes(plant: LivePlant, kind: str) -> list[NoteRecord]:
+    assert plant.node is not None
+    with plant.node.db.session() as s:
+        return list(s.exec(select(NoteRecord).where(NoteRecord.kind == kind)).all())
+
+
+def call_for(product: str, step: int, **extra: Any) -> list[dict[str, Any]]:
+    fields: dict[str, Any] = {"capability": "turning", "location": "a", "release": 0.0, **extra}
+    return StepCall(product=product, step=step, **fields).to_json_elements()
+
+
+def executed_once(plant: LivePlant) -> None:
+    """Every step of every product was executed exactly once, and nothing else was."""
+    done = sorted((o.product, o.step) for o in work_orders(plant) if o.state in ("running", "done"))
+    assert done == sorted((p, s) for p in plant.products for s in (1, 2)), done
+    stuck = [o.job_id for o in work_orders(plant) if o.state in ("held", "booked", "running")]
+    assert stuck == [], f"work orders left open: {stuck}"
+
+
+async def test_a_resource_cannot_order_work_for_a_product(tmp_path: Path) -> None:
+    """Finding 2: ws-2, on its own call topic (the ACL allows it), calls for gear-1's step 1 and
+    accepts every proposal. The providers refuse the call (its product is not its sender),
+    note and count it; nothing is held, booked or executed for it."""
+    async with LivePlant(load_scenario_text(PLANT), tmp_path, broker="mosquitto", clock="accelerated",
+                         time_scale=200) as plant:  # fmt: skip
+        await plant.until_done(90)
+        before = {(o.resource, o.job_id) for o in work_orders(plant)}
+        async with Insider(plant, "ws-2") as thief:
+            call = await thief.call("turning", call_for("gear-1", 1))
+            accepted = await thief.accept_proposals(call, wait=3.0)
+            refusals = [m for m in thief.inbox if m.in_reply_to == call.id]
+        assert accepted == [], "a provider bid on a call that its named product did not send"
+        assert {m.type for m in refusals} <= {MessageType.NOT_UNDERSTOOD, MessageType.REFUSE_PROPOSAL}
+        await asyncio.sleep(1.0)  # anything booked would be running by now (2 units at 200 ms/unit)
+        new = [(o.resource, o.job_id, o.state) for o in work_orders(plant)
+               if (o.resource, o.job_id) not in before]  # fmt: skip
+        assert new == [], f"the call made work orders: {new}"
+        executed_once(plant)
+        refused = notes(plant, "wrong-product")
+        assert {n.agent for n in refused} >= {"ws-1"}, [(n.agent, n.detail) for n in refused]
+        assert all("gear-1" in n.detail and "ws-2" in n.detail for n in refused)
+        assert plant.agent("ws-1").counters["note:wrong-product"] == 1
