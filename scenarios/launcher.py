@@ -40,7 +40,7 @@ from registry.process import RegistryProcess
 from scenarios import assembly, gantt, kpis
 from scenarios.chaos import Chaos
 from scenarios.intake import OrderIntake
-from scenarios.loader import load_scenario
+from scenarios.loader import ScenarioError, load_scenario
 from scenarios.notifications import ScenarioNotifier
 from scenarios.schema import Scenario
 from scenarios.workers import Recovery, WorkerPool
@@ -225,6 +225,9 @@ def recorder_address(broker: RunningBroker, credentials: Credentials | None) -> 
 
 
 async def run(scenario: Scenario, options: RunOptions) -> RunResult:
+    missing = scenario.missing_vendor_keys(os.environ)
+    if missing:  # before anything starts or is written: a retry with the variable set is clean
+        raise ScenarioError("\n".join(missing))
     out = options.out
     out.mkdir(parents=True, exist_ok=True)
     _raise_open_files_limit()
@@ -308,6 +311,8 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
             else:
                 orders_url = await intake.start(options.orders_host, options.orders_port)
                 notices.append(f"order-taking service: {orders_url}")
+                for name, variable in sorted(intake.service.vendors.skipped.items()):
+                    notices.append(f"vendor {name} cannot order over HTTP: {variable} is not set (optional)")
                 if options.on_orders_url:
                     options.on_orders_url(orders_url)
         if worker_shares:

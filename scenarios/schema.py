@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 from urllib.parse import urlsplit
@@ -565,6 +565,9 @@ class Vendor(_Model):
     api_key_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
     #: Where progress notifications are POSTed (http or https URL); null: no notifications.
     notify: str | None = None
+    #: With ``api_key_env``: a run without that variable set goes on without this vendor (it
+    #: cannot order over HTTP; a note says so) instead of being refused.
+    optional: bool = False
 
     @field_validator("notify")
     @classmethod
@@ -859,6 +862,17 @@ class Scenario(_Model):
                 continue
             return alt.duration or step.duration or offer.duration
         return None
+
+    def missing_vendor_keys(self, env: Mapping[str, str]) -> list[str]:
+        """One line per vendor whose key variable is not set in ``env`` and that the scenario does
+        not mark ``optional``: such a run could not take that vendor's orders, so `validate` and
+        `run` refuse it rather than start a plant that only half works."""
+        return [
+            f"vendors[{i}].api_key_env: environment variable {v.api_key_env} is not set "
+            f"(vendor {v.name!r}); set it, or mark the vendor 'optional: true' to run without it"
+            for i, v in enumerate(self.vendors)
+            if v.api_key_env and not v.optional and not env.get(v.api_key_env)
+        ]
 
     def product_instances(self) -> list[ProductInstance]:
         """Every product instance, in order of the orders; names ``<type>-<n>`` with ``<type>``

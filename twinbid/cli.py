@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -28,10 +29,16 @@ def _load(path: Path):
     from scenarios.loader import ScenarioError, load_scenario
 
     try:
-        return load_scenario(path)
+        scenario = load_scenario(path)
     except ScenarioError as exc:
         err.print(f"[red]invalid scenario[/red]\n{exc}", markup=True, highlight=False)
         raise typer.Exit(2) from None
+    missing = scenario.missing_vendor_keys(os.environ)
+    if missing:
+        lines = "\n".join(f"{path}: {line}" for line in missing)
+        err.print(f"[red]scenario cannot run here[/red]\n{lines}", markup=True, highlight=False)
+        raise typer.Exit(2)
+    return scenario
 
 
 @app.command()

@@ -192,6 +192,9 @@ class VendorConfig(BaseModel):
     notify: str | None = None
     #: Webhook signing secret, from this environment variable (default: derived from the API key).
     webhook_secret_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
+    #: A vendor whose ``api_key_env`` is not set is left out (and named in ``skipped``) instead of
+    #: stopping the service: for example vendors a shipped scenario lists as an example.
+    optional: bool = False
     #: Rate limits overriding the service's defaults.
     submit_rate: Rate | None = None
     read_rate: Rate | None = None
@@ -229,6 +232,8 @@ class VendorDirectory:
     """The vendors a service accepts, with their key hashes (env keys are hashed in memory on load)."""
 
     vendors: dict[str, _Vendor] = field(default_factory=dict)
+    #: Optional vendors left out because their key variable is not set, with the variable.
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_configs(
@@ -256,6 +261,9 @@ class VendorDirectory:
             key_hash = config.api_key_hash
             if key_hash is None:
                 key = env.get(config.api_key_env or "")
+                if not key and config.optional:
+                    out.skipped[config.name] = config.api_key_env or ""
+                    continue
                 if not key:
                     problems.append(
                         f"vendors[{i}].api_key_env: environment variable {config.api_key_env} is not set"
@@ -326,7 +334,7 @@ def _to_config(raw: Any) -> VendorConfig:
     if isinstance(raw, Mapping):
         return VendorConfig.model_validate(dict(raw))
     # a scenario Vendor (pydantic) or anything with the same attributes
-    data = {k: getattr(raw, k, None) for k in ("name", "api_key_hash", "api_key_env", "notify")}
+    data = {k: getattr(raw, k, None) for k in ("name", "api_key_hash", "api_key_env", "notify", "optional")}
     return VendorConfig.model_validate({k: v for k, v in data.items() if v is not None})
 
 
