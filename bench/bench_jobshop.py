@@ -4,7 +4,7 @@
                                   [--random SEEDS] [--time-limit S] [--broker mosquitto|URL]
                                   [--run-timeout S]
 
-For every instance in ``../shared/jobshop`` (``index.json`` order; ``--instances`` picks some):
+For every instance in ``data/jobshop`` (``index.json`` order; ``--instances`` picks some):
 
 * runs the twinbid swarm on the virtual clock (``scenarios.launcher.run``, each run in its own
   temporary output folder, embedded broker unless ``--broker``) and reads its makespan from the
@@ -72,7 +72,7 @@ def _ortools_version() -> str | None:
     return ortools.__version__
 
 
-JOBSHOP_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "jobshop"
+JOBSHOP_DIR = Path(__file__).resolve().parents[1] / "data" / "jobshop"  # vendored: data/README.md
 RULES = tuple(jb.RULES)
 
 

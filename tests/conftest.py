@@ -35,6 +35,11 @@ from protocol.transport import BrokerAddress, MessageHandler, MqttTransport
 
 __all__ = ["HAVE_MOSQUITTO", "PG_URL", "free_port", "needs_mosquitto", "postgres_schema", "require_mosquitto"]
 
+#: Data the tests read, vendored into the repository (data/README.md says where it comes from).
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+JOBSHOP_DIR = DATA_DIR / "jobshop"
+SPEC_DIR = DATA_DIR / "spec" / "aas-api-v3.1"
+
 PG_URL = os.environ.get("TWINBID_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 

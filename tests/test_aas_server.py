@@ -8,11 +8,11 @@ import asyncio
 import datetime as dt
 import json
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 from basyx.aas import model
+from conftest import SPEC_DIR
 
 from agents.aas import build as b
 from agents.aas import ids
@@ -23,16 +23,9 @@ from agents.aas.verify import verify_objects
 from registry.conformance import AAS_REPOSITORY, SUBMODEL_REPOSITORY, SpecValidator
 from registry.identifiers import b64url_encode as enc
 
-SPEC_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "spec" / "aas-api-v3.1"
-needs_spec = pytest.mark.skipif(
-    not SPEC_DIR.is_dir(), reason=f"official OpenAPI files not found at {SPEC_DIR}"
-)
-
 
 @pytest.fixture(scope="module")
 def validator() -> SpecValidator:
-    if not SPEC_DIR.is_dir():
-        pytest.skip(f"official OpenAPI files not found at {SPEC_DIR}")
     return SpecValidator.load(SPEC_DIR, [SUBMODEL_REPOSITORY, AAS_REPOSITORY])
 
 
@@ -121,14 +114,12 @@ def assert_error(response: httpx.Response, status: int) -> None:
     assert body["messages"][0]["timestamp"].endswith("Z")
 
 
-@needs_spec
 async def test_port_zero_reports_real_port(world: World) -> None:
     assert world.server.port and world.server.port > 0
     assert world.url == f"http://127.0.0.1:{world.server.port}"
     assert (await world.http.get("/description")).json()["profiles"]
 
 
-@needs_spec
 async def test_read_routes(world: World) -> None:
     h = world.http
     shells = (await h.get("/shells")).json()
@@ -184,7 +175,6 @@ async def test_read_routes(world: World) -> None:
     assert (await h.get("/openapi.json")).json()["info"]["title"] == "twinbid AAS server"
 
 
-@needs_spec
 async def test_writes_go_through_the_owner(world: World) -> None:
     h = world.http
     record = b.step_record_element(b.StepRecord(1, "milling", outcome="scheduled", winner="mill-1"))
@@ -253,7 +243,6 @@ async def test_writes_go_through_the_owner(world: World) -> None:
     assert_error(await h.get(sm_url(world.status.id, "/submodel-elements/Location")), 404)
 
 
-@needs_spec
 async def test_put_keeps_element_order(world: World) -> None:
     before = [e.id_short for e in world.status.submodel_element]
     r = await world.http.put(
@@ -265,7 +254,6 @@ async def test_put_keeps_element_order(world: World) -> None:
     assert (await world.http.get(sm_url(world.status.id, "/$value"))).json()["State"] == "busy"
 
 
-@needs_spec
 async def test_invoke(world: World) -> None:
     h = world.http
     arg = {"value": {"modelType": "Property", "idShort": "quantity", "valueType": "xs:int", "value": "4"}}
@@ -299,7 +287,6 @@ async def test_invoke(world: World) -> None:
     )
 
 
-@needs_spec
 async def test_bad_input(world: World) -> None:
     h = world.http
     assert_error(await h.get("/shells/not*base64"), 400)
@@ -379,7 +366,6 @@ async def test_bad_input(world: World) -> None:
     assert b.element_value(b.child(world.status, "State")) == "idle"
 
 
-@needs_spec
 async def test_aas_client(world: World) -> None:
     async with AasClient(world.url) as client:
         shell = await client.get_shell(world.gear.id)
@@ -529,7 +515,6 @@ def test_store_rules() -> None:
     assert store.get_submodel(sm.id) is None
 
 
-@needs_spec
 def test_validator_loaded_both_specs(validator: SpecValidator) -> None:
     dropped = validator.specs[SUBMODEL_REPOSITORY].dropped_parameters
     assert (

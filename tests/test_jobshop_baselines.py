@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import JOBSHOP_DIR
 
 import scenarios.jobshop as scenarios_jobshop
 from scenarios.jobshop import flexible_variant, random_instance, random_like, scenario_from_jobshop
@@ -16,10 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import jobshop_baselines as jb
 
 ROOT = Path(__file__).resolve().parents[1]
-JOBSHOP = ROOT.parent / "shared" / "jobshop"
+JOBSHOP = JOBSHOP_DIR
 FT06 = JOBSHOP / "ft06.txt"
-needs_instances = pytest.mark.skipif(not FT06.exists(), reason="../shared/jobshop is not there")
-needs_ortools = pytest.mark.skipif(not jb.cpsat_available(), reason="ortools is not installed")
 
 
 def _classic(*jobs: list[tuple[int, int]], machines: int) -> jb.Problem:
@@ -45,7 +44,6 @@ def _non_delay_violations(problem: jb.Problem, schedule: list[jb.ScheduledOp]) -
 # --------------------------------------------------------------------------- dispatching
 
 
-@needs_instances
 @pytest.mark.parametrize("rule", list(jb.RULES))
 def test_rules_on_ft06_give_feasible_non_delay_schedules_no_better_than_the_optimum(rule: str) -> None:
     problem = jb.problem_from_instance(FT06)
@@ -59,7 +57,6 @@ def test_rules_on_ft06_give_feasible_non_delay_schedules_no_better_than_the_opti
     assert jb.dispatch(problem, rule).schedule == result.schedule  # deterministic
 
 
-@needs_instances
 def test_rules_on_every_instance_are_feasible_and_bounded_by_the_optimum() -> None:
     for path in sorted(JOBSHOP.glob("*.txt")):
         problem = jb.problem_from_instance(path)
@@ -109,7 +106,6 @@ def test_flexible_operation_goes_to_the_machine_finishing_earliest() -> None:
     assert jb.validate(problem, list(schedule.values())) == []
 
 
-@needs_instances
 @pytest.mark.parametrize("k", [2, 3])
 def test_flexible_variants_of_ft06(k: int) -> None:
     scenario = flexible_variant(FT06, k, 0)
@@ -125,7 +121,6 @@ def test_flexible_variants_of_ft06(k: int) -> None:
         assert result.makespan >= jb.lower_bound(problem)
 
 
-@needs_instances
 def test_problem_from_the_classic_scenario_is_the_instance() -> None:
     from_scenario = jb.problem_from_scenario(scenario_from_jobshop(FT06))
     from_file = jb.problem_from_instance(FT06)
@@ -162,7 +157,6 @@ def test_validator_rejects_infeasible_schedules() -> None:
     assert any("before the release" in e for e in jb.validate(problem, broken(1, start=-1, end=1)))
 
 
-@needs_instances
 def test_validator_rejects_a_shifted_dispatch_schedule() -> None:
     problem = jb.problem_from_instance(FT06)
     schedule = jb.dispatch(problem, "MWKR").schedule
@@ -176,8 +170,6 @@ def test_validator_rejects_a_shifted_dispatch_schedule() -> None:
 # --------------------------------------------------------------------------- CP-SAT
 
 
-@needs_instances
-@needs_ortools
 def test_cpsat_proves_55_on_ft06() -> None:
     problem = jb.problem_from_instance(FT06)
     result = jb.solve_cpsat(problem, time_limit=10)
@@ -187,8 +179,6 @@ def test_cpsat_proves_55_on_ft06() -> None:
     assert jb.makespan_of(result.schedule) == 55
 
 
-@needs_instances
-@needs_ortools
 def test_cpsat_on_a_flexible_variant_beats_the_rules_and_the_classic_optimum() -> None:
     problem = jb.problem_from_scenario(flexible_variant(FT06, 2, 0))
     rules = jb.dispatch_all(problem)
@@ -225,7 +215,6 @@ def test_random_instance_is_a_seeded_job_shop_of_the_asked_shape() -> None:
         random_instance(2, 2, seed=0, low=9, high=1)
 
 
-@needs_instances
 def test_random_like_keeps_a_public_instance_size_and_duration_range() -> None:
     ft10 = jb.problem_from_instance(JOBSHOP / "ft10.txt")
     public = scenarios_jobshop.read_instance(JOBSHOP / "ft10.txt")
@@ -242,7 +231,6 @@ def test_random_like_keeps_a_public_instance_size_and_duration_range() -> None:
 # --------------------------------------------------------------------------- the benchmark itself
 
 
-@needs_instances
 def test_benchmark_smoke_run_on_ft06(capsys: pytest.CaptureFixture[str]) -> None:
     import bench_jobshop
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import JOBSHOP_DIR
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,14 +28,12 @@ from scenarios.schema import Duration, KillFault, Scenario, Warehouse, Workstati
 
 REPO = Path(__file__).parents[1]
 SCENARIOS = REPO / "scenarios"
-JOBSHOP = Path(__file__).parents[1].parent / "shared" / "jobshop"
+JOBSHOP = JOBSHOP_DIR
 EXAMPLES = ["demo.yaml", "aircraft-sensor.yaml", "ft06.yaml"]
 DEMO_TEXT = (SCENARIOS / "demo.yaml").read_text(encoding="utf-8")
 DEMO_DATA = yaml.safe_load(DEMO_TEXT)
 INSTANCES = sorted(JOBSHOP.glob("*.txt"))
-INDEX = {e["file"]: e for e in json.loads((JOBSHOP / "index.json").read_text())} if JOBSHOP.exists() else {}
-
-needs_jobshop = pytest.mark.skipif(not INSTANCES, reason=f"no job-shop instances in {JOBSHOP}")
+INDEX = {e["file"]: e for e in json.loads((JOBSHOP / "index.json").read_text())}
 
 
 def problems_of(text: str, source: str = "bad.yaml") -> list[str]:
@@ -346,7 +345,6 @@ def test_faults_may_name_products_and_resources() -> None:
 # --------------------------------------------------------------------------- job-shop conversion
 
 
-@needs_jobshop
 @pytest.mark.parametrize("path", INSTANCES, ids=[p.stem for p in INSTANCES])
 def test_jobshop_conversion(path: Path) -> None:
     inst = read_instance(path)
@@ -372,7 +370,6 @@ def test_jobshop_conversion(path: Path) -> None:
     assert load_scenario_text(dump_scenario(s)) == s
 
 
-@needs_jobshop
 @pytest.mark.parametrize("k", [2, 3])
 def test_flexible_variant(k: int) -> None:
     inst = read_instance(JOBSHOP / "la01.txt")
@@ -398,7 +395,6 @@ def test_flexible_variant(k: int) -> None:
         flexible_variant(inst, inst.n_machines + 1)
 
 
-@needs_jobshop
 def test_ft06_yaml_is_regenerated_identically() -> None:
     assert load_scenario(SCENARIOS / "ft06.yaml") == scenario_from_jobshop(JOBSHOP / "ft06.txt")
     assert (SCENARIOS / "ft06.yaml").read_text(encoding="utf-8") == jobshop_yaml(JOBSHOP / "ft06.txt")
