@@ -10,11 +10,14 @@ the two criteria linearly, each normalised over the offers at hand:
 
 Ties break by earlier completion, then lower price, then provider id, so the same
 offers always give the same winner. Researchers plug in their own policy by
-implementing `SelectionPolicy.rank`.
+implementing `SelectionPolicy.rank` and naming it as ``module:Class`` (see `make_policy`);
+a scenario chooses the policy per priority (``bidding.selection``), and the product keeps
+the choice in its record, so a restarted product ranks as it did before.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -113,8 +116,48 @@ POLICIES: dict[str, type] = {
 }
 
 
-def make_policy(name: str) -> SelectionPolicy:
+DEFAULT_POLICY = "priority-weighted"
+
+
+class PolicyError(ValueError):
+    """A selection policy that cannot be made: unknown name, module or class, or no ``rank``."""
+
+
+def make_policy(spec: str) -> SelectionPolicy:
+    """The policy a spec names: a built-in name (`POLICIES`) or ``module:Class`` for a class
+    importable on the path, made with no arguments and offering ``rank(offers, priority)``.
+
+    Scenarios check the same spec when they are validated (``scenarios.schema.Selection``);
+    here it is made, so what a scenario cannot know (a constructor that fails) is refused here.
+    """
+    if spec in POLICIES:
+        return POLICIES[spec]()
+    if ":" not in spec:
+        raise PolicyError(
+            f"unknown selection policy {spec!r}; known: {', '.join(sorted(POLICIES))}, or module:Class"
+        )
+    module_name, _, class_name = spec.partition(":")
+    if not module_name or not class_name:
+        raise PolicyError(f"selection policy {spec!r}: write module:Class, e.g. mypackage.policies:Fastest")
     try:
-        return POLICIES[name]()
-    except KeyError:
-        raise ValueError(f"unknown selection policy {name!r}; known: {', '.join(sorted(POLICIES))}") from None
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise PolicyError(f"selection policy {spec!r}: cannot import module {module_name!r}: {exc}") from None
+    cls = getattr(module, class_name, None)
+    if not isinstance(cls, type):
+        raise PolicyError(f"selection policy {spec!r}: module {module_name!r} has no class {class_name!r}")
+    try:
+        policy = cls()
+    except Exception as exc:  # a researcher's constructor: report it, whatever it raised
+        raise PolicyError(f"selection policy {spec!r}: {class_name}() failed: {exc}") from None
+    if not callable(getattr(policy, "rank", None)):
+        raise PolicyError(f"selection policy {spec!r}: {class_name} has no rank(offers, priority) method")
+    return policy
+
+
+def policy_name(policy: SelectionPolicy) -> str:
+    """How records name a policy: its ``name``, else its class as ``module:Class``."""
+    name = getattr(policy, "name", None)
+    return (
+        name if isinstance(name, str) and name else f"{type(policy).__module__}:{type(policy).__qualname__}"
+    )

@@ -116,6 +116,7 @@ def product_order(scenario: Scenario, p: ProductInstance) -> ProductOrder:
         location=start,
         due=p.due,
         vendor=p.vendor,
+        selection=scenario.bidding.selection.for_priority(p.priority),
     )
 
 

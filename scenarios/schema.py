@@ -16,6 +16,7 @@ This module imports only the stdlib and pydantic; the YAML side is in :mod:`scen
 
 from __future__ import annotations
 
+import importlib
 import math
 import random
 import re
@@ -304,6 +305,55 @@ class Clock(_Model):
         return self
 
 
+#: The selection policies twinbid ships (``protocol.selection.POLICIES``; a test keeps both equal).
+BUILTIN_POLICIES = ("priority-weighted", "earliest-completion", "cheapest")
+
+
+def _known_policy(spec: str) -> str:
+    """A built-in policy, or ``module:Class`` naming a class with a ``rank`` method importable now.
+
+    The product makes the policy (``protocol.selection.make_policy``) when it starts; checking
+    the import here turns a typo into a scenario error instead of products that cannot start.
+    """
+    if spec in BUILTIN_POLICIES:
+        return spec
+    module_name, colon, class_name = spec.partition(":")
+    if not colon:
+        raise ValueError(
+            f"unknown selection policy {spec!r}; known: {', '.join(BUILTIN_POLICIES)}, or module:Class"
+        )
+    if not module_name or not class_name:
+        raise ValueError(f"selection policy {spec!r}: write module:Class, e.g. mypackage.policies:Fastest")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"selection policy {spec!r}: cannot import module {module_name!r}: {exc}") from None
+    cls = getattr(module, class_name, None)
+    if not isinstance(cls, type):
+        raise ValueError(f"selection policy {spec!r}: module {module_name!r} has no class {class_name!r}")
+    if not callable(getattr(cls, "rank", None)):
+        raise ValueError(f"selection policy {spec!r}: {class_name} has no rank(offers, priority) method")
+    return spec
+
+
+PolicySpec = Annotated[str, AfterValidator(_known_policy)]
+
+
+class Selection(_Model):
+    """The selection policy of each priority: a built-in name (``priority-weighted``,
+    ``earliest-completion``, ``cheapest``) or ``module:Class`` naming a researcher's class
+    (made with no arguments, offering ``rank(offers, priority)``). Each product keeps the policy
+    it was started with in its record; a restarted product ranks with that one."""
+
+    #: The policy of every priority not listed in ``by_priority``.
+    default: PolicySpec = "priority-weighted"
+    #: Priority (1..5) -> policy, e.g. ``{5: cheapest}``.
+    by_priority: dict[Annotated[int, Field(ge=1, le=5)], PolicySpec] = {}
+
+    def for_priority(self, priority: int) -> str:
+        return self.by_priority.get(priority, self.default)
+
+
 class Bidding(_Model):
     """Tuning of the VDI/VDE 2193-2 bidding procedure; all times in simulated time units."""
 
@@ -323,6 +373,14 @@ class Bidding(_Model):
     #: every capable resource is busy it rejects the offers and calls again when the best one
     #: would start (better schedules, more messages). False: take the best offer at once.
     defer_until_start: bool = True
+    #: How a product chooses among the proposals (see :class:`Selection`); a bare string is
+    #: the policy of every priority.
+    selection: Selection = Selection()
+
+    @field_validator("selection", mode="before")
+    @classmethod
+    def _one_policy_for_all(cls, value: Any) -> Any:
+        return {"default": value} if isinstance(value, str) else value
 
 
 class TransportLeg(_Model):

@@ -233,19 +233,21 @@ async def test_epoch_milliseconds_fit_and_an_old_schema_is_upgraded(db) -> None:
     )
     from agents.persistence.tables import ANALYSIS_INDEXES, SCHEMA_VERSION, AgentRecord
 
-    assert schema_version(db) == SCHEMA_VERSION == 4
+    assert schema_version(db) == SCHEMA_VERSION == 5
     with db.engine.begin() as conn:
         conn.exec_driver_sql('CREATE INDEX "ix_tb_outbox_seq" ON "tb_outbox" ("seq")')  # as v3 had it
         conn.exec_driver_sql("UPDATE tb_schema_version SET version = 1")
         if db.engine.dialect.name == "postgresql":  # the v1 column type, as an old run left it
             conn.exec_driver_sql('ALTER TABLE "tb_outbox" ALTER COLUMN "created_wall_ms" TYPE INTEGER')
         conn.exec_driver_sql('ALTER TABLE "tb_agent" DROP COLUMN "published_seq"')  # as v2 left it
+        conn.exec_driver_sql('ALTER TABLE "tb_product" DROP COLUMN "selection"')  # as v4 left it
         conn.exec_driver_sql(
             "INSERT INTO tb_agent (name, kind, aas_id, status, started_wall_ms, restarts)"
             " VALUES ('p-1', 'product', 'urn:p-1', 'running', 0, 0)"
         )
-    assert upgrade(db) == 4 and schema_version(db) == 4
+    assert upgrade(db) == 5 and schema_version(db) == 5
     assert _rows(db, AgentRecord, AgentRecord.name)[0].published_seq == 0
+    assert "selection" in {c["name"] for c in sa_inspect(db.engine).get_columns("tb_product")}
 
     def indexes() -> set[str]:
         found = set()

@@ -248,6 +248,7 @@ TABLES = (
     "tb_note",
     "tb_agent",
     "tb_conversation",
+    "tb_documentation",
 )
 
 
@@ -490,8 +491,9 @@ def load(out: Path | str, *, db: str | None = None) -> Run:
         steps_raw, orders_raw, products_raw = _schedule_from_messages(messages, events)
     products = _products(products_raw, steps_raw)
     steps = _steps(steps_raw, products)
-    conversations = _conversations(messages, inbox, steps)
-    bids = _bids(messages, conversations)
+    selections = _selections(raw.get("tb_documentation"))
+    conversations = _conversations(messages, inbox, steps, selections)
+    bids = _bids(messages, conversations, selections)
     work_orders = _work_orders(orders_raw, messages)
     notes = raw.get("tb_note", pd.DataFrame(columns=["id", "agent", "kind", "detail", "message_id", "sim"]))
     deliveries = inbox.drop(columns=["payload"], errors="ignore") if len(inbox) else pd.DataFrame()
@@ -775,11 +777,61 @@ def _steps(raw: pd.DataFrame, products: pd.DataFrame) -> pd.DataFrame:
     return s.sort_values(["product", "step"]).reset_index(drop=True)
 
 
-def _conversations(messages: pd.DataFrame, inbox: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:
+@dataclass
+class _Selections:
+    """What the products documented of each choice (their ProcessDocumentation, tb_documentation):
+    per proposal its rank, score and the policy's reason; per step the policy and the winner's reason."""
+
+    bids: dict[str, dict[str, Any]] = field(default_factory=dict)
+    steps: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+
+
+def _children(element: Any) -> dict[str, Any]:
+    value = element.get("value") if isinstance(element, dict) else None
+    return {c.get("idShort"): c for c in value if isinstance(c, dict)} if isinstance(value, list) else {}
+
+
+def _text(element: Any) -> str | None:
+    value = element.get("value") if isinstance(element, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _selections(docs: pd.DataFrame | None) -> _Selections:
+    out = _Selections()
+    if docs is None or not len(docs):
+        return out
+    for r in docs.itertuples(index=False):  # one merged record per step (part "record")
+        try:
+            record = _children(json.loads(r.element))
+        except ValueError:
+            continue  # the journal's row is the product's own JSON; unreadable is not ours to fix
+        out.steps[(r.product, int(r.step))] = {
+            "policy": _text(record.get("SelectionPolicy")),
+            "selection_reason": _text(record.get("SelectionReason")),
+        }
+        bids = sorted(_children(record.get("Bids")).items(), key=lambda kv: str(kv[0]))
+        for rank, (_, bid) in enumerate(bids, start=1):
+            fields = _children(bid)
+            proposal = _text(fields.get("ProposalId"))
+            if proposal is None:
+                continue
+            score = _text(fields.get("Score"))
+            out.bids[proposal] = {
+                "rank": rank,
+                "score": float(score) if score is not None else None,
+                "selection_reason": _text(fields.get("SelectionReason")),
+                "policy": out.steps[(r.product, int(r.step))]["policy"],
+            }
+    return out
+
+
+def _conversations(
+    messages: pd.DataFrame, inbox: pd.DataFrame, steps: pd.DataFrame, selections: _Selections
+) -> pd.DataFrame:
     cols = [
         "conversation_id", "product", "step", "capability", "priority", "rounds", "proposals",
         "refusals", "rejections", "not_understood", "messages", "winner", "price", "completion",
-        "status", "cfp_sim", "confirm_sim", "started", "finished", "cfp_ms", "confirm_ms", "latency_ms",
+        "policy", "selection_reason", "status", "cfp_sim", "confirm_sim", "started", "finished", "cfp_ms", "confirm_ms", "latency_ms",
     ]  # fmt: skip
     m = messages[messages["conversation_id"].notna()] if len(messages) else messages
     if not len(m):
@@ -803,6 +855,7 @@ def _conversations(messages: pd.DataFrame, inbox: pd.DataFrame, steps: pd.DataFr
         if confirm_ms is None and len(confirms):
             confirm_ms = _first_time(confirms, "received_ms")
         st = step_rows.get(cid, {})
+        chosen = selections.steps.get((first["product"], first["step"]), {})
         status = st.get("status") or (
             "done" if counts["inform"] else "failed" if counts["informFailure"] and not counts["informConfirm"]
             else "scheduled" if counts["informConfirm"] else "negotiating"
@@ -823,6 +876,8 @@ def _conversations(messages: pd.DataFrame, inbox: pd.DataFrame, steps: pd.DataFr
                 "winner": st.get("resource") or (award.resource if isinstance(award, Bid) else None),
                 "price": st.get("price") if st.get("price") is not None else getattr(award, "price", None),
                 "completion": getattr(award, "completion", None),
+                "policy": chosen.get("policy"),
+                "selection_reason": chosen.get("selection_reason"),
                 "status": status,
                 "cfp_sim": first["sim"] if len(cfps) else None,
                 "confirm_sim": confirms["sim"].iloc[0] if len(confirms) else None,
@@ -860,10 +915,11 @@ def _first_time(df: pd.DataFrame, prefer: str) -> float | None:
     return float(values.min()) if len(values) else None
 
 
-def _bids(messages: pd.DataFrame, conversations: pd.DataFrame) -> pd.DataFrame:
+def _bids(messages: pd.DataFrame, conversations: pd.DataFrame, selections: _Selections) -> pd.DataFrame:
     cols = [
         "message_id", "conversation_id", "call_id", "round", "product", "step", "priority",
         *_BID_FIELDS, "sender", "sim", "time_ms", "outcome", "reason", "accepted", "won",
+        "policy", "rank", "score", "selection_reason",
     ]  # fmt: skip
     if not len(messages):
         return pd.DataFrame(columns=cols)
@@ -908,6 +964,8 @@ def _bids(messages: pd.DataFrame, conversations: pd.DataFrame) -> pd.DataFrame:
                 "accepted": outcome == "accepted",
                 "won": outcome == "accepted"
                 and winner.get(r.conversation_id) == (fields["resource"] or r.sender),
+                **{k: selections.bids.get(r.message_id, {}).get(k) for k in ("policy", "rank", "score")},
+                "selection_reason": selections.bids.get(r.message_id, {}).get("selection_reason"),
             }
         )
     df = pd.DataFrame(rows, columns=cols)
@@ -915,6 +973,8 @@ def _bids(messages: pd.DataFrame, conversations: pd.DataFrame) -> pd.DataFrame:
         df["resource"] = df["resource"].fillna(df["sender"])
         df["step"] = df["step"].astype("Int64")
         df["round"] = df["round"].astype("Int64")
+        df["rank"] = pd.to_numeric(df["rank"], errors="coerce").astype("Int64")
+        df["score"] = pd.to_numeric(df["score"], errors="coerce")
     return df
 
 

@@ -795,6 +795,8 @@ class BidRecord:
     price: float
     score: float | None = None
     proposal_id: str | None = None
+    #: The selection policy's account of this bid's score (bids are listed best first).
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -807,6 +809,8 @@ class StepRecord:
     bids: Sequence[BidRecord] = ()
     winner: str | None = None
     reason: str | None = None
+    #: The selection policy that ranked the bids (its name, or module:Class).
+    policy: str | None = None
     scheduled_start: TimeValue | None = None
     scheduled_end: TimeValue | None = None
     started: TimeValue | None = None
@@ -867,11 +871,14 @@ def step_record_element(record: StepRecord) -> model.SubmodelElementCollection:
                 inner.append(prop("Score", float(bid.score), DT.Double, semantic_id=pd.BID_SCORE))
             if bid.proposal_id:
                 inner.append(prop("ProposalId", bid.proposal_id, DT.String))
+            if bid.reason:
+                inner.append(prop("SelectionReason", bid.reason, DT.String, semantic_id=pd.SELECTION_REASON))
             bids.append(smc(f"Bid{i:02d}", inner, semantic_id=pd.BID))
         elements.append(smc("Bids", bids, semantic_id=pd.BIDS))
     optional_str = [
         ("Winner", record.winner, pd.WINNER),
         ("SelectionReason", record.reason, pd.SELECTION_REASON),
+        ("SelectionPolicy", record.policy, pd.SELECTION_POLICY),
         ("Resource", record.resource, pd.RESOURCE),
         ("OutcomeText", record.outcome_text, pd.OUTCOME_TEXT),
     ]
@@ -929,6 +936,7 @@ def read_step_records(doc: model.Submodel) -> list[StepRecord]:
                         price=float(element_value(child(b, "Price"))),
                         score=float(score) if score is not None else None,
                         proposal_id=element_value(child(b, "ProposalId")),
+                        reason=element_value(child(b, "SelectionReason")),
                     )
                 )
 
@@ -944,6 +952,7 @@ def read_step_records(doc: model.Submodel) -> list[StepRecord]:
                 bids=tuple(bids),
                 winner=s("Winner"),
                 reason=s("SelectionReason"),
+                policy=s("SelectionPolicy"),
                 scheduled_start=_time(child(el, "ScheduledStart")),
                 scheduled_end=_time(child(el, "ScheduledEnd")),
                 started=_time(child(el, "Started")),

@@ -86,11 +86,14 @@ def step_record(record: StepRecord) -> Json:
                 inner.append(double("Score", bid.score, PD.BID_SCORE))
             if bid.proposal_id:
                 inner.append(prop("ProposalId", bid.proposal_id, "xs:string"))
+            if bid.reason:
+                inner.append(prop("SelectionReason", bid.reason, "xs:string", PD.SELECTION_REASON))
             bids.append(smc(f"Bid{i:02d}", inner, PD.BID))
         items.append(smc("Bids", bids, PD.BIDS))
     for id_short, text, sem in (
         ("Winner", record.winner, PD.WINNER),
         ("SelectionReason", record.reason, PD.SELECTION_REASON),
+        ("SelectionPolicy", record.policy, PD.SELECTION_POLICY),
         ("Resource", record.resource, PD.RESOURCE),
         ("OutcomeText", record.outcome_text, PD.OUTCOME_TEXT),
     ):

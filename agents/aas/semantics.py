@@ -138,6 +138,7 @@ class ProcessDocumentation:
     BID_SCORE: Final = _tw("ProcessDocumentation/Bid/Score/1/0")
     WINNER: Final = _tw("ProcessDocumentation/Winner/1/0")
     SELECTION_REASON: Final = _tw("ProcessDocumentation/SelectionReason/1/0")
+    SELECTION_POLICY: Final = _tw("ProcessDocumentation/SelectionPolicy/1/0")
     SCHEDULED_START: Final = _tw("ProcessDocumentation/ScheduledStart/1/0")
     SCHEDULED_END: Final = _tw("ProcessDocumentation/ScheduledEnd/1/0")
     STARTED: Final = _tw("ProcessDocumentation/Started/1/0")

@@ -48,12 +48,21 @@ def _analysis_indexes_only_after_runs(conn: Connection) -> None:
     conn.exec_driver_sql('DROP INDEX IF EXISTS "ix_tb_outbox_seq"')
 
 
+def _add_product_selection(conn: Connection) -> None:
+    """v5: tb_product.selection, the selection policy a product ranks offers with (NULL: the
+    default one, which every product of an older record used)."""
+    columns = {c["name"] for c in inspect(conn).get_columns("tb_product")}
+    if "selection" not in columns:
+        conn.exec_driver_sql('ALTER TABLE "tb_product" ADD COLUMN "selection" VARCHAR')
+
+
 #: version -> upgrade step from the version before. Version 1 is the initial schema.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: lambda conn: SQLModel.metadata.create_all(conn),
     2: _widen_epoch_ms,
     3: _add_published_seq,
     4: _analysis_indexes_only_after_runs,
+    5: _add_product_selection,
 }
 
 

@@ -11,7 +11,7 @@ from sqlalchemy import BigInteger
 from sqlmodel import Field, SQLModel
 
 # 2: epoch-ms columns BIGINT (PostgreSQL); 3: tb_agent.published_seq; 4: see ANALYSIS_INDEXES
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: Indexes nothing reads while the plant runs, on the tables every message writes (inbox, outbox,
 #: machine snapshots): keeping them up to date cost a fifth of those rows' writing (random keys
@@ -94,6 +94,7 @@ class ProductRecord(SQLModel, table=True):
     accepted_sim: float
     completed_sim: float | None = None
     ready_at: float = 0.0  # when the product is free for its next step (last step's end)
+    selection: str | None = None  # its selection policy, kept so a restart ranks alike (None: the default)
     shell: str  # the product's AAS environment as AAS JSON
 
 

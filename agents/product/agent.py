@@ -23,7 +23,7 @@ from agents.product.order import ProductOrder
 from agents.runtime.agent import Agent
 from agents.runtime.node import Node
 from protocol.bidding.requester import RequesterConfig
-from protocol.selection import SelectionPolicy
+from protocol.selection import DEFAULT_POLICY, SelectionPolicy, make_policy
 
 
 class ProductAgent(Agent):
@@ -80,12 +80,16 @@ async def start_product(
             "accepted_sim": node.clock.now(),
             "completed_sim": None,
             "ready_at": 0.0,
+            "selection": order.selection,
             "shell": environment_json(objects),
         }
         node.journal.put(ProductRecord, record)
     else:
         record = row.model_dump()
         objects = list(read_json(record["shell"].encode()).objects)
+    # The policy the product was started with, from its record: a restart ranks as before even
+    # if the scenario now says otherwise (an explicit ``policy`` argument overrides both).
+    policy = policy or make_policy(record.get("selection") or DEFAULT_POLICY)
     agent = ProductAgent(node, order.name, record["aas_id"])
     for obj in objects:
         if isinstance(obj, model.AssetAdministrationShell):

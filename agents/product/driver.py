@@ -22,6 +22,7 @@ from agents.runtime.role import Role
 from protocol.bidding.effects import Awarded, CallIssued, Completed, Failed, Reawarded, Rebid, Scheduled
 from protocol.bidding.requester import Requester
 from protocol.elements import StepCall
+from protocol.selection import policy_name
 
 
 class ManufacturingDriver(Role):
@@ -201,6 +202,7 @@ class ManufacturingDriver(Role):
                     price=x.offer.bid.price,
                     score=x.score,
                     proposal_id=x.offer.proposal_id,
+                    reason=x.reason,
                 )
                 for x in outcome.ranking
             ]
@@ -211,6 +213,7 @@ class ManufacturingDriver(Role):
                 bids=bids,
                 winner=winner.resource,
                 reason=outcome.ranking[0].reason,
+                policy=policy_name(r.policy),
                 outcome="negotiating",
                 # Durable with the acceptance (same commit): with steps that take no time the
                 # resource documents the finish before the product reads its confirmation, which

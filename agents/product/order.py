@@ -28,6 +28,8 @@ class ProductOrder:
     notify_url: str | None = None
     customization: dict[str, Any] = field(default_factory=dict)
     aas_id: str | None = None  # given by the vendor's shell; derived from the name otherwise
+    #: The selection policy (protocol.selection.make_policy spec) this product ranks offers with.
+    selection: str = "priority-weighted"
 
     def remaining_work(self, from_index: int) -> float:
         return sum(s.nominal for s in self.steps if s.index >= from_index)
