@@ -100,7 +100,7 @@ def _frame(name: str, topic: str, body: dict[str, Any]) -> bytes:
         reply_by = int(time.time() * 1000) + 5000
         elements = StepCall(
             product=body["product"],
-            step=0,
+            step=1,
             capability=f"c{body['capability']}",
             location="entry",
             release=0.0,

@@ -31,6 +31,51 @@ class ElementError(ValueError):
     """interactionElements that do not carry what the message type needs."""
 
 
+# --- what a number in a message may be ------------------------------------------------------------
+#
+# Every number read from a peer is checked here, before it can reach a state machine, a schedule
+# or the journal: a step of 10**30 failed three handlers and a whole group commit (the database
+# stores 64-bit integers), a step of -7 was executed, a release of 1e308 was booked. The bounds are
+# data, one table, read by `_coerce` for the fields of each message and by `_read_property` for
+# every property (parameters included).
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+#: Far past any plant's horizon in simulated time units (31,700 years of seconds), yet its epoch
+#: milliseconds fit a 64-bit integer a thousand times over.
+MAX_TIME = 1e12
+#: Prices and other amounts: well inside a double's exact integers (2**53), so sums stay exact.
+MAX_AMOUNT = 1e15
+PRIORITY_LEVELS = 5  # 1 = top priority ... 5 = lowest (protocol.selection weighs between them)
+#: The fields that are simulated times or durations (never negative).
+TIME_FIELDS = (
+    "release due remaining_work earliest_start completion duration setup transport valid_until"
+    " start started finished breakdown_delay"
+).split()
+#: field name -> inclusive (low, high); a number without a row is bounded by its type alone
+#: (an int within 64 bits, a float finite and within +-MAX_AMOUNT).
+BOUNDS: dict[str, tuple[float, float]] = {
+    "step": (1, 2**31 - 1),  # the process plan's 1-based index
+    "priority": (1, PRIORITY_LEVELS),
+    "price": (0.0, MAX_AMOUNT),
+    **dict.fromkeys(TIME_FIELDS, (0.0, MAX_TIME)),
+}
+
+
+def check_number(name: str, value: int | float) -> None:
+    """Raise ElementError unless `value` is a number `name` may hold (see BOUNDS)."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ElementError(f"{name}: {value} is not a finite number")
+    if isinstance(value, int) and not INT64_MIN <= value <= INT64_MAX:
+        raise ElementError(f"{name}: {value} does not fit a 64-bit integer")
+    low, high = BOUNDS.get(
+        name, (-MAX_AMOUNT, MAX_AMOUNT) if isinstance(value, float) else (INT64_MIN, INT64_MAX)
+    )
+    if not low <= value <= high:
+        raise ElementError(f"{name}: {value} is outside {low:g}..{high:g}")
+
+
 def capability_semantic_id(name: str) -> str:
     return CAPABILITY_PREFIX + name
 
@@ -192,15 +237,21 @@ def _coerce(owner: str, name: str, text: str, value: Any) -> Any:
             return value
         if "float" in text:
             out = float(value)
-            if not math.isfinite(out):
-                raise ValueError("not finite")
+        elif "int" in text:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError("not a whole number")
+            out = int(value)
+        else:
+            out = None
+        if out is not None:
+            check_number(name, out)
             return out
-        if "int" in text:
-            return int(value)
         if "bool" in text:
             return bool(value)
         return str(value)
-    except (TypeError, ValueError) as exc:
+    except ElementError as exc:
+        raise ElementError(f"{owner}.{exc}") from None
+    except (TypeError, ValueError, OverflowError) as exc:
         raise ElementError(f"{owner}.{name}: {value!r} is not a valid {text} ({exc})") from None
 
 
@@ -288,6 +339,11 @@ def _read_property(raw: Any, where: str) -> tuple[str, Any]:
         value = _FROM_XS[value_type](text)
     except (ValueError, KeyError):
         raise ElementError(f"{where}.{name}: {text!r} is not a valid {value_type}") from None
+    if isinstance(value, (int, float)):
+        try:
+            check_number(name, value)
+        except ElementError as exc:
+            raise ElementError(f"{where}.{exc}") from None
     return name, value
 
 

@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 BIDDING_PROTOCOL = "http://www.vdi.de/gma720/vdi2193_2/bidding"
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024
+#: The largest replyBy (epoch milliseconds) a frame may carry: a 64-bit integer, as stored.
+MAX_EPOCH_MS = 2**63 - 1
 T = TypeVar("T")
 
 
@@ -86,7 +88,7 @@ class Frame(_Strict):
     conversationId: str = Field(min_length=1, max_length=256)
     sender: Participant
     receiver: Participant | None = None
-    replyBy: int | None = Field(default=None, ge=0)  # epoch milliseconds
+    replyBy: int | None = Field(default=None, ge=0, le=MAX_EPOCH_MS)  # epoch milliseconds
     inReplyTo: str | None = Field(default=None, min_length=1, max_length=256)
 
 
@@ -250,7 +252,7 @@ def make_message(
     ):
         if value is not None and not (isinstance(value, str) and 0 < len(value) <= 256):
             raise ValueError(f"{name} must be a string of 1 to 256 characters, not {value!r}")
-    if reply_by is not None and not (isinstance(reply_by, int) and reply_by >= 0):
+    if reply_by is not None and not (isinstance(reply_by, int) and 0 <= reply_by <= MAX_EPOCH_MS):
         raise ValueError(f"replyBy must be epoch milliseconds (an int >= 0), not {reply_by!r}")
     fields = {
         "semanticProtocol": _PROTOCOL,

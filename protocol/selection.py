@@ -21,9 +21,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Protocol
 
-from protocol.elements import Bid
-
-PRIORITY_LEVELS = 5  # 1 = top priority ... 5 = lowest
+from protocol.elements import PRIORITY_LEVELS, Bid
 
 
 @dataclass(frozen=True, slots=True)

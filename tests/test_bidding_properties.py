@@ -113,7 +113,7 @@ actions = st.lists(
 )
 def test_bidding_survives_a_hostile_network(behaviours, validity, work, expected_known, script) -> None:
     providers = {f"urn:r{i}": ProviderAgent(f"urn:r{i}", b, validity, work) for i, b in enumerate(behaviours)}
-    call = StepCall("p", 0, "milling", "home", 0.0, priority=1 + len(behaviours) % 5)
+    call = StepCall("p", 1, "milling", "home", 0.0, priority=1 + len(behaviours) % 5)
     req = Requester("urn:p", "conv", call, frozenset(providers) if expected_known else frozenset(), CFG)
     now = 0
     net: list[tuple[str, Message]] = []  # (receiver, message) in flight

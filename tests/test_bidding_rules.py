@@ -23,7 +23,7 @@ from protocol.elements import Bid, Reason, StepCall, StepResult
 from protocol.frame import Message, MessageType, Role, make_message
 
 M = MessageType
-CALL = StepCall(product="p-1", step=0, capability="milling", location="store", release=0.0, priority=1)
+CALL = StepCall(product="p-1", step=1, capability="milling", location="store", release=0.0, priority=1)
 CFG = RequesterConfig(
     reply_window_ms=1000, max_rounds=2, backoff_ms=100, confirm_timeout_ms=500, max_failures=1
 )
@@ -42,7 +42,7 @@ def of(effects: list[object], kind: type) -> list:
 
 
 def requester(expected: tuple[str, ...] = ("urn:a", "urn:b"), priority: int = 1) -> tuple[Requester, Message]:
-    call = StepCall("p-1", 0, "milling", "store", 0.0, priority=priority)
+    call = StepCall("p-1", 1, "milling", "store", 0.0, priority=priority)
     r = Requester("urn:p", "conv-1", call, frozenset(expected), CFG)
     (cfp,) = sends(r.start(0))
     return r, cfp

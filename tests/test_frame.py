@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from basyx.aas import model
@@ -11,7 +12,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol.bidding.provider import Provider
-from protocol.elements import Bid, Booking, ElementError, Reason, StepCall, StepResult, decode_element
+from protocol.elements import (
+    MAX_AMOUNT,
+    MAX_TIME,
+    Bid,
+    Booking,
+    ElementError,
+    Reason,
+    StepCall,
+    StepResult,
+    decode_element,
+)
 from protocol.frame import BIDDING_PROTOCOL, FrameError, MessageType, Role, make_message, parse_message
 from protocol.message_cache import MessageCache
 from protocol.topics import (
@@ -83,14 +94,15 @@ def test_interaction_elements_are_real_basyx_objects() -> None:
     assert StepCall.from_json_elements(msg.interactionElements, strict=True) == CALL
 
 
-finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
+times = st.floats(min_value=0, max_value=MAX_TIME, width=64)
+amounts = st.floats(min_value=0, max_value=MAX_AMOUNT, width=64)
 
 
 @settings(max_examples=200, deadline=None)
 @given(
-    start=finite,
-    completion=finite,
-    price=finite,
+    start=times,
+    completion=times,
+    price=amounts,
     resource=st.text(min_size=1, max_size=20),
     setup=st.floats(min_value=0, max_value=1e6),
 )
@@ -195,6 +207,59 @@ def test_element_with_wrong_value_type_is_rejected_precisely() -> None:
         StepCall.from_json_elements(raw)
     with pytest.raises(ElementError, match="not a valid AAS element"):
         StepCall.from_json_elements(raw, strict=True)
+
+
+def _call_with(field: str, value_type: str, text: str) -> list[dict]:
+    raw = CALL.to_json_elements()
+    item = next(i for i in raw[0]["value"] if i["idShort"] == field)
+    item["valueType"], item["value"] = value_type, text
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("field", "value_type", "text", "says"),
+    [
+        ("step", "xs:long", str(10**30), "does not fit a 64-bit integer"),
+        ("step", "xs:long", "-7", "outside 1..2.14748e+09"),
+        ("step", "xs:long", "0", "outside 1.."),
+        ("step", "xs:double", "1.5", "not a whole number"),
+        ("step", "xs:double", "1E308", "outside 1.."),
+        ("release", "xs:double", "1E308", "outside 0..1e+12"),
+        ("release", "xs:double", "-1.0", "outside 0..1e+12"),
+        ("release", "xs:double", "INF", "not a finite number"),
+        ("release", "xs:double", "NaN", "not a finite number"),
+        ("priority", "xs:long", "9", "outside 1..5"),
+        ("remaining_work", "xs:long", str(2**63), "does not fit a 64-bit integer"),
+    ],
+)
+def test_every_number_in_a_call_is_bounded_and_finite(
+    field: str, value_type: str, text: str, says: str
+) -> None:
+    """Issue 21 finding 3: what no column or schedule can hold is refused when the call is read,
+    naming the field, on the fast and the strict (basyx) path alike."""
+    raw = _call_with(field, value_type, text)
+    with pytest.raises(ElementError, match=f"{field}: .*{re.escape(says)}"):
+        StepCall.from_json_elements(raw)
+    with pytest.raises(ElementError):
+        StepCall.from_json_elements(raw, strict=True)
+
+
+def test_parameters_and_reply_by_are_bounded_too() -> None:
+    raw = CALL.to_json_elements()
+    params = next(i for i in raw[0]["value"] if i["idShort"] == "parameters")
+    params["value"] = [
+        {"idShort": "depth", "modelType": "Property", "valueType": "xs:long", "value": str(10**20)}
+    ]
+    with pytest.raises(ElementError, match=r"depth: .*does not fit a 64-bit integer"):
+        StepCall.from_json_elements(raw)
+    data = json.loads(cfp())
+    data["frame"]["replyBy"] = 2**64
+    with pytest.raises(FrameError) as info:
+        parse_message(json.dumps(data))
+    assert info.value.where == "frame.replyBy"
+    with pytest.raises(ValueError, match="replyBy"):
+        make_message(MessageType.PROPOSAL, sender="urn:r", sender_role=Role.PROVIDER, conversation_id="c",
+                     reply_by=2**63)  # fmt: skip
 
 
 def test_missing_field_is_named() -> None:

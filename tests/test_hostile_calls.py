@@ -88,19 +88,21 @@ class Insider:
         await self.transport.flush(5)
         return msg
 
-    async def accept_proposals(self, call: Message, wait: float) -> list[Message]:
-        """Accept every proposal that answers `call` within `wait` seconds (what a thief would do)."""
+    async def accept_proposals(self, calls: list[Message], wait: float) -> list[Message]:
+        """Accept every proposal that answers one of `calls` within `wait` seconds (what a thief
+        would do)."""
         accepted: list[Message] = []
+        ids = {c.id for c in calls}
         loop = asyncio.get_running_loop()
         end = loop.time() + wait
         while loop.time() < end:
             for m in self.inbox:
-                if m.type is MessageType.PROPOSAL and m.in_reply_to == call.id and m not in accepted:
+                if m.type is MessageType.PROPOSAL and m.in_reply_to in ids and m not in accepted:
                     accept = make_message(
                         MessageType.ACCEPT_PROPOSAL,
                         sender=self.aas_id,
                         sender_role=Role.REQUESTER,
-                        conversation_id=call.conversation,
+                        conversation_id=m.conversation,
                         receiver=m.sender,
                         in_reply_to=m.id,
                     )
@@ -147,7 +149,7 @@ async def test_a_resource_cannot_order_work_for_a_product(tmp_path: Path) -> Non
         before = {(o.resource, o.job_id) for o in work_orders(plant)}
         async with Insider(plant, "ws-2") as thief:
             call = await thief.call("turning", call_for("gear-1", 1))
-            accepted = await thief.accept_proposals(call, wait=3.0)
+            accepted = await thief.accept_proposals([call], wait=3.0)
             refusals = [m for m in thief.inbox if m.in_reply_to == call.id]
         assert accepted == [], "a provider bid on a call that its named product did not send"
         assert {m.type for m in refusals} <= {MessageType.NOT_UNDERSTOOD, MessageType.REFUSE_PROPOSAL}
@@ -160,3 +162,32 @@ async def test_a_resource_cannot_order_work_for_a_product(tmp_path: Path) -> Non
         assert {n.agent for n in refused} >= {"ws-1"}, [(n.agent, n.detail) for n in refused]
         assert all("gear-1" in n.detail and "ws-2" in n.detail for n in refused)
         assert plant.agent("ws-1").counters["note:wrong-product"] == 1
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [("step", 10**30, "does not fit a 64-bit integer"), ("step", -7, "outside 1.."),
+     ("release", 1e308, "outside 0..1e+12")],
+)  # fmt: skip
+async def test_hostile_numbers_in_a_valid_call_are_refused(
+    tmp_path: Path, field: str, value: float, says: str
+) -> None:
+    """Finding 3: gear-1's own account, while the plant runs, calls for a step with a number no
+    column or schedule can hold, and accepts whatever is offered. The call is refused when read
+    (notUnderstood naming the field), nothing reaches a schedule or the journal, and the plant
+    finishes with every step executed once."""
+    async with LivePlant(load_scenario_text(PLANT), tmp_path, broker="mosquitto", clock="accelerated",
+                         time_scale=200) as plant:  # fmt: skip
+        assert plant.node is not None
+        async with Insider(plant, "gear-1") as thief:
+            fields = {"step": 1, field: value}
+            call = await thief.call("turning", call_for("gear-1", **fields))
+            accepted = await thief.accept_proposals([call], wait=3.0)
+            answers = [m for m in thief.inbox if m.in_reply_to == call.id]
+        assert accepted == [], "a provider bid on a call with an impossible number"
+        assert answers and {m.type for m in answers} == {MessageType.NOT_UNDERSTOOD}
+        await plant.until_done(90)
+        executed_once(plant)
+        assert plant.node.journal.failed is None
+        refused = [n.detail for n in notes(plant, "not-understood") if call.id in n.detail]
+        assert len(refused) == 2 and all(f"{field}: " in d and says in d for d in refused), refused

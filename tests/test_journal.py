@@ -16,6 +16,7 @@ from conftest import postgres_schema
 from sqlmodel import select
 
 from agents.persistence import Journal, open_database
+from agents.persistence.journal import Unstorable
 from agents.persistence.tables import AgentRecord, ConversationRecord, NoteRecord, OutboxRecord
 
 
@@ -159,7 +160,7 @@ async def test_a_refused_write_withholds_its_messages_and_the_journal_goes_on(db
     bad = _outbox("m-9", 9)
     del bad["payload"]  # NOT NULL column missing: the database refuses the batch
     journal.put(OutboxRecord, bad)
-    journal.after_commit(lambda: released.append(9))
+    journal.after_commit(lambda: released.append(9), "p-1")
     await asyncio.wait_for(journal.commit(), 10)
     assert released == [] and journal.failed is not None  # never announced: it is not durable
     assert journal.retries == 0  # another attempt would be refused as well
@@ -168,6 +169,53 @@ async def test_a_refused_write_withholds_its_messages_and_the_journal_goes_on(db
     await asyncio.wait_for(journal.commit(), 10)
     assert released == [10]
     assert [r.message_id for r in _rows(db, OutboxRecord, OutboxRecord.seq)] == ["m-10"]
+    await journal.close()
+
+
+async def test_one_agents_refused_row_costs_no_other_agent_anything(db) -> None:
+    """Issue 21: one unsaveable row dropped a whole group commit (every agent's rows and messages
+    of the batch). Now the batch is written again row by row under savepoints: only the refused
+    row is dropped, only its owner's messages of the batch are withheld."""
+    journal = Journal(db)
+    journal.start()
+    released: list[str] = []
+    bad = _outbox("m-1", 1)
+    del bad["payload"]  # NOT NULL column missing: the database refuses this row
+    journal.put(OutboxRecord, bad)
+    journal.after_commit(lambda: released.append("p-1"), "p-1")
+    good = _outbox("m-2", 2) | {"agent": "p-2"}
+    journal.put(OutboxRecord, good)
+    journal.after_commit(lambda: released.append("p-2"), "p-2")
+    journal.add(NoteRecord, {"agent": "p-2", "kind": "k", "detail": "d", "sim": 0.0, "wall_ms": 1})
+    journal.update(AgentRecord, ("p-2",), {"published_seq": 2})  # no such row: updates nothing
+    journal.after_commit(lambda: released.append("ack"))  # owned by nobody: not withheld
+    await asyncio.wait_for(journal.commit(), 10)
+    assert sorted(released) == ["ack", "p-2"]
+    assert [(r.agent, r.message_id) for r in _rows(db, OutboxRecord, OutboxRecord.seq)] == [("p-2", "m-2")]
+    assert [n.agent for n in _rows(db, NoteRecord, NoteRecord.id)] == ["p-2"]
+    assert journal.refused_rows == 1 and journal.failed is not None
+    journal.put(OutboxRecord, _outbox("m-3", 3))  # and p-1's next batch goes through
+    journal.after_commit(lambda: released.append("p-1 again"), "p-1")
+    await asyncio.wait_for(journal.commit(), 10)
+    assert released[-1] == "p-1 again" and journal.refused_rows == 1
+    await journal.close()
+
+
+@pytest.mark.parametrize(
+    ("column", "value"), [("seq", 10**30), ("seq", -(2**63) - 1), ("created_sim", float("nan")),
+                          ("created_sim", float("inf"))],
+)  # fmt: skip
+async def test_what_no_column_can_hold_is_refused_before_it_is_staged(db, column: str, value: object) -> None:
+    journal = Journal(db)
+    journal.start()
+    with pytest.raises(Unstorable, match=f"tb_outbox.{column}: .* cannot be stored"):
+        journal.put(OutboxRecord, _outbox("m-1", 1) | {column: value})
+    with pytest.raises(Unstorable):
+        journal.update(OutboxRecord, ("p-1", "m-1"), {column: value})
+    journal.put(OutboxRecord, _outbox("m-2", 2))
+    await asyncio.wait_for(journal.commit(), 10)
+    assert [r.message_id for r in _rows(db, OutboxRecord, OutboxRecord.seq)] == ["m-2"]
+    assert journal.failed is None
     await journal.close()
 
 

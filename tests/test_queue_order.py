@@ -89,7 +89,7 @@ def test_rank_priority_first_then_most_work_per_sqrt_of_processing_time() -> Non
 
 
 def _booked() -> tuple[Requester, Provider, Message]:
-    call = StepCall("p-1", 0, "milling", "store", 0.0, priority=1)
+    call = StepCall("p-1", 1, "milling", "store", 0.0, priority=1)
     r = Requester("urn:p", "conv-1", call, frozenset({"urn:a"}), RequesterConfig())
     (cfp,) = [e.message for e in r.start(0) if isinstance(e, Send)]
     p, _ = Provider.on_call("urn:a", cfp, 1)
@@ -118,7 +118,7 @@ def test_a_moved_booking_is_re_confirmed_and_the_requester_takes_the_new_times()
 
 
 def test_only_a_booking_can_be_rescheduled() -> None:
-    call = StepCall("p-1", 0, "milling", "store", 0.0, priority=1)
+    call = StepCall("p-1", 1, "milling", "store", 0.0, priority=1)
     r = Requester("urn:p", "conv-1", call, frozenset({"urn:a"}), RequesterConfig())
     (cfp,) = [e.message for e in r.start(0) if isinstance(e, Send)]
     p, _ = Provider.on_call("urn:a", cfp, 1)
@@ -132,7 +132,7 @@ def test_only_a_booking_can_be_rescheduled() -> None:
 
 def _round(priority: int = 1, starts: tuple[float, ...] = (7.0, 9.0), now: int = 3_000):
     """A requester (clock origin 0: 1 unit = 1000 ms) closing a round with offers starting at `starts`."""
-    call = StepCall("p-1", 0, "milling", "store", 3.0, priority=priority)
+    call = StepCall("p-1", 1, "milling", "store", 3.0, priority=priority)
     names = [f"urn:{i}" for i in range(len(starts))]
     config = RequesterConfig(clock_origin_ms=0)
     r = Requester("urn:p", "conv-1", call, frozenset(names), config)

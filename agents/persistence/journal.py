@@ -8,11 +8,18 @@ then are that batch's messages released, in the order they were staged. While
 one batch is being written the next one fills, so durability costs latency of
 one commit, not throughput.
 
+Each row is checked when it is staged: a value no column can hold (an integer beyond 64 bits, a
+float that is not finite) raises `Unstorable` in the handler that staged it, instead of failing
+a commit that carries every agent's rows.
+
 A batch that fails for a passing reason (the database locked beyond its busy timeout, a
 connection to PostgreSQL lost) is written again, whole and before anything staged after it,
-with growing pauses for up to ``retry_for`` seconds; meanwhile the agents go on staging. Only
-an error that another attempt cannot mend (a constraint, a bug) or one that outlasts the
-retries drops the batch: its messages are withheld and ``failed`` is set.
+with growing pauses for up to ``retry_for`` seconds; meanwhile the agents go on staging. An
+error that another attempt cannot mend (a constraint, a bug) costs only its own rows: the batch
+is written again one row at a time, each under a savepoint, the rows the database refuses are
+dropped (logged, counted in ``refused_rows``, ``failed`` set) and the messages of their owners
+(the agent a row belongs to) in that batch are withheld; every other agent's rows and messages
+go through. One that outlasts the retries drops the whole batch.
 
 With SQLite, the write-ahead log is copied into the database file (a checkpoint) by a thread of
 the journal's own, holding the writer lock, after every ``checkpoint_rows`` rows: done by the
@@ -26,9 +33,10 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
@@ -45,6 +53,38 @@ from agents.persistence.database import Database
 log = logging.getLogger(__name__)
 
 AfterCommit = Callable[[], Any]
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+#: The columns that say whose a row is, in the order they are looked for (tb_work_order has a
+#: resource, tb_product and tb_step a product, the rest an agent).
+OWNER_COLUMNS = ("agent", "resource", "product")
+
+
+class Unstorable(ValueError):
+    """A row with a value no database column can hold; refused before it is staged."""
+
+
+def check_storable(table: type[SQLModel], row: dict[str, Any]) -> None:
+    """Raise `Unstorable` naming table, column and value unless every value fits its column's
+    kind: integers within 64 bits (SQLite and PostgreSQL BIGINT), floats finite (NaN reads back
+    as NULL from SQLite)."""
+    for column, value in row.items():
+        if isinstance(value, float):
+            if math.isfinite(value):
+                continue
+        elif not isinstance(value, int) or INT64_MIN <= value <= INT64_MAX:
+            continue
+        name = table.__tablename__  # type: ignore[attr-defined]
+        raise Unstorable(f"{name}.{column}: {value!r} cannot be stored (64-bit integers, finite floats)")
+
+
+def owner_of(row: dict[str, Any]) -> str | None:
+    """Whose row this is (see OWNER_COLUMNS); None when it names nobody."""
+    for column in OWNER_COLUMNS:
+        value = row.get(column)
+        if isinstance(value, str):
+            return value
+    return None
 
 
 _PRIMARY_KEYS: dict[type, tuple[str, ...]] = {}
@@ -90,7 +130,7 @@ class Journal:
         self._upserts: dict[type[SQLModel], dict[tuple, dict[str, Any]]] = {}
         self._inserts: dict[type[SQLModel], list[dict[str, Any]]] = {}
         self._updates: dict[tuple[type[SQLModel], tuple[str, ...]], dict[tuple, tuple]] = {}
-        self._after: list[AfterCommit] = []
+        self._after: list[tuple[str | None, AfterCommit]] = []
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -105,6 +145,7 @@ class Journal:
         self.retries = 0  # attempts after a passing failure
         self.retry_for = retry_for
         self.failed: BaseException | None = None
+        self.refused_rows = 0  # rows the database refused, dropped alone (their owners' messages too)
         # SQLite file: checkpoints off the event loop (None: SQLite's own, in the commit).
         self.checkpoint_rows = checkpoint_rows if self._lock_fd is not None else None
         self._rows_at_checkpoint = 0  # `rows` when the last checkpoint was started
@@ -121,7 +162,9 @@ class Journal:
     # --- staging (synchronous, from the event loop) ---------------------------------------------
 
     def put(self, table: type[SQLModel], row: dict[str, Any]) -> None:
-        """Insert or replace the row with this primary key (the last put in a batch wins)."""
+        """Insert or replace the row with this primary key (the last put in a batch wins).
+        Raises `Unstorable` (nothing staged) for a value no column can hold."""
+        check_storable(table, row)
         key = tuple(row[c] for c in primary_key(table))
         self._upserts.setdefault(table, {})[key] = row
         if self._updates:  # a row put after a partial update of it wins for the columns it has
@@ -139,6 +182,7 @@ class Journal:
         for and whose loss costs only repeated work after a crash (the publish watermark), which
         otherwise took a commit of its own several times a step.
         """
+        check_storable(table, values)
         self._updates.setdefault((table, tuple(values)), {})[key] = tuple(values.values())
         if wake:
             self._kick()
@@ -151,13 +195,17 @@ class Journal:
             self._kick()
 
     def add(self, table: type[SQLModel], row: dict[str, Any]) -> None:
-        """Append a row (autoincrement keys, logs)."""
+        """Append a row (autoincrement keys, logs). Raises `Unstorable` as `put` does."""
+        check_storable(table, row)
         self._inserts.setdefault(table, []).append(row)
         self._kick()
 
-    def after_commit(self, callback: AfterCommit) -> None:
-        """Run `callback` once everything staged so far is durable (publishing goes here)."""
-        self._after.append(callback)
+    def after_commit(self, callback: AfterCommit, owner: str | None = None) -> None:
+        """Run `callback` once everything staged so far is durable (publishing goes here).
+
+        `owner` names the agent whose rows the callback announces: when the database refuses one
+        of that agent's rows in the batch, the callback is withheld (and only then)."""
+        self._after.append((owner, callback))
         self._kick()
 
     async def commit(self) -> None:
@@ -223,9 +271,15 @@ class Journal:
             upserts, inserts, updates = self._upserts, self._inserts, self._updates
             after, waiters = self._after, self._waiters
             self._upserts, self._inserts, self._updates, self._after, self._waiters = {}, {}, {}, [], []
+            refused: set[str | None] = set()
             try:
                 if rows:
-                    await self._write_batch(loop, (upserts, inserts, updates), locked)
+                    try:
+                        await self._write_batch(loop, (upserts, inserts, updates), locked)
+                    except Exception as exc:
+                        if self._passing(exc):
+                            raise
+                        refused = await self._write_rows_alone(loop, (upserts, inserts, updates), exc)
             except Exception as exc:
                 self.failed = exc
                 log.exception("journal commit failed; %d messages withheld", len(after))
@@ -236,7 +290,9 @@ class Journal:
             self.commit_seconds += time.perf_counter() - t0
             self.batches += 1
             self._maybe_checkpoint()
-            for cb in after:
+            for owner, cb in after:
+                if refused and (owner in refused or None in refused):
+                    continue  # announces a state the database refused: never published
                 try:
                     cb()
                 except Exception:
@@ -287,6 +343,54 @@ class Journal:
         finally:
             if locked:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    async def _write_rows_alone(
+        self, loop: asyncio.AbstractEventLoop, batch: tuple, first: BaseException
+    ) -> set[str | None]:
+        """The batch again, each row under a savepoint: the rows the database refuses are dropped
+        and their owners returned; everyone else's rows are committed."""
+        locked = False if self.threaded else await self._take_writer_lock(loop)
+        try:
+            if self.threaded:
+                dropped = await loop.run_in_executor(self._executor, self._write_alone, *batch)
+            else:
+                dropped = self._write_alone(*batch)
+        finally:
+            if locked:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        self.failed = first
+        self.refused_rows += len(dropped)
+        for table, row, exc in dropped:
+            log.error("journal refused a row of %s (owner %s), dropped alone: %s; row %.300r",
+                      table.__tablename__, owner_of(row), exc, row)  # fmt: skip
+        return {owner_of(row) for _, row, _ in dropped}
+
+    def _write_alone(self, upserts: dict, inserts: dict, updates: dict) -> list[tuple]:
+        """One transaction, one savepoint per row; returns (table, row, error) of each row refused."""
+        dropped: list[tuple] = []
+        work: list[tuple[type[SQLModel], dict[str, Any], str, tuple]] = []
+        for table, by_key in upserts.items():
+            work += [(table, r, self._sql(table, tuple(r), True), tuple(r.values())) for r in by_key.values()]
+        for table, rows in inserts.items():
+            work += [(table, r, self._sql(table, tuple(r), False), tuple(r.values())) for r in rows]
+        for (table, columns), by_key in updates.items():
+            keys = primary_key(table)
+            for key, values in by_key.items():
+                row = dict(zip(keys, key, strict=True)) | dict(zip(columns, values, strict=True))
+                work.append((table, row, self._update_sql(table, columns), values + key))
+        with self._transaction() as cursor:
+            for table, row, sql, params in work:
+                cursor.execute("SAVEPOINT tb_row")
+                try:
+                    cursor.execute(sql, params)
+                except Exception as exc:
+                    if self._passing(exc):
+                        raise
+                    cursor.execute("ROLLBACK TO SAVEPOINT tb_row")
+                    dropped.append((table, row, exc))
+                cursor.execute("RELEASE SAVEPOINT tb_row")
+        self.rows += len(work) - len(dropped)
+        return dropped
 
     def _passing(self, exc: BaseException) -> bool:
         """A failure another attempt may not meet: the database busy or locked, the connection
@@ -402,26 +506,18 @@ class Journal:
             sql = self._statements[key] = f"UPDATE {q(name)} SET {sets} WHERE {where}"
         return sql
 
-    def _write(self, upserts: dict, inserts: dict, updates: dict) -> None:
-        """One transaction on the journal's own connection, through the driver's cursor
-        (SQLAlchemy's machinery is per call); after a failure the connection is rolled back, and
-        replaced when the failure may have been the connection's."""
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Any]:
+        """A cursor of the journal's own connection, committed when the block ends; after a
+        failure the connection is rolled back, and replaced when the failure may have been the
+        connection's."""
         if self._conn is None:
             self._conn = self.db.engine.raw_connection()
         conn = self._conn
         cursor = conn.cursor()
-        written = 0
         try:
-            for table, by_key in upserts.items():
-                written += self._execute(cursor, table, list(by_key.values()), upsert=True)
-            for table, rows in inserts.items():
-                written += self._execute(cursor, table, rows, upsert=False)
-            for (table, columns), by_key in updates.items():
-                params = [values + key for key, values in by_key.items()]
-                cursor.executemany(self._update_sql(table, columns), params)
-                written += len(params)
+            yield cursor
             conn.commit()
-            self.rows += written  # a batch written again counts once
         except BaseException as exc:
             try:
                 conn.rollback()
@@ -436,6 +532,21 @@ class Journal:
         finally:
             with contextlib.suppress(Exception):
                 cursor.close()
+
+    def _write(self, upserts: dict, inserts: dict, updates: dict) -> None:
+        """One transaction on the journal's own connection, through the driver's cursor
+        (SQLAlchemy's machinery is per call)."""
+        written = 0
+        with self._transaction() as cursor:
+            for table, by_key in upserts.items():
+                written += self._execute(cursor, table, list(by_key.values()), upsert=True)
+            for table, rows in inserts.items():
+                written += self._execute(cursor, table, rows, upsert=False)
+            for (table, columns), by_key in updates.items():
+                params = [values + key for key, values in by_key.items()]
+                cursor.executemany(self._update_sql(table, columns), params)
+                written += len(params)
+        self.rows += written  # a batch written again counts once
 
     def _execute(
         self, cursor: Any, table: type[SQLModel], rows: list[dict[str, Any]], *, upsert: bool

@@ -266,12 +266,12 @@ class Node:
         if n:
             self._in_flight += n
             self.clock.add_pending(n)
-        self.journal.after_commit(lambda: queue.put_nowait((topic, payload, row)))
+        self.journal.after_commit(lambda: queue.put_nowait((topic, payload, row)), agent.name)
 
     def publish_event_after_commit(self, agent: Agent, topic: str, payload: bytes) -> None:
         queue = self._queues.get(agent.name)
         if queue is not None:
-            self.journal.after_commit(lambda: queue.put_nowait((topic, payload, None)))
+            self.journal.after_commit(lambda: queue.put_nowait((topic, payload, None)), agent.name)
 
     def delivered(self, agent: Agent, topic: str) -> None:
         if self._in_flight > 0:
