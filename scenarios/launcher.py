@@ -44,12 +44,10 @@ from scenarios.loader import ScenarioError, load_scenario
 from scenarios.notifications import ScenarioNotifier
 from scenarios.schema import Scenario
 from scenarios.workers import Recovery, WorkerPool
+from shopfloor.barrier import BarrierHost, SplitVirtualClock, TimeBarrier
 from shopfloor.clock import Clock, make_clock
 
 log = logging.getLogger(__name__)
-
-#: A virtual clock cannot yet span processes; multi-process runs of a virtual scenario use this scale.
-MULTIPROCESS_TIME_SCALE = 20.0
 
 
 @dataclass
@@ -100,9 +98,30 @@ class Plant:
         default_factory=dict
     )  # share -> AAS server port (stable across restarts)
     passwords: dict[str, str] = field(default_factory=dict)  # agent -> MQTT password (broker auth on)
+    split: bool = False  # a virtual clock over several processes: timers fire through the time barrier
 
 
-def _clock(plant: Plant) -> Clock:
+def split_virtual_refusals(scenario: Scenario, processes: int, chaos: bool) -> list[str]:
+    """Why a virtual clock cannot give one schedule over ``processes`` processes, if it cannot.
+
+    The time barrier (shopfloor/barrier.py) counts deliveries between processes from the agents'
+    subscriptions at start-up; agents that die, restart or appear later (kills, chaos) would make
+    it guess, and so would a broker restart that drops deliveries. Those are refused, not replaced.
+    """
+    if processes < 2 or scenario.clock.kind != "virtual":
+        return []
+    why = []
+    if chaos:
+        why.append("chaos kills agent processes at wall-clock instants")
+    for fault in scenario.faults:
+        what = "restarts the broker" if getattr(fault, "restart_broker", False) else f"kills {fault.kill}"
+        why.append(f"faults: the fault at t={fault.at:g} {what}")
+    return why
+
+
+def _clock(plant: Plant, share: int = 0) -> Clock:
+    if plant.split:
+        return SplitVirtualClock(share)
     return make_clock(
         plant.clock_kind, time_scale=plant.time_scale or 1.0, wall_origin_ms=plant.wall_origin_ms
     )
@@ -238,12 +257,14 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
     processes = max(1, options.processes)
     if options.chaos is not None and processes < 2:
         raise ValueError("chaos needs agent processes to kill: use processes >= 2")
-    if processes > 1 and clock_kind == "virtual":
-        clock_kind, time_scale = "accelerated", MULTIPROCESS_TIME_SCALE
-        notices.append(
-            f"the virtual clock runs in one process only; with --processes {processes} the run uses an "
-            f"accelerated clock ({MULTIPROCESS_TIME_SCALE:g} ms per time unit)"
+    refusals = split_virtual_refusals(scenario, processes, options.chaos is not None)
+    if refusals:
+        raise ValueError(
+            f"a virtual clock split over {processes} processes cannot give a deterministic schedule here: "
+            + "; ".join(refusals)
+            + ". Run with --processes 1, or use an accelerated clock"
         )
+    split = processes > 1 and clock_kind == "virtual"
     # With chaos every agent lives in a killable worker; otherwise this process takes share 0.
     count = processes - 1 if options.chaos is not None else processes
     local = options.chaos is None
@@ -266,6 +287,7 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
     finished: set[str] = set()
     notifier: ScenarioNotifier | None = None
     intake: OrderIntake | None = None
+    host: BarrierHost | None = None
     try:
         registry_url = await registry.start()
         db = open_database(db_url)
@@ -284,8 +306,12 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
         plant = Plant(
             scenario, out, broker.address, registry_url, db_url, clock_kind, time_scale, wall_origin, seed,
             aas_ports={share: free_port() for share in worker_shares}, passwords=dict(passwords),
+            split=split,
         )  # fmt: skip
         clock = _clock(plant)
+        if isinstance(clock, SplitVirtualClock):
+            host = BarrierHost(TimeBarrier(frozenset(range(count))))
+            host.local(clock)
         if options.resume and hasattr(clock, "resume_at"):
             clock.resume_at(_last_sim_time(db))
         node = Node(
@@ -299,7 +325,14 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
             node.event_hooks.append(notifier.on_event)
             await notifier.start()
         await node.start()
-        if scenario.vendors and local:
+        if scenario.vendors and local and split:
+            # Orders arrive at wall-clock instants; the barrier knows the plant's agents at start-up.
+            notices.append(
+                "order-taking service not started: vendor orders arrive at wall-clock instants, which a "
+                f"virtual clock split over {processes} processes cannot place deterministically "
+                "(run with --processes 1 to take orders)"
+            )
+        elif scenario.vendors and local:
             # Vendors may order into the running plant: POST /orders, or TakeOrder on the service's AAS.
             requester = assembly.requester_config(scenario, clock_kind, time_scale)
             try:
@@ -316,8 +349,10 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
                 if options.on_orders_url:
                     options.on_orders_url(orders_url)
         if worker_shares:
-            pool = WorkerPool(plant, worker_shares, count, on_finished=finished.add)
+            pool = WorkerPool(plant, worker_shares, count, on_finished=finished.add, barrier=host)
             pool.start()
+        if host is not None:
+            host.start()
         await clock.start()
         _write_plant_file(out, scenario, broker, registry_url, clock)
         # Two phases across processes: every resource is subscribed and registered before any
@@ -334,6 +369,8 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
                 pool.go()
             if local:
                 await _start_products(node, plant, 0, count)
+            if isinstance(clock, SplitVirtualClock):
+                clock.ready(node.topic_filters())
         total = len(scenario.product_instances())
         _schedule_faults(scenario, node, plant, broker, notices)
         if options.chaos is not None and pool is not None:
@@ -343,8 +380,10 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
             return total + (len(intake.accepted) if intake is not None else 0)
 
         timed_out, interrupted = await _wait(
-            scenario, clock, node, finished, expected, pool, options.progress
+            scenario, clock, node, finished, expected, pool, options.progress, host
         )
+        if host is not None and host.failure:
+            notices.append(host.failure)
     except asyncio.CancelledError:  # Ctrl-C: stop cleanly and still leave a complete record
         interrupted = True
         task = asyncio.current_task()
@@ -362,8 +401,17 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
         if intake is not None:
             with contextlib.suppress(Exception):
                 await intake.stop()
+        if host is not None:
+            host.closing()
         if pool is not None:
             await pool.stop()
+        if host is not None:
+            await host.stop()
+            if host.barrier.stalls:
+                notices.append(
+                    f"the time barrier forced progress {host.barrier.stalls} times (deliveries between "
+                    "processes that never arrived): the schedule may differ from a single-process run"
+                )
         if node is not None:
             products = [n for n, a in node.agents.items() if a.kind == "product"]
             try:
@@ -392,7 +440,7 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
         products_total=len(scenario.product_instances()) + (len(intake.accepted) if intake else 0),
     )
     figures["recorded_messages"] = recorder.count if recorder else 0
-    figures["clock"] = {"kind": clock_kind, "time_scale": time_scale}
+    figures["clock"] = {"kind": clock_kind, "time_scale": time_scale, "processes": processes}
     recoveries = pool.recoveries if pool else []
     times = [r.seconds for r in recoveries if r.seconds is not None]
     if times:
@@ -499,6 +547,7 @@ async def _wait(
     total: Callable[[], int],
     pool: WorkerPool | None,
     progress: bool,
+    host: BarrierHost | None = None,
 ) -> tuple[bool, bool]:
     """Until every product finished, the clock ran out, or the wall timeout; with a progress bar."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -535,14 +584,18 @@ async def _wait(
                 return False, False
             if now > deadline:
                 return True, False
-            idle = idle + 1 if clock.kind == "virtual" and _stalled(clock, node) else 0
+            if host is not None and host.failure:
+                return False, True
+            idle = idle + 1 if clock.kind == "virtual" and _stalled(clock, node, host) else 0
             if idle >= 10:  # a whole second with nothing to do and nothing pending
                 log.warning("the plant is idle but %d products are unfinished", total() - len(finished))
                 return False, False
             await asyncio.sleep(0.1)
 
 
-def _stalled(clock: Clock, node: Node) -> bool:
+def _stalled(clock: Clock, node: Node, host: BarrierHost | None = None) -> bool:
+    if host is not None:  # split: only the barrier sees the whole plant
+        return host.barrier.idle
     timers = getattr(clock, "timers", None)
     return bool(clock.pending == 0 and clock.busy == 0 and timers == 0 and node.agents)
 

@@ -54,8 +54,14 @@ STOP, GO = 0, 1
 SPARE_DELAY = 3.0  # seconds a takeover has the CPU to itself before the next spare is started
 
 
-def _spare_main(plant: Any, count: int, assign_q: Any, report_q: Any, flags: Any) -> None:
-    """A worker process: import everything and warm up, then wait for the share to run."""
+def _spare_main(plant: Any, count: int, assign_q: Any, report_q: Any, flags: Any, conn: Any = None) -> None:
+    """A worker process: import everything and warm up, then wait for the share to run.
+
+    Ctrl-C reaches the whole process group; the launcher alone handles it and stops the workers
+    through the stop flag (a worker interrupted on its own printed a traceback and left its share
+    half written). ``conn`` is its line to the time barrier in a split virtual run.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from scenarios import launcher  # noqa: F401 - the heavy imports happen here, before any assignment
 
@@ -64,7 +70,7 @@ def _spare_main(plant: Any, count: int, assign_q: Any, report_q: Any, flags: Any
     if assignment is None:
         return
     share, incarnation = assignment
-    asyncio.run(_share_main(plant, share, incarnation, count, report_q, flags, node))
+    asyncio.run(_share_main(plant, share, incarnation, count, report_q, flags, node, conn))
 
 
 def _warm_up(plant: Any) -> Any:
@@ -119,17 +125,32 @@ async def _until(flags: Any, index: int) -> None:
 
 
 async def _share_main(
-    plant: Any, share: int, incarnation: int, count: int, report_q: Any, flags: Any, node: Any = None
+    plant: Any,
+    share: int,
+    incarnation: int,
+    count: int,
+    report_q: Any,
+    flags: Any,
+    node: Any = None,
+    conn: Any = None,
 ) -> None:
     from agents.persistence import open_database
     from agents.runtime.node import Node
     from scenarios.launcher import _clock, _preload_share, _start_products, _start_resources, _write_aasx
+    from shopfloor.barrier import PipeLink, SplitVirtualClock
 
     if node is None:
-        node = Node(_node_config(plant, share), _clock(plant), open_database(plant.db_url, create=False))
+        node = Node(
+            _node_config(plant, share), _clock(plant, share), open_database(plant.db_url, create=False)
+        )
     else:
         node.config.aas_port = plant.aas_ports[share]
     clock = node.clock
+    link = None
+    if isinstance(clock, SplitVirtualClock):
+        link = PipeLink(conn, clock)
+        clock.attach(link, share)
+        link.start()
     node.finished_hooks.append(lambda a: report_q.put(("finished", a.name)) if a.kind == "product" else None)
     node.first_publish_hooks.append(lambda ms: report_q.put(("first-action", share, ms, incarnation)))
     await node.start()
@@ -148,12 +169,16 @@ async def _share_main(
         report_q.put(("resources-ready", share))
         await _until(flags, GO)
         names = await _start_products(node, plant, share, count)
+    if link is not None:
+        clock.ready(node.topic_filters())
     report_q.put(("ready", share, int(time.time() * 1000)))
     await _until(flags, STOP)
     await node.journal.commit()
     await node.stop()
     _write_aasx(node, names, plant.out / "aas")  # disconnected first: writing takes the loop a while
     await clock.stop()
+    if link is not None:
+        link.stop()
     report_q.put(("stopped", share))
 
 
@@ -181,6 +206,7 @@ class WorkerPool:
     states: dict[int, ShareState] = field(default_factory=dict)
     recoveries: list[Recovery] = field(default_factory=list)
     on_finished: Callable[[str], None] | None = None
+    barrier: Any = None  # the time barrier's host (shopfloor/barrier.py) of a split virtual run
 
     def __post_init__(self) -> None:
         # [stop, go]; go: products may start, every share's resources are up
@@ -198,10 +224,14 @@ class WorkerPool:
 
     def _new_process(self) -> tuple[Any, Any]:
         assign_q, report_q = self.ctx.Queue(), self.ctx.Queue()
+        ours, theirs = self.ctx.Pipe() if self.barrier is not None else (None, None)
         p = self.ctx.Process(
-            target=_spare_main, args=(self.plant, self.count, assign_q, report_q, self.flags), daemon=True
+            target=_spare_main,
+            args=(self.plant, self.count, assign_q, report_q, self.flags, theirs),
+            daemon=True,
         )
         p.start()
+        p.barrier_conn = ours  # the launcher's end, given to the barrier when the process takes a share
         self._queues.append(report_q)
         return p, assign_q
 
@@ -213,6 +243,8 @@ class WorkerPool:
         q.put((share, st.incarnation))
         st.process, st.spawned_ms, st.ready_ms, st.first_action_ms = proc, int(time.time() * 1000), None, None
         st.assign_q = q  # keep it alive: a queue collected here unlinks the semaphore the child still needs
+        if self.barrier is not None:
+            self.barrier.add(share, proc.barrier_conn)
         # The next takeover is warm too, but its process is started only once this share has
         # resumed (see poll): its imports would otherwise take the CPU the takeover needs.
         self._spare_due = time.monotonic() + (SPARE_DELAY if self._started else 0.0)

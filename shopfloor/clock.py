@@ -489,8 +489,8 @@ class VirtualClock(Clock):
     message can never hang a run. A forgiven pending count is booked as a debt: late
     ``done_pending`` calls that would drive the count below zero pay the debt instead.
 
-    Multi-process virtual time (a distributed termination-detection step) is out of scope: every
-    agent whose messages and timers must hold time still has to live in this process.
+    Over several processes each one runs a ``SplitVirtualClock`` (``shopfloor/barrier.py``), whose
+    timers fire only when the plant-wide time barrier grants them.
     """
 
     kind = "virtual"
@@ -555,11 +555,14 @@ class VirtualClock(Clock):
 
     # -- timers ----------------------------------------------------------------------------
     def call_at(self, when: float, callback: Callback, *, order: tuple = ()) -> Timer:
-        timer = Timer(self, _check_time(when, "when"), callback, order, next(self._seq))
+        timer = Timer(self, _check_time(when, "when"), callback, order, self._next_seq())
         heapq.heappush(self._heap, timer)
         self._live_timers += 1
         self._changed()
         return timer
+
+    def _next_seq(self) -> Any:
+        return next(self._seq)
 
     def _cancel(self, timer: Timer) -> None:
         # Lazily removed from the heap when popped.
@@ -741,19 +744,23 @@ class VirtualClock(Clock):
             if not self._quiet():
                 await self._wait_quiet()
                 continue
-            if not await self._settle():
-                continue
-            timer = self._pop_timer()
-            if timer is None:
-                self._notify_idle()
-                self._wake.clear()
-                if self._quiet() and self._live_timers == 0 and not self._idle_waiters:
-                    await self._wake.wait()
-                continue
-            if timer.when > self._now:
-                self._now = timer.when
-            self.timers_fired += 1
-            self._invoke(timer)
+            if await self._settle():
+                await self._on_quiet()
+
+    async def _on_quiet(self) -> None:
+        """The process is quiet and settled: run the next timer (or wait for something to happen)."""
+        assert self._wake is not None
+        timer = self._pop_timer()
+        if timer is None:
+            self._notify_idle()
+            self._wake.clear()
+            if self._quiet() and self._live_timers == 0 and not self._idle_waiters:
+                await self._wake.wait()
+            return
+        if timer.when > self._now:
+            self._now = timer.when
+        self.timers_fired += 1
+        self._invoke(timer)
 
     async def _wait_quiet(self) -> None:
         """Wait for pending == 0 and nobody busy; force progress after ``stall_timeout`` without any."""

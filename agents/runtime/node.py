@@ -83,6 +83,14 @@ class Node:
         self._publishers: dict[str, asyncio.Task] = {}
         self._filters: list[tuple[str, str]] = []  # (topic filter, agent name) of local agents
         self._in_flight = 0
+        # A virtual clock split over processes (shopfloor/barrier.py) counts the deliveries this
+        # process sends to agents in other processes and receives from them; which filters live
+        # elsewhere is known once every process has started (until then topics are kept).
+        self._split = hasattr(clock, "count_sent")
+        self._remote_filters: list[str] | None = None
+        self._unrouted: list[str] = []
+        if self._split:
+            clock.on_table = self._set_peers
         # httpx's API on aiohttp's connection pool: httpcore's pool polled every idle connection on
         # each request, ~2.8 ms of CPU a request with a few dozen in flight (the resources' PATCHes
         # of step documentation into products' AAS in other processes); aiohttp's ~0.3 ms.
@@ -266,6 +274,8 @@ class Node:
         if n:
             self._in_flight += n
             self.clock.add_pending(n)
+        if self._split:
+            self._count_remote(topic)
         self.journal.after_commit(lambda: queue.put_nowait((topic, payload, row)), agent.name)
 
     def publish_event_after_commit(self, agent: Agent, topic: str, payload: bytes) -> None:
@@ -274,9 +284,28 @@ class Node:
             self.journal.after_commit(lambda: queue.put_nowait((topic, payload, None)), agent.name)
 
     def delivered(self, agent: Agent, topic: str) -> None:
-        if self._in_flight > 0:
+        if self._split and topic.rsplit("/", 1)[-1] not in self.agents:
+            self.clock.count_received(1)  # from another process: the barrier balances it
+        elif self._in_flight > 0:
             self._in_flight -= 1
             self.clock.done_pending(1)
+
+    def topic_filters(self) -> list[str]:
+        """What this process's agents are subscribed to (for a split virtual clock's barrier)."""
+        return [f for f, _ in self._filters]
+
+    def _set_peers(self, table: dict[int, list[str]]) -> None:
+        share = self.clock.share
+        self._remote_filters = [f for s, filters in table.items() if s != share for f in filters]
+        unrouted, self._unrouted = self._unrouted, []
+        for topic in unrouted:
+            self._count_remote(topic)
+
+    def _count_remote(self, topic: str) -> None:
+        if self._remote_filters is None:
+            self._unrouted.append(topic)
+        else:
+            self.clock.count_sent(sum(1 for f in self._remote_filters if matches(f, topic)))
 
     async def _publish_loop(self, agent: Agent) -> None:
         queue = self._queues[agent.name]

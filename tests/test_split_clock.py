@@ -1,0 +1,163 @@
+"""One schedule however the plant is split: a virtual clock over 1, 2 or 3 processes.
+
+The time barrier (shopfloor/barrier.py) is checked as a sans-I/O machine first (it grants a timer
+only to a plant that is quiet with its deliveries balanced and unchanged since the reports, and
+the plant's earliest timer), then whole plants run through the launcher on a real mosquitto with
+real worker processes, and their records are compared step by step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_end_to_end import run_plant, schedule
+
+from scenarios.launcher import RunOptions, run
+from scenarios.loader import load_scenario, load_scenario_text
+from shopfloor.barrier import TimeBarrier
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIOS = ROOT / "scenarios"
+
+
+# --- the barrier alone -------------------------------------------------------------------------
+
+
+def _started(shares: int = 2) -> TimeBarrier:
+    barrier = TimeBarrier(frozenset(range(shares)))
+    for s in range(shares - 1):
+        assert barrier.receive(("filters", s, [f"i40/x/to/a{s}/+"])) == []
+    assert barrier.receive(("filters", shares - 1, ["f"])) == [(None, ("table", barrier.filters))]
+    return barrier
+
+
+def _head(when: float, name: str, share: int) -> tuple:
+    return (when, ((4, ((2, name),)),), 0, share, 1)
+
+
+def test_no_probe_while_a_delivery_is_in_flight_or_a_share_is_busy() -> None:
+    barrier = _started()
+    assert barrier.receive(("report", 0, (1, True, 1, 0, _head(5.0, "a", 0)))) == []
+    # share 1 quiet but has not received share 0's delivery yet: unbalanced, no probe
+    assert barrier.receive(("report", 1, (1, True, 0, 0, None))) == []
+    # share 1 busy with it
+    assert barrier.receive(("report", 1, (2, False, 0, 0, None))) == []
+    out = barrier.receive(("report", 1, (3, True, 0, 1, None)))
+    assert out == [(None, ("probe", 1))]
+
+
+def test_a_share_that_changed_since_its_report_voids_the_probe() -> None:
+    barrier = _started()
+    barrier.receive(("report", 0, (1, True, 0, 0, _head(5.0, "a", 0))))
+    assert barrier.receive(("report", 1, (1, True, 0, 0, _head(3.0, "b", 1)))) == [(None, ("probe", 1))]
+    assert barrier.receive(("answer", 0, 1, (1, True, 0, 0, _head(5.0, "a", 0)))) == []
+    # share 1 handled something between its report and the probe (its generation moved on)
+    assert barrier.receive(("answer", 1, 1, (2, True, 0, 0, _head(3.0, "b", 1)))) == [(None, ("probe", 2))]
+    assert barrier.step == 0
+
+
+def test_the_plants_earliest_timer_fires_after_every_share_is_at_its_time() -> None:
+    barrier = _started(3)
+    heads = {0: _head(5.0, "a", 0), 1: _head(3.0, "c", 1), 2: _head(3.0, "b", 2)}
+    for s, h in heads.items():
+        barrier.receive(("report", s, (1, True, 0, 0, h)))
+    for s, h in heads.items():
+        out = barrier.receive(("answer", s, 1, (1, True, 0, 0, h)))
+    # (3.0, "b") sorts before (3.0, "c"): share 2 fires, everybody reads t=3 first
+    assert out == [(None, ("advance", 1, 3.0, 2))]
+    assert barrier.receive(("at", 0, 1)) == [] and barrier.receive(("at", 2, 1)) == []
+    assert barrier.receive(("at", 1, 1)) == [(2, ("fire", 1))]
+    # until share 2 reports after its timer nothing else moves
+    assert barrier.receive(("report", 0, (1, True, 0, 0, heads[0]))) == []
+
+
+def test_a_quiet_plant_without_timers_is_idle() -> None:
+    barrier = _started()
+    for s in (0, 1):
+        barrier.receive(("report", s, (1, True, 2, 2, None)))
+    for s in (0, 1):
+        out = barrier.receive(("answer", s, 1, (1, True, 2, 2, None)))
+    assert out == [] and barrier.idle
+
+
+# --- whole plants ------------------------------------------------------------------------------
+
+
+def _record(scenario_path: Path, out: Path, processes: int, broker: str) -> tuple[list[tuple], dict]:
+    kpis = run_plant(load_scenario(scenario_path), out, broker=broker, processes=processes)
+    return schedule(out), kpis
+
+
+def _same_schedule(scenario_path: Path, tmp_path: Path, broker: str, splits: tuple[int, ...]) -> None:
+    one, kpis_one = _record(scenario_path, tmp_path / "p1", 1, broker)
+    assert one and kpis_one["products"]["completed"] == kpis_one["products"]["total"]
+    for n in splits:
+        split, kpis = _record(scenario_path, tmp_path / f"p{n}", n, broker)
+        assert kpis["clock"] == {
+            "kind": "virtual",
+            "time_scale": kpis_one["clock"]["time_scale"],
+            "processes": n,
+        }
+        assert kpis["products"] == kpis_one["products"]
+        assert kpis["makespan"] == kpis_one["makespan"], f"--processes {n}"
+        # every step: product, step, resource, start and finish time
+        assert split == one, f"--processes {n} changed the schedule"
+
+
+def test_demo_gives_one_schedule_with_1_2_and_3_processes(tmp_path: Path) -> None:
+    _same_schedule(SCENARIOS / "demo.yaml", tmp_path, "mosquitto", (2, 3))
+
+
+def test_ft06_gives_one_schedule_with_1_2_and_3_processes(tmp_path: Path) -> None:
+    _same_schedule(SCENARIOS / "ft06.yaml", tmp_path, "mosquitto", (2, 3))
+
+
+@pytest.mark.slow
+def test_aircraft_sensor_gives_one_schedule_with_1_2_and_3_processes(tmp_path: Path) -> None:
+    _same_schedule(SCENARIOS / "aircraft-sensor.yaml", tmp_path, "mosquitto", (2, 3))
+
+
+def test_what_a_split_virtual_clock_cannot_place_is_refused(tmp_path: Path) -> None:
+    text = (
+        (SCENARIOS / "demo.yaml")
+        .read_text()
+        .replace("\nfaults: []", "\nfaults:\n  - {at: 20, kill: mill-fast, restart_after: 5}", 1)
+    )
+    scenario = load_scenario_text(text)
+    with pytest.raises(ValueError, match=r"split over 2 processes.*kills mill-fast.*--processes 1"):
+        asyncio.run(run(scenario, RunOptions(out=tmp_path / "o", progress=False, processes=2)))
+    assert not (tmp_path / "o" / "kpis.json").exists()
+
+
+def test_ctrl_c_of_a_split_run_prints_no_worker_traceback(tmp_path: Path) -> None:
+    """SIGINT to the whole process group, as a terminal's Ctrl-C does."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "twinbid.cli", "run", str(SCENARIOS / "aircraft-sensor.yaml"),
+           "--out", str(out), "--processes", "2", "--broker", "mosquitto"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "plant.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (out / "plant.json").exists(), "the run did not start"
+        time.sleep(3)  # the plant is running in both processes
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = stdout.decode() + stderr.decode()
+    assert "Traceback" not in text, text[-3000:]
+    assert json.loads((out / "kpis.json").read_text())["clock"]["processes"] == 2
