@@ -124,6 +124,23 @@ def _default_location(scenario: Scenario) -> str:
     return "entry"
 
 
+def defers(scenario: Scenario) -> bool:
+    """Does a top-priority product defer its call until its best offer would start?
+
+    As the scenario says; unset, only in a plant whose orders all share one priority and that
+    takes no vendor orders. Deferral rejects the offers in hand and calls again when the best one
+    would start, so that a machine freeing up goes to the most urgent caller of the class. In a
+    plant of one class that wins time (the job shops: docs/benchmarks.md). With classes mixed it
+    loses time: the resource queues already put the urgent class ahead of every less urgent
+    booking that has not started (agents/resource/timeline.py), so the offer in hand is the
+    earliest the class can get, and while the product waits its machine starts less urgent work.
+    """
+    explicit = scenario.bidding.defer_until_start
+    if explicit is not None:
+        return explicit
+    return not scenario.vendors and len({o.priority for o in scenario.orders}) <= 1
+
+
 def requester_config(scenario: Scenario, clock_kind: str, time_scale: float | None) -> RequesterConfig:
     b = scenario.bidding
     window = b.reply_window
@@ -140,7 +157,7 @@ def requester_config(scenario: Scenario, clock_kind: str, time_scale: float | No
         # Silence is no refusal: the winner may be restarting, and withdrawing an award it may
         # already be executing would risk the step twice. Keep asking (the answer is idempotent).
         confirm_retries=1000,
-        defer_until_start=b.defer_until_start,
+        defer_until_start=defers(scenario),
     )
 
 

@@ -372,7 +372,9 @@ class Bidding(_Model):
     #: Top priority with a choice of resources commits only to an offer that starts now; while
     #: every capable resource is busy it rejects the offers and calls again when the best one
     #: would start (better schedules, more messages). False: take the best offer at once.
-    defer_until_start: bool = True
+    #: Unset: on only where it wins time, a plant whose orders all have one priority (see
+    #: `scenarios.assembly.defers`).
+    defer_until_start: bool | None = None
     #: How a product chooses among the proposals (see :class:`Selection`); a bare string is
     #: the policy of every priority.
     selection: Selection = Selection()

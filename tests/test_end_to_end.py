@@ -134,14 +134,19 @@ def test_demo_on_mosquitto_twice_gives_the_same_schedule(tmp_path: Path, mosquit
 
 
 def test_deferral_of_top_priority_calls_is_a_scenario_option(tmp_path: Path) -> None:
-    """`bidding.defer_until_start` (default on): top-priority products reject offers that start later
-    and call again; off, they take the best offer at once (fewer messages, every step still once)."""
+    """`bidding.defer_until_start`: on, top-priority products reject offers that start later and
+    call again; off, they take the best offer at once (fewer messages, every step still once).
+    Unset, it is off where priorities are mixed, as in the demo (scenarios.assembly.defers)."""
     scenario = load_scenario(DEMO)
-    off = scenario.model_copy(
-        update={"bidding": scenario.bidding.model_copy(update={"defer_until_start": False})}
-    )
-    on_kpis = run_plant(scenario, tmp_path / "on")
-    off_kpis = run_plant(off, tmp_path / "off")
+    assert scenario.bidding.defer_until_start is None
+
+    def deferring(value: bool):
+        return scenario.model_copy(
+            update={"bidding": scenario.bidding.model_copy(update={"defer_until_start": value})}
+        )
+
+    on_kpis = run_plant(deferring(True), tmp_path / "on")
+    off_kpis = run_plant(scenario, tmp_path / "off")
     check_record(tmp_path / "off", off_kpis, 10)
 
     def deferred(out: Path) -> int:

@@ -158,6 +158,16 @@ def _kpi_table(k: dict, out: Path) -> None:
             "flow time by priority",
             ", ".join(f"prio {p_}: {_num(v)}" for p_, v in k["flow_time"]["by_priority"].items()),
         ),
+        *(
+            (
+                f"  {ptype}",
+                ", ".join(
+                    f"prio {p_}: {_num(v['mean'])}" + (f" ({v['late']} late)" if v["late"] else "")
+                    for p_, v in by.items()
+                ),
+            )
+            for ptype, by in k["flow_time"].get("by_type_and_priority", {}).items()
+        ),
         ("utilisation", ", ".join(f"{r} {u:.0%}" for r, u in k["utilisation"].items())),
     ]
     for a, b in rows:

@@ -54,15 +54,31 @@ class WorkOrders(Protocol):
     async def resync(self) -> None: ...
 
 
-def rank(call: StepCall, duration: float) -> tuple:
-    """The queue order of a step (smaller first): priority, then urgency, then names.
+#: The step due date of a product without a due date: after every real one.
+NO_DUE = float("inf")
 
-    Urgency is sqrt(processing time) / remaining work, remaining work counting this step: the
-    product with most work left per unit of this machine's (square-rooted) time goes first.
+
+def step_due(call: StepCall, duration: float) -> float:
+    """When this step must end for the product to meet its due date: the due date less the
+    nominal work still ahead after this step (NO_DUE without a due date)."""
+    if call.due is None:
+        return NO_DUE
+    after = max(call.remaining_work - duration, 0.0)
+    return round(call.due - after, 9)
+
+
+def rank(call: StepCall, duration: float) -> tuple:
+    """The queue order of a step (smaller first): priority, step due date, urgency, names.
+
+    The priority is the class (`Timeline`: a more urgent class is never queued behind a less
+    urgent one); within a class the step due earlier goes first, then the more urgent: urgency is
+    sqrt(processing time) / remaining work, remaining work counting this step — the product with
+    most work left per unit of this machine's (square-rooted) time goes first.
     """
     remaining = max(call.remaining_work, duration, 1e-9)
     urgency = math.sqrt(max(duration, 0.0)) / remaining
-    return (call.priority, round(urgency, 12), -remaining, call.product, call.step)
+    due = step_due(call, duration)
+    return (call.priority, due, round(urgency, 12), -remaining, call.product, call.step)
 
 
 def job_id(product: str, step: int) -> str:
@@ -166,6 +182,7 @@ class BiddingProvider(Role):
             setup_change=estimate.setup,
             rank=rank(call, duration),
             firm=firm,
+            due=step_due(call, duration),
         )
         base, previous = self.orders.frontier()
         index, (start, end, setup) = self.timeline.place(slot, base, previous)

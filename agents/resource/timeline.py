@@ -8,11 +8,16 @@ the place it would really take, so an offer is what the resource will do given w
 Where a newcomer goes (:meth:`Timeline.place`):
 
 * ahead of a queued job only if that job may be *overtaken*: it is booked (an open offer is
-  binding and never delayed by a later one), it is not *firm*, and the newcomer is more urgent by
-  the queue's rank (smaller ``rank`` first). A booking is firm when its product chose it among
+  binding and never delayed by a later one) and either of a less urgent *class* (a larger
+  priority number, ``rank[0]``) — the priority service: a product is never queued behind a less
+  urgent one that has not started — or of the same class, not *firm*, and less urgent by the
+  queue's rank (smaller ``rank`` first) — a *firm* booking only to a newcomer of its class whose
+step is due earlier (``due``). A booking is firm when its product chose it among
   alternatives on the strength of the promised times (see ``BiddingProvider``); a product with
-  only this resource to go to loses no choice when it is re-queued;
-* among the places that rule allows, the earliest one that adds no setup time;
+  only this resource to go to loses no choice when it is re-queued. Firmness protects a booking
+  from its own class only: a promise to a less urgent product never outweighs a more urgent one;
+* among the places that rule allows, the one that adds the least setup time, but never behind
+  a booking of a less urgent class (saving a setup is no reason to make an urgent product wait);
 * anywhere earlier where it fits into idle time without moving anyone (gap filling).
 
 Overtaking delays the overtaken bookings: whoever changes the queue calls :meth:`repack`, which
@@ -40,6 +45,7 @@ class Slot:
     firm: bool = True  # no newcomer may be queued ahead of it (delaying it)
     started: bool = False
     ahead: frozenset = frozenset()  # the steps queued or running before it when its times were promised
+    due: float = float("inf")  # when the step must end for its product to be on time; inf: no due date
 
     def __post_init__(self) -> None:
         if self.duration < 0:
@@ -61,6 +67,24 @@ def pack(seq: list[Slot], base: float, previous: str | None) -> list[Times]:
         out.append((start, t, setup))
         previous = s.capability
     return out
+
+
+def priority_class(slot: Slot) -> float:
+    """The slot's class: its product's priority number (1 most urgent); no rank: least urgent."""
+    return slot.rank[0] if slot.rank else float("inf")
+
+
+def overtakes(new: Slot, queued: Slot) -> bool:
+    """May `new` be queued ahead of `queued` (delaying it)? See the module docstring."""
+    if not queued.booked or queued.started:
+        return False
+    if priority_class(new) < priority_class(queued):
+        return True
+    if priority_class(new) > priority_class(queued):
+        return False
+    if queued.firm:  # yields only to a newcomer of its class whose step is due earlier
+        return new.due < queued.due
+    return new.rank < queued.rank
 
 
 def moved_from(start: float, end: float, new_start: float, new_end: float, tolerance: float) -> bool:
@@ -88,7 +112,7 @@ class Timeline:
         now_times = pack(queue, base, previous)
         allowed = 0  # the newcomer goes at or after this index by rank
         for i, s in enumerate(queue):
-            if s.firm or not s.booked or not new.rank < s.rank:
+            if not overtakes(new, s):
                 allowed = i + 1
         # Idle time before `allowed` that takes the newcomer without moving anyone.
         for i in range(allowed):
@@ -101,6 +125,8 @@ class Timeline:
             setups = sum(x[2] for x in trial)
             if best is None or setups < best[0]:
                 best = (setups, i, trial[i])
+            if i < len(queue) and priority_class(new) < priority_class(queue[i]):
+                break  # not behind a less urgent class
         assert best is not None
         return best[1], best[2]
 
@@ -143,6 +169,23 @@ class Timeline:
     def next_booked(self) -> Slot | None:
         """The booked job the machine does next (open offers are skipped: they may still be rejected)."""
         return next((s for s in self.pending() if s.booked), None)
+
+    def held_for(self, slot: Slot, base: float, previous: str | None) -> Slot | None:
+        """An open offer of a more urgent class that starting `slot` at `base` would delay, if any.
+
+        Such an offer is a tentative hold: the machine waits for its answer (an acceptance, a
+        rejection or its expiry) rather than start less urgent work in its time.
+        """
+        queue = self.pending()
+        planned = dict(zip((s.key for s in queue), pack(queue, base, previous), strict=True))
+        rest = [s for s in queue if s.key != slot.key]
+        first = pack([slot, *rest], base, previous)
+        for s, (start, _end, _setup) in zip(rest, first[1:], strict=True):
+            if s.booked or priority_class(s) >= priority_class(slot):
+                continue
+            if start > planned[s.key][0] + 1e-9:
+                return s
+        return None
 
     def repack(
         self, base: float, previous: str | None, tolerance: float = 1e-9, running: str | None = None

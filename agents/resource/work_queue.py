@@ -6,7 +6,9 @@ booking, a release, a step starting or ending, a breakdown), its times are
 packed again and every booking whose times moved is re-confirmed with its
 product (a new informConfirm), so what the product holds is always what the
 resource will do; without breakdowns a step ends exactly at its last confirmed
-time. On a virtual clock the machine picks its next step only after everything
+time. The machine does not start a booked step in the time of an open offer of a more
+urgent class (a tentative hold, `Timeline.held_for`): it waits for that offer's acceptance,
+rejection or expiry, each of which dispatches again. On a virtual clock the machine picks its next step only after everything
 else due at that instant (dispatch timers sort last), so a product arriving at
 the instant the machine frees up competes for it. When a step ends the resource documents it in the
 product's AAS (over HTTP, at the address the registry gives) *before* it tells
@@ -172,6 +174,9 @@ class WorkQueue(Role):
         if slot.ready > now:
             self.schedule_dispatch(slot.ready)
             return
+        base, previous = self.frontier()
+        if self.timeline.held_for(slot, base, previous) is not None:
+            return  # a more urgent offer is open: its answer or expiry dispatches again
         self.running = slot.key
         self._task = asyncio.current_task()
         try:
@@ -342,6 +347,7 @@ class WorkQueue(Role):
                 booked=row["state"] != "held",
                 duration=row["duration"],
                 setup_change=self._setup_change(row),
+                rank=(row["priority"],),  # a recovered booking keeps its class
             )
             self.timeline.hold(slot, len(self.timeline.order))
             if row["state"] != "held":
