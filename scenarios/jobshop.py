@@ -131,13 +131,14 @@ def known_optimum(path: str | PathLike[str]) -> int | None:
 
 
 def random_instance(
-    n_jobs: int, n_machines: int, seed: int, *, low: int = 1, high: int = 99, name: str | None = None
+    n_jobs: int, n_machines: int, seed: int | str, *, low: int = 1, high: int = 99, name: str | None = None
 ) -> JobShopInstance:
     """A random job shop (Taillard's scheme): every job visits every machine once, in an order
     drawn uniformly, each operation taking a whole duration drawn uniformly in ``[low, high]``.
 
     ``random.Random(seed)`` draws, job by job, first the machine order (a shuffle) and then the
-    durations in that order, so the same arguments always give the same instance. No optimum is
+    durations in that order, so the same arguments always give the same instance (a string seed
+    too: Python seeds from its SHA-512, not from the salted ``hash``). No optimum is
     known (``optimum=None``): measure against a solver's best (e.g. CP-SAT).
     """
     if n_jobs < 1 or n_machines < 1:
@@ -151,20 +152,17 @@ def random_instance(
         rng.shuffle(order)
         jobs.append(tuple((m, rng.randint(low, high)) for m in order))
     label = name or f"rand-{n_jobs}x{n_machines}-s{seed}"
-    return JobShopInstance(label, n_jobs, n_machines, tuple(jobs), None, f"random_instance(seed={seed})")
+    return JobShopInstance(label, n_jobs, n_machines, tuple(jobs), None, f"random_instance(seed={seed!r})")
 
 
 def random_like(inst: JobShopInstance, seed: int) -> JobShopInstance:
     """A random job shop of ``inst``'s size whose durations span ``inst``'s own range, named
-    ``<inst>-r<seed>``: a fresh instance of the same shape for a public one."""
+    ``<inst>-r<seed>`` and drawn from that name, so public instances of one size and range (la01
+    and la02: 10x5, 12..98 and 12..99) still get different random ones."""
     durations = [d for job in inst.jobs for _, d in job]
+    name = f"{inst.name}-r{seed}"
     return random_instance(
-        inst.n_jobs,
-        inst.n_machines,
-        seed,
-        low=min(durations),
-        high=max(durations),
-        name=f"{inst.name}-r{seed}",
+        inst.n_jobs, inst.n_machines, name, low=min(durations), high=max(durations), name=name
     )
 
 

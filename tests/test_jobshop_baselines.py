@@ -226,6 +226,11 @@ def test_random_like_keeps_a_public_instance_size_and_duration_range() -> None:
     )
     assert all(min(durations) <= d <= max(durations) for job in rand.jobs for _, d in job)
     assert rand.jobs != public.jobs
+    assert random_like(public, 1) == rand and random_like(public, 2).jobs != rand.jobs
+    # two public instances of one size and range get different random ones
+    la01, la02 = (scenarios_jobshop.read_instance(JOBSHOP / f) for f in ("la01.txt", "la02.txt"))
+    assert (la01.n_jobs, la01.n_machines) == (la02.n_jobs, la02.n_machines)
+    assert random_like(la01, 1).jobs != random_like(la02, 1).jobs
 
 
 # --------------------------------------------------------------------------- the benchmark itself
