@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from protocol.mosquitto import acl_rules_text, password_hash
+from protocol.tokens import new_secret
 from protocol.topics import ROOT, check_name, matches
 from protocol.transport import BrokerAddress
 
@@ -190,6 +191,8 @@ class Credentials:
         self.accounts: dict[str, Account] = {}
         self.passwords = PasswordBook(self._issue_on_demand)
         self.on_change: Callable[[], None] | None = None
+        #: the run's HTTP token secret (protocol/tokens.py): AAS and registry writes are signed with it
+        self.http_secret = new_secret()
         self._outputs: list[Callable[[], None]] = []
         #: Where the broker reads these accounts and how to make it reload them (set by
         #: ``start_broker``, saved with the accounts): lets another process of the run add one.
@@ -245,6 +248,7 @@ class Credentials:
             "ns": self.ns,
             "observer": self.observer,
             "broker": self.broker,
+            "http_secret": self.http_secret,
             "accounts": {
                 n: {"password": a.password, "kind": a.kind, "read": a.grant.read, "write": a.grant.write}
                 for n, a in self.accounts.items()
@@ -270,6 +274,7 @@ class Credentials:
             if a.get("kind", "agent") == "agent":
                 dict.__setitem__(creds.passwords, name, a["password"])
         creds.broker = dict(data.get("broker") or {})
+        creds.http_secret = data.get("http_secret") or creds.http_secret
         if creds.broker.get("mosquitto_dir"):
             creds.write_mosquitto(creds.broker["mosquitto_dir"])
         if creds.broker.get("embedded_file"):

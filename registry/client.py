@@ -63,6 +63,14 @@ class Conflict(HttpError):
     pass
 
 
+class Unauthorized(HttpError):
+    """401: the request proved no agent's name (no token, a wrong or an expired one)."""
+
+
+class Forbidden(HttpError):
+    """403: the agent the token names may not do this (not the owner)."""
+
+
 class _TransientStatus(Exception):
     def __init__(self, response: httpx.Response) -> None:
         super().__init__(response.status_code)
@@ -77,7 +85,9 @@ def error_from(response: httpx.Response) -> HttpError:
         messages = list(body.get("messages") or [])
         if messages:
             text = "; ".join(str(m.get("text", "")) for m in messages)
-    cls = {400: BadRequest, 404: NotFound, 409: Conflict}.get(response.status_code, HttpError)
+    cls = {400: BadRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict}.get(
+        response.status_code, HttpError
+    )
     return cls(response.status_code, text, messages, response.request.method, str(response.request.url))
 
 

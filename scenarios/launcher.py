@@ -35,6 +35,7 @@ from protocol.broker import RunningBroker, start_broker
 from protocol.credentials import Credentials
 from protocol.mosquitto import MosquittoTLS, free_port
 from protocol.recorder_process import RecorderProcess
+from protocol.tokens import new_secret
 from protocol.transport import BrokerAddress
 from registry.process import RegistryProcess
 from scenarios import assembly, gantt, kpis
@@ -99,6 +100,7 @@ class Plant:
     )  # share -> AAS server port (stable across restarts)
     passwords: dict[str, str] = field(default_factory=dict)  # agent -> MQTT password (broker auth on)
     split: bool = False  # a virtual clock over several processes: timers fire through the time barrier
+    http_secret: str | None = None  # the run's token secret for AAS/registry writes (protocol/tokens.py)
 
 
 def split_virtual_refusals(scenario: Scenario, processes: int, chaos: bool) -> list[str]:
@@ -274,6 +276,9 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
         lambda: start_broker(broker_url, out, credentials=credentials, tls=tls)
     )
     passwords = credentials.passwords if credentials is not None else {}
+    # Issued with the broker accounts (saved beside them); a run without accounts still gets one:
+    # its AAS servers and registry never take an anonymous write.
+    http_secret = credentials.http_secret if credentials is not None else new_secret()
     # The registry runs in a process of its own: on the launcher's loop a swarm's registrations and
     # lookups competed with the launcher's own agents and the recorder (registry/process.py).
     registry = RegistryProcess(sqlite_url(out / "registry.db"))
@@ -307,6 +312,7 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
             scenario, out, broker.address, registry_url, db_url, clock_kind, time_scale, wall_origin, seed,
             aas_ports={share: free_port() for share in worker_shares}, passwords=dict(passwords),
             split=split,
+            http_secret=http_secret,
         )  # fmt: skip
         clock = _clock(plant)
         if isinstance(clock, SplitVirtualClock):
@@ -315,7 +321,11 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
         if options.resume and hasattr(clock, "resume_at"):
             clock.resume_at(_last_sim_time(db))
         node = Node(
-            NodeConfig(scenario.namespace, broker.address, registry_url, passwords=passwords), clock, db
+            NodeConfig(
+                scenario.namespace, broker.address, registry_url, passwords=passwords, http_secret=http_secret
+            ),
+            clock,
+            db,
         )
         node.finished_hooks.append(lambda a: finished.add(a.name) if a.kind == "product" else None)
         notifier = ScenarioNotifier(scenario, db)

@@ -114,6 +114,7 @@ def _node_config(plant: Any, share: int | None) -> Any:
         plant.registry_url,
         aas_port=plant.aas_ports[share] if share is not None else 0,
         passwords=getattr(plant, "passwords", {}),
+        http_secret=getattr(plant, "http_secret", None),
     )
 
 

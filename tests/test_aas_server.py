@@ -20,6 +20,7 @@ from agents.aas.client import AasClient, BadRequest, Conflict, NotFound
 from agents.aas.server import AasServer
 from agents.aas.store import AasStore, WriteKind, WriteRejected, WriteRequest
 from agents.aas.verify import verify_objects
+from protocol.tokens import RunTokens, new_secret
 from registry.conformance import AAS_REPOSITORY, SUBMODEL_REPOSITORY, SpecValidator
 from registry.identifiers import b64url_encode as enc
 
@@ -93,9 +94,13 @@ class World:
 @pytest.fixture
 async def world(validator: SpecValidator):
     w = World()
-    server = AasServer(w.store, max_body_bytes=64 * 1024)
+    w.tokens = RunTokens(new_secret(), "default")
+    server = AasServer(w.store, tokens=w.tokens, max_body_bytes=64 * 1024)
     url = await server.start(host="127.0.0.1", port=0)
-    client = httpx.AsyncClient(base_url=url, event_hooks={"response": [validator.hook]})
+    # Writes are the workstation's own (its AAS accepts no one else's; the product's hook takes any).
+    client = httpx.AsyncClient(
+        base_url=url, event_hooks={"response": [validator.hook]}, headers=w.tokens.headers("mill-1")
+    )
     w.server, w.http, w.url = server, client, url
     yield w
     await client.aclose()
@@ -367,7 +372,7 @@ async def test_bad_input(world: World) -> None:
 
 
 async def test_aas_client(world: World) -> None:
-    async with AasClient(world.url) as client:
+    async with AasClient(world.url, token=lambda: world.tokens.token("mill-1")) as client:
         shell = await client.get_shell(world.gear.id)
         assert shell.id == world.gear.id
         assert set(await client.get_submodel_refs(world.gear.id)) == {world.order.id, world.doc.id}

@@ -396,12 +396,18 @@ class VendorPlant:
         pc = self.plant_clock or PlantClock(sc.clock.kind, sc.clock.time_scale)
         self.clock = make_clock(pc.kind, time_scale=pc.time_scale or 1.0, wall_origin_ms=pc.wall_origin_ms)
         passwords: dict[str, str] = {}
+        http_secret: str | None = None  # without a run's accounts: this node's own (one process)
         if self.accounts is not None:
             from protocol.credentials import Credentials
 
-            passwords = Credentials.load(self.accounts).passwords
+            joined = Credentials.load(self.accounts)
+            passwords, http_secret = joined.passwords, joined.http_secret
         self.node = Node(
-            NodeConfig(sc.namespace, self._broker.address, registry_url, passwords=passwords), self.clock, db
+            NodeConfig(
+                sc.namespace, self._broker.address, registry_url, passwords=passwords, http_secret=http_secret
+            ),
+            self.clock,
+            db,
         )
         await self.node.start()
         await self.clock.start()

@@ -4,12 +4,15 @@ Reads come back as basyx objects; writes take basyx objects. Transient failures 
 502/503/504) are retried with the shared policy of :func:`registry.client.send`; POST (create element,
 invoke) is retried only when it cannot have been processed. Errors raise
 :class:`registry.client.HttpError` subclasses (``NotFound``, ``Conflict``, ``BadRequest``).
+
+Writes carry the writing agent's bearer token (``token``: a callable, so a cached token is renewed
+before it expires; :mod:`protocol.tokens`): the servers refuse anonymous writes with 401.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,9 +53,11 @@ class AasClient:
         timeout: float = 5.0,
         attempts: int = 4,
         client: httpx.AsyncClient | None = None,
+        token: Callable[[], str] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.attempts = attempts
+        self._token = token
         self._own = client is None
         self._client = client or httpx.AsyncClient(timeout=timeout)
 
@@ -73,6 +78,8 @@ class AasClient:
         return f"{self._sm(submodel_id)}/submodel-elements/{path}"
 
     async def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        if method != "GET" and self._token is not None:
+            kwargs["headers"] = {**kwargs.get("headers", {}), "Authorization": f"Bearer {self._token()}"}
         return await send(self._client, method, url, attempts=self.attempts, **kwargs)
 
     @staticmethod

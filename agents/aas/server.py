@@ -12,7 +12,10 @@ Routes (identifiers base64url without padding; errors as the spec's ``Result``; 
 * ``GET /description``, ``GET /openapi.json``
 
 Writes never touch the basyx objects here: they become :class:`~agents.aas.store.WriteRequest` s handed to
-the owning agent (single writer, see :mod:`agents.aas.store`). uvicorn runs inside the caller's event loop:
+the owning agent (single writer, see :mod:`agents.aas.store`). Every write is authenticated first: it must
+carry a bearer token of the run naming an agent (:mod:`protocol.tokens`), else 401; the owner then
+authorizes it (403/409). Refusals change nothing, are logged and counted in ``refused`` (by status). Reads
+are open unless ``protect_reads`` is set (then they need a token too). uvicorn runs inside the caller's event loop:
 ``base_url = await server.start(port=0)`` ... ``await server.stop()``.
 """
 
@@ -20,14 +23,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import uuid
+from collections import Counter
 from typing import Any
 
 from basyx.aas import model
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
+from protocol.tokens import AuthError, RunTokens
 from registry.part2 import (
     ApiError,
     BodyLimitMiddleware,
@@ -35,6 +41,7 @@ from registry.part2 import (
     MalformedIdentifier,
     b64url_decode,
     b64url_encode,
+    error_response,
     install_error_handlers,
     json_bytes,
     json_response,
@@ -58,6 +65,8 @@ from .store import (
     operation_variables_json,
     parse_operation_arguments,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "PROFILES", "AasServer", "create_app"]
 
@@ -141,9 +150,18 @@ def _store_error(exc: StoreError) -> ApiError:
 
 
 def create_app(
-    store: AasStore, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, title: str = "twinbid AAS server"
+    store: AasStore,
+    *,
+    tokens: RunTokens | None = None,
+    protect_reads: bool = False,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    title: str = "twinbid AAS server",
 ) -> FastAPI:
-    """The FastAPI app over ``store`` (exposed for tests and for mounting behind another ASGI server)."""
+    """The FastAPI app over ``store`` (exposed for tests and for mounting behind another ASGI server).
+
+    ``tokens`` checks the bearer tokens of writes; without it the server accepts no write at all
+    (401): nobody can prove a name to it. ``app.state.refused`` counts refused writes by status.
+    """
     app = FastAPI(
         title=title,
         version="3.1",
@@ -154,6 +172,42 @@ def create_app(
     )
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    refused: Counter[str] = Counter()
+    app.state.refused = refused
+
+    def refuse(request: Request, status: int, text: str, caller: str | None = None) -> ApiError:
+        refused[str(status)] += 1
+        log.warning(
+            "refused %s %s from %s: %d %s",
+            request.method,
+            request.url.path[:200],
+            caller or "an unauthenticated caller",
+            status,
+            text,
+        )
+        return ApiError(status, text)
+
+    def authenticate(request: Request) -> str:
+        if tokens is None:
+            raise refuse(request, 401, "this AAS server has no credentials of a run: it accepts no writes")
+        try:
+            return tokens.caller(request.headers.get("authorization"))
+        except AuthError as exc:
+            raise refuse(request, 401, exc.text) from None
+
+    if protect_reads:
+
+        @app.middleware("http")
+        async def reads_need_a_token(request: Request, call_next: Any) -> Response:
+            if request.method in ("GET", "HEAD") and request.url.path not in (
+                "/description",
+                "/openapi.json",
+            ):
+                try:
+                    authenticate(request)
+                except ApiError as exc:
+                    return error_response(exc.status, exc.text)
+            return await call_next(request)
 
     # ------------------------------------------------------------------------------------------------ description
 
@@ -327,6 +381,7 @@ def create_app(
             raise _store_error(exc) from None
 
     async def write(kind: WriteKind, sm_segment: str, path: str | None, request: Request) -> Response:
+        caller = authenticate(request)  # before anything is looked up: a stranger learns nothing
         sm_id = _decode(sm_segment, "submodelIdentifier")
         if path is not None:
             _check_path(path)
@@ -395,10 +450,13 @@ def create_app(
             owner,
             body,
             request_id=request.headers.get("x-request-id") or uuid.uuid4().hex,
+            caller=caller,
         )
         try:
             await store.submit(op)
         except WriteRejected as exc:
+            if exc.status in (401, 403, 409):
+                raise refuse(request, exc.status, exc.text, caller) from None
             raise ApiError(exc.status, exc.text) from None
         except StoreError as exc:
             raise _store_error(exc) from None
@@ -555,12 +613,16 @@ class AasServer:
         self,
         store: AasStore | None = None,
         *,
+        tokens: RunTokens | None = None,
+        protect_reads: bool = False,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         title: str = "twinbid AAS server",
         log_level: str = "warning",
     ) -> None:
         self.store = store if store is not None else AasStore()
-        self.app = create_app(self.store, max_body_bytes=max_body_bytes, title=title)
+        self.app = create_app(
+            self.store, tokens=tokens, protect_reads=protect_reads, max_body_bytes=max_body_bytes, title=title
+        )
         self._http = InLoopServer(self.app, log_level=log_level)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
@@ -573,6 +635,11 @@ class AasServer:
     @property
     def base_url(self) -> str:
         return self._http.base_url
+
+    @property
+    def refused(self) -> Counter[str]:
+        """Refused writes by HTTP status (``{"401": n, "403": m, "409": k}``)."""
+        return self.app.state.refused
 
     @property
     def port(self) -> int | None:

@@ -5,7 +5,10 @@ not thread-safe and each agent must stay the single writer of its own AAS, so wr
 are *not* applied by the HTTP handler: they are wrapped in a :class:`WriteRequest` and handed to the
 owner's async write hook (:meth:`AasStore.set_write_hook`). The owner validates, persists and applies
 (usually by calling :meth:`AasStore.apply`), or refuses by raising :class:`WriteRejected`. Without a
-registered hook the store applies the write itself.
+registered hook the store applies the write itself, but only the owner's own: a write whose
+authenticated ``caller`` (the agent the HTTP server's bearer token named) is not the owner is refused
+(403), so a resource's Capabilities, Status or Nameplate are changed by that resource alone. A hook
+decides for itself who may write (a product's documentation: the resource awarded the step).
 
 Reads are served from cached JSON: every mutation made through the store (``apply``, ``put_*``,
 ``edit()``) bumps a generation counter and drops the cached bytes. Code that mutates a basyx object held
@@ -58,6 +61,8 @@ class WriteRequest:
     owner: str
     body: dict[str, Any] | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    #: the authenticated agent making the write (None: nobody proved a name)
+    caller: str | None = None
 
     @property
     def target_path(self) -> str:
@@ -340,9 +345,14 @@ class AasStore:
             self._hooks[owner] = hook
 
     async def submit(self, op: WriteRequest) -> None:
-        """Hand a write to its owner (or apply it directly when the owner registered no hook)."""
+        """Hand a write to its owner (or apply the owner's own write when it registered no hook)."""
         hook = self._hooks.get(op.owner)
         if hook is None:
+            if op.caller != op.owner:
+                raise WriteRejected(
+                    f"only {op.owner} writes its own AAS; {op.caller or 'an unauthenticated caller'} may not",
+                    403,
+                )
             self.apply(op)
         else:
             await hook(op)

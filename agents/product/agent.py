@@ -22,6 +22,7 @@ from agents.product.notifier import Notifier
 from agents.product.order import ProductOrder
 from agents.runtime.agent import Agent
 from agents.runtime.node import Node
+from protocol.bidding.effects import Note
 from protocol.bidding.requester import RequesterConfig
 from protocol.selection import DEFAULT_POLICY, SelectionPolicy, make_policy
 
@@ -100,8 +101,8 @@ async def start_product(
         node.store, node.journal, order.name, submodel_id(order.name, "ProcessDocumentation", ns)
     )
     docs.restore(node.state.documentation(order.name))
-    node.store.set_write_hook(agent.name, _documentation_hook(docs))
     driver = ManufacturingDriver(order, record, docs)
+    node.store.set_write_hook(agent.name, _documentation_hook(agent, docs, driver))
     driver.steps = {r.step: r.model_dump() for r in steps}
     agent.add_role(Notifier())
     agent.add_role(driver)
@@ -111,11 +112,14 @@ async def start_product(
     return agent
 
 
-def _documentation_hook(docs: documentation.Documentation):
+def _documentation_hook(agent: ProductAgent, docs: documentation.Documentation, driver: ManufacturingDriver):
     """Resources document their step here: only step records of our documentation, merged, then made durable.
 
-    Over HTTP the AAS server has parsed the body with basyx's strict decoder (``op.body`` is that
-    JSON); a resource in this process hands over the JSON it built (docjson) without an object.
+    Only the resource whose award of the step stands writes it, and only its execution
+    (documentation.check_execution_write); a refusal is noted (``documentation-refused``) and
+    changes nothing. Over HTTP the AAS server has parsed the body with basyx's strict decoder
+    (``op.body`` is that JSON); a resource in this process hands over the JSON it built (docjson)
+    without an object.
     """
 
     async def hook(op: WriteRequest) -> None:
@@ -134,9 +138,19 @@ def _documentation_hook(docs: documentation.Documentation):
             raise WriteRejected(f"the body must be the {op.path} collection", 400)
         try:
             step = int(op.path.removeprefix("Step"))
-            docs.merge(step, body, "resource")
         except ValueError:
             raise WriteRejected(f"{op.path!r} is not a step record (StepNNN)", 400) from None
+        if step not in driver.plan_steps():
+            raise WriteRejected(f"{op.path} is not a step of {agent.name}'s process plan", 404)
+        try:
+            changes = documentation.check_execution_write(
+                step, op.caller, body, driver.awardee(step), docs.records.get(step)
+            )
+        except documentation.Refused as exc:
+            agent.note(Note("documentation-refused", f"{op.caller or 'anonymous'}: {exc.text}"))
+            raise WriteRejected(exc.text, exc.status) from None
+        if changes:
+            docs.merge(step, body, op.caller or "resource")
         await docs.journal.commit()  # durable before the resource hears "done"
 
     return hook

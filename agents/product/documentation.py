@@ -25,7 +25,65 @@ from agents.persistence.tables import DocumentationRecord
 
 FINAL = ("completed", "failed")
 
+#: What the executing resource may write into a step's record: its execution, nothing of the
+#: bidding (call, bids, winner, reason), which the product documents itself.
+EXECUTION_FIELDS = frozenset({"Started", "Finished", "Resource", "Outcome"})
+
 Record = dict[str, Any]
+
+
+class Refused(Exception):
+    """A write of a step record that its author may not make: ``status`` 401, 403 or 409."""
+
+    def __init__(self, text: str, status: int) -> None:
+        super().__init__(text)
+        self.text = text
+        self.status = status
+
+
+def check_execution_write(
+    step: int, caller: str | None, update: Record, awardee: str | None, existing: Record | None
+) -> bool:
+    """May ``caller`` merge ``update`` into step ``step``'s record? False: it is already there.
+
+    ``awardee`` is the resource whose award of the step stands (awarded and not yet done, failed or
+    re-awarded), None when none does. Only that resource writes, only :data:`EXECUTION_FIELDS`,
+    naming itself as the Resource and ``completed`` as the Outcome; a finished record is final, and
+    the same write again (a retry after a lost answer) is answered as done without a change.
+    """
+    if caller is None:
+        raise Refused("documenting a step needs an agent's bearer token", 401)
+    children = {c.get("idShort"): c for c in update.get("value") or () if isinstance(c, dict)}
+    if outcome_of(existing) in FINAL:
+        if _same_children(existing, children):
+            return False
+        raise Refused(
+            f"step {step} is already documented as {outcome_of(existing)} by "
+            f"{docjson.child_text(existing, 'Resource')}; its record is final",
+            409,
+        )
+    if awardee is None or caller != awardee:
+        held = f"awarded to {awardee}" if awardee else "not awarded to anyone now"
+        raise Refused(f"step {step} is {held}; {caller} may not document it", 403)
+    extra = sorted(str(n) for n in children if n not in EXECUTION_FIELDS)
+    if extra:
+        raise Refused(
+            f"a resource documents only its execution ({', '.join(sorted(EXECUTION_FIELDS))}), "
+            f"not {', '.join(extra)}",
+            403,
+        )
+    resource = docjson.child_text(update, "Resource")
+    if resource is not None and resource != caller:
+        raise Refused(f"{caller} may not document step {step} as executed by {resource}", 403)
+    outcome = docjson.child_text(update, "Outcome")
+    if outcome is not None and outcome != "completed":
+        raise Refused(f"a resource documents a step as completed, not {outcome!r}", 403)
+    return True
+
+
+def _same_children(existing: Record | None, children: dict[Any, Record]) -> bool:
+    mine = {c.get("idShort"): c for c in (existing or {}).get("value") or ()}
+    return all(name in mine and mine[name].get("value") == c.get("value") for name, c in children.items())
 
 
 def outcome_of(record: Record | None) -> str | None:

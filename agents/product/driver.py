@@ -5,6 +5,13 @@ documentation shows as completed, calls for proposals for the first one that is
 not, and hands control to the bidding requester; when every step is documented
 as completed it adds the Digital Nameplate and ends. Because the decision reads
 only the documentation, a restarted product continues at the right step.
+
+The product decides its own progress: a record counts only when it agrees with
+the step's award (the Resource it names is the resource the step was awarded
+to), and an inform counts only when it agrees with the award and the record
+(same resource, same times). Only the awardee can write the record at all
+(agents/product/agent.py); a contradiction is noted (``contradictory-record``)
+and never acted on.
 """
 
 from __future__ import annotations
@@ -19,9 +26,18 @@ from agents.product import documentation
 from agents.product.notifier import Notifier
 from agents.product.order import PlannedStep, ProductOrder
 from agents.runtime.role import Role
-from protocol.bidding.effects import Awarded, CallIssued, Completed, Failed, Reawarded, Rebid, Scheduled
-from protocol.bidding.requester import Requester
-from protocol.elements import StepCall
+from protocol.bidding.effects import (
+    Awarded,
+    CallIssued,
+    Completed,
+    Failed,
+    Note,
+    Reawarded,
+    Rebid,
+    Scheduled,
+)
+from protocol.bidding.requester import Requester, RState
+from protocol.elements import StepCall, StepResult
 from protocol.selection import policy_name
 
 
@@ -44,11 +60,41 @@ class ManufacturingDriver(Role):
         return self.agent.role(Notifier)
 
     def next_step(self) -> PlannedStep | None:
-        """The first plan step whose documentation does not say completed."""
+        """The first plan step not completed (documented so, in agreement with its award)."""
         for s in self.order.steps:
-            if self.docs.outcome(s.index) != "completed":
+            if not self.step_completed(s.index):
                 return s
         return None
+
+    def plan_steps(self) -> set[int]:
+        return {s.index for s in self.order.steps}
+
+    def _open_procedure(self, step: int) -> Requester | None:
+        agent = getattr(self, "agent", None)  # (a write may come before the roles are bound)
+        role = next((x for x in agent.roles if isinstance(x, BiddingRequester)), None) if agent else None
+        return role.open_for_step(step) if role is not None else None
+
+    def awardee(self, step: int) -> str | None:
+        """The resource whose award of ``step`` stands now (None: none does).
+
+        The open procedure decides when there is one (awarding or confirmed: a resource documents
+        after it confirmed, which the product may not have read yet); otherwise, e.g. in the
+        moment after a restart before the procedures are resumed, the step's row does.
+        """
+        r = self._open_procedure(step)
+        if r is not None:
+            if r.state in (RState.AWARDING, RState.CONFIRMED) and r.winner is not None:
+                return r.winner.bid.resource
+            return None
+        row = self.steps.get(step) or {}
+        return row.get("resource") if row.get("status") in ("negotiating", "scheduled") else None
+
+    def _awarded_to(self, step: int) -> str | None:
+        """The resource the step was last awarded to (the open procedure's winner, else its row's)."""
+        r = self._open_procedure(step)
+        if r is not None and r.winner is not None:
+            return r.winner.bid.resource
+        return self.steps.get(step, {}).get("resource")
 
     def _save_product(self, **changes: object) -> None:
         self.record.update(changes)
@@ -67,7 +113,30 @@ class ManufacturingDriver(Role):
         self.agent.node.journal.put(StepRecord, row)
 
     def step_completed(self, step: int) -> bool:
-        return self.docs.outcome(step) == "completed"
+        """The record says completed and names the resource the step was awarded to."""
+        if self.docs.outcome(step) != "completed":
+            return False
+        if self.steps.get(step, {}).get("status") == "done":
+            return True
+        awarded = self._awarded_to(step)
+        return awarded is not None and docjson.child_text(self.docs.records[step], "Resource") == awarded
+
+    def _disagreement(self, step: int, r: Requester, result: StepResult) -> str | None:
+        """Why an inform of ``step`` does not agree with its award and record (None: it agrees)."""
+        awarded = r.winner.bid.resource if r.winner is not None else self._awarded_to(step)
+        if result.resource != awarded:
+            return f"the inform names {result.resource}, the step was awarded to {awarded}"
+        record = self.docs.records.get(step)
+        if self.docs.outcome(step) != "completed":
+            return f"the record of step {step} does not say completed ({self.docs.outcome(step)})"
+        documented = docjson.child_text(record, "Resource")
+        if documented != result.resource:
+            return f"the record names {documented}, the inform {result.resource}"
+        for name, told in (("Started", result.started), ("Finished", result.finished)):
+            written = _number(docjson.child_text(record, name))
+            if written is not None and abs(written - told) > 1e-6 * max(1.0, abs(told)):
+                return f"the record's {name} is {written:g}, the inform's {told:g}"
+        return None
 
     def _settle_documented(self) -> None:
         """Step rows follow the documentation: a step the resource documented as completed is done,
@@ -250,6 +319,10 @@ class ManufacturingDriver(Role):
             )
         elif isinstance(outcome, Completed):
             res = outcome.result
+            problem = self._disagreement(step, r, res)
+            if problem is not None:
+                self.agent.note(Note("contradictory-record", f"step {step}: {problem}; not counted as done"))
+                return
             self._save_step(
                 step, status="done", started=res.started, finished=res.finished, resource=res.resource
             )

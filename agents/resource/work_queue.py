@@ -26,13 +26,18 @@ import logging
 
 from agents.aas import build, docjson
 from agents.aas.ids import submodel_id
-from agents.aas.store import WriteKind, WriteRequest
+from agents.aas.store import WriteKind, WriteRejected, WriteRequest
 from agents.persistence.tables import WorkOrderRecord
 from agents.resource.timeline import Slot, Timeline, moved_from
 from agents.runtime.role import Role
+from protocol.bidding.effects import Note
 from protocol.bidding.provider import Provider, PState
 from protocol.elements import Bid, StepResult
+from registry.client import HttpError
 from shopfloor.asset import Asset, ExecutionRecord, Job
+
+#: Answers that say the write will never be accepted (unlike a product that is down or restarting).
+FINAL_REFUSALS = (401, 403, 409)
 
 log = logging.getLogger(__name__)
 
@@ -241,8 +246,17 @@ class WorkQueue(Role):
             self._save(slot.key, {**row, "state": "failed", "finished": record.end}, keep=False)
             self.orders.pop(slot.key, None)
             await self.provider.complete_or_fail(p, p.fail("execution", reason, self.agent.now_ms()))
+        elif (refusal := await self._document(row, record)) is not None:
+            # The product refused the record for good (the award no longer stands, or it was
+            # never ours): the step is not documented, so it is not done; the requester hears so.
+            self.agent.note(Note("documentation-refused", f"{row['product']}/{row['step']}: {refusal}"))
+            self._save(slot.key, {**row, "state": "failed", "finished": record.end}, keep=False)
+            self.orders.pop(slot.key, None)
+            text = f"the product refused the step's documentation: {refusal}"
+            await self.provider.complete_or_fail(
+                p, p.fail("documentation-refused", text, self.agent.now_ms())
+            )
         else:
-            await self._document(row, record)
             self._save(slot.key, {**row, "state": "done", "finished": record.end}, keep=False)
             self.orders.pop(slot.key, None)
             result = StepResult(
@@ -258,19 +272,26 @@ class WorkQueue(Role):
     def _previous(self) -> str | None:
         return self.asset.last_capability
 
-    async def _document(self, row: dict, record: ExecutionRecord) -> None:
-        """Document the step in the product's AAS, retrying until it is there.
+    async def _document(self, row: dict, record: ExecutionRecord) -> str | None:
+        """Document the step in the product's AAS, retrying until it is there; the refusal if refused.
 
         The product's process may be down (crashed, restarting): the step is done physically,
-        so we keep trying (the write is idempotent), and only then tell the product.
+        so we keep trying (the write is idempotent), and only then tell the product. A final
+        refusal (401, 403, 409: we may not write this record) ends the retries: retrying it
+        forever kept the work order running and the machine's queue stalled behind it.
         """
         delay = 0.05
         while True:
             try:
                 if await self._document_once(row, record):
-                    return
+                    return None
             except asyncio.CancelledError:
                 raise
+            except (HttpError, WriteRejected) as exc:
+                if exc.status in FINAL_REFUSALS:
+                    return f"{exc.status} {exc.text}"
+                log.info("%s: documenting %s/%s failed (%s); retrying", self.agent.name, row["product"],
+                         row["step"], exc)  # fmt: skip
             except Exception as exc:
                 log.info(
                     "%s: documenting %s/%s failed (%s); retrying",
@@ -297,10 +318,11 @@ class WorkQueue(Role):
         if entry.base_url == node.base_url and node.store.owner_of(doc_id):
             # The product lives in this process: hand the write to its owner exactly as the
             # AAS server's PATCH route would, without the HTTP round trip.
-            op = WriteRequest(WriteKind.PATCH, doc_id, path, None, node.store.owner_of(doc_id), body)
+            owner = node.store.owner_of(doc_id)
+            op = WriteRequest(WriteKind.PATCH, doc_id, path, None, owner, body, caller=self.agent.name)
             await node.store.submit(op)
             return True
-        await node.aas_client(entry.base_url).patch_element(doc_id, path, body)
+        await node.aas_client(entry.base_url, self.agent.name).patch_element(doc_id, path, body)
         return True
 
     def _status(self, current: str | None = None, product: str | None = None) -> None:

@@ -35,6 +35,7 @@ from agents.runtime.registrar import Registrar, log_failure
 from protocol.elements import capability_semantic_id
 from protocol.frame import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.message_cache import MessageCache
+from protocol.tokens import RunTokens, new_secret
 from protocol.topics import matches
 from protocol.transport import BrokerAddress, MqttTransport
 from registry.client import RegistryClient
@@ -57,6 +58,10 @@ class NodeConfig:
     registry_ttl: float = 300.0  # renewed every 100 s: each renewal is a registry write
     aas_host: str = "127.0.0.1"
     aas_port: int = 0
+    #: the run's token secret (protocol/tokens.py), shared by every process of the run; None: one
+    #: made for this node alone (its AAS server then accepts writes from its own agents only)
+    http_secret: str | None = None
+    protect_reads: bool = False  # True: reads of the AAS server need a run's token too
 
 
 class Node:
@@ -70,7 +75,8 @@ class Node:
         self.journal = Journal(db)
         self.state = StateReader(db)  # what agents read back at start (preloaded for a takeover)
         self.store = AasStore()
-        self.server = AasServer(self.store)
+        self.tokens = RunTokens(config.http_secret or new_secret(), config.ns)
+        self.server = AasServer(self.store, tokens=self.tokens, protect_reads=config.protect_reads)
         self.registry = RegistryClient(config.registry_url) if config.registry_url else None
         self.directory = Directory(self.registry)
         # Registrations in batches, leases renewed together (agents/runtime/registrar.py).
@@ -97,7 +103,7 @@ class Node:
         # (With a transport given, httpx leaves its pool limits to the transport.)
         transport = AiohttpTransport(limits=httpx.Limits(max_connections=64))
         self._http = httpx.AsyncClient(timeout=10.0, transport=transport)
-        self._aas_clients: dict[str, AasClient] = {}
+        self._aas_clients: dict[tuple[str, str], AasClient] = {}
         self.event_hooks: list[EventHook] = []
         self.finished_hooks: list[Callable[[Agent], None]] = []
         self.first_publish_hooks: list[Callable[[int], None]] = []  # recovery time: the first action
@@ -367,10 +373,12 @@ class Node:
 
     # --- services for roles -----------------------------------------------------------------------
 
-    def aas_client(self, base_url: str) -> AasClient:
-        client = self._aas_clients.get(base_url)
+    def aas_client(self, base_url: str, agent: str) -> AasClient:
+        """A client of the AAS server at ``base_url`` whose writes carry ``agent``'s token."""
+        client = self._aas_clients.get((base_url, agent))
         if client is None:
-            client = self._aas_clients[base_url] = AasClient(base_url, client=self._http)
+            client = AasClient(base_url, client=self._http, token=lambda: self.tokens.token(agent))
+            self._aas_clients[(base_url, agent)] = client
         return client
 
     def on_event(self, agent: Agent, kind: str, product: str | None, step: int | None, data: dict) -> None:
