@@ -342,7 +342,8 @@ async def test_take_order_operation_sync_and_async(tmp_path: Path) -> None:
             r = await public.put(
                 f"{sm}/MaxUploadBytes", json=json.loads(to_json(build.prop("MaxUploadBytes", 1)))
             )
-            assert r.status_code == 403 and "read-only" in texts(r)
+            # nobody writes the service's AAS over HTTP: no agent token can be presented to it
+            assert r.status_code == 401 and "accepts no writes" in texts(r)
 
         async with httpx.AsyncClient(
             base_url=base, headers=auth(KEYS["acme"]), event_hooks={"response": [validator.hook]}
