@@ -220,15 +220,43 @@ def json_response(body: bytes, status: int = 200, headers: dict[str, str] | None
     return Response(body, status_code=status, media_type=JSON, headers=headers)
 
 
+#: How deep a request body may nest (objects and arrays). The deepest body the APIs take, a
+#: submodel of nested collections, needs about four levels per collection; what reads a parsed
+#: body (basyx, pydantic, json.dumps) recurses once per level, so a body near Python's recursion
+#: limit failed there (500) even when the parser took it.
+MAX_JSON_DEPTH = 200
+
+
+def json_depth_exceeds(data: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether parsed JSON nests deeper than `limit` (iteratively: no recursion of its own)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
 async def read_json_body(request: Request) -> Any:
-    """Read and parse a JSON request body; empty or malformed bodies are a 400 with the spec's body."""
+    """Read and parse a JSON request body; empty or malformed bodies, and bodies nested deeper
+    than MAX_JSON_DEPTH, are a 400 with the spec's body."""
     raw = await request.body()
     if not raw:
         raise ApiError(400, "request body is required")
+    too_deep = f"request body is nested too deeply (more than {MAX_JSON_DEPTH} levels)"
     try:
-        return json.loads(raw)
+        data = json.loads(raw)
+    except RecursionError:  # a body nested 100,000 deep: the parser's own recursion gave up
+        raise ApiError(400, too_deep) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+    if json_depth_exceeds(data):
+        raise ApiError(400, too_deep)
+    return data
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from protocol.bidding.effects import (
     Awarded,
     Book,
     Completed,
+    Count,
     Evaluate,
     Failed,
     Note,
@@ -176,6 +177,21 @@ def test_duplicate_message_is_ignored() -> None:
     r.receive(msg, 3)
     out = r.receive(msg, 4)
     assert of(out, Note)[0].kind == "duplicate" and not sends(out) and len(r.offers) == 1
+
+
+def test_copies_of_one_message_are_noted_once_and_answered_at_most_once_a_second() -> None:
+    """Issue 21 finding 8: 1,000 copies of one call drew 1,000 proposals and notes per bidder."""
+    r, cfp = requester(expected=("urn:a",))
+    a = provider("urn:a", cfp, now=1)
+    (proposal,) = sends(a.propose(bid("urn:a", 10, 1), 5_000, 2))
+    out = [a.receive(cfp, t) for t in range(3, 1000)]  # within a second of the call's arrival
+    assert all(o == [Count("duplicate")] for o in out)
+    again = a.receive(cfp, 1001)  # a second later: answered again, from the record of the answer
+    assert sends(again) == [proposal] and [n.kind for n in of(again, Note)] == ["duplicate"]
+    assert a.receive(cfp, 1500) == [Count("duplicate")]
+    r.receive(proposal, 3)
+    assert [n.kind for n in of(r.receive(proposal, 4), Note)] == ["duplicate"]
+    assert r.receive(proposal, 5) == [Count("duplicate")]  # the requester notes a copy once
 
 
 def test_out_of_sequence_gets_not_understood() -> None:

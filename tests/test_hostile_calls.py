@@ -19,6 +19,7 @@ from fuzzing import LivePlant
 from sqlmodel import select
 
 from agents.persistence.tables import NoteRecord, WorkOrderRecord
+from protocol.bidding.provider import REPLAY_INTERVAL_MS
 from protocol.elements import StepCall
 from protocol.frame import Message, MessageType, Role, make_message, parse_message
 from protocol.transport import MqttTransport
@@ -87,6 +88,13 @@ class Insider:
         await self.transport.publish(f"i40/{NS}/cfp/{capability}/{self.account}", msg.to_json())
         await self.transport.flush(5)
         return msg
+
+    async def publish(self, topic_tail: str, msg: Message, copies: int = 1) -> None:
+        assert self.transport is not None
+        payload = msg.to_json()
+        for _ in range(copies):
+            await self.transport.publish(f"i40/{NS}/{topic_tail}/{self.account}", payload)
+        await self.transport.flush(30)
 
     async def accept_proposals(self, calls: list[Message], wait: float) -> list[Message]:
         """Accept every proposal that answers one of `calls` within `wait` seconds (what a thief
@@ -191,3 +199,47 @@ async def test_hostile_numbers_in_a_valid_call_are_refused(
         assert plant.node.journal.failed is None
         refused = [n.detail for n in notes(plant, "not-understood") if call.id in n.detail]
         assert len(refused) == 2 and all(f"{field}: " in d and says in d for d in refused), refused
+
+
+async def test_a_thousand_copies_of_one_call_are_answered_once(tmp_path: Path) -> None:
+    """Finding 8: the same call for proposals (one messageId) 1,000 times. Before, each bidder
+    re-sent its proposal for every copy (3,000 proposals) and wrote a notes row per copy. Now a
+    copy within a second of the first is only counted: each bidder answers once or twice."""
+    async with LivePlant(load_scenario_text(PLANT), tmp_path, broker="mosquitto", clock="accelerated",
+                         time_scale=200) as plant:  # fmt: skip
+        await plant.until_done(90)
+        async with Insider(plant, "gear-1") as product:
+            call = make_message(
+                MessageType.CALL_FOR_PROPOSAL, sender=product.aas_id, sender_role=Role.REQUESTER,
+                conversation_id="flood", elements=call_for("gear-1", 2),
+            )  # fmt: skip
+            began = plant.agent("ws-1").now_ms()
+            await product.publish("cfp/turning", call, copies=1000)
+            for _ in range(200):
+                counted = [plant.agent(r).counters["count:duplicate"] for r in ("ws-1", "ws-2")]
+                if (
+                    sum(counted) + sum(plant.agent(r).counters["note:duplicate"] for r in ("ws-1", "ws-2"))
+                    >= 1998
+                ):
+                    break
+                await asyncio.sleep(0.05)
+            took = plant.agent("ws-1").now_ms() - began  # simulated ms the flood lasted
+            await asyncio.sleep(0.5)
+            answers = [m.sender for m in product.inbox if m.in_reply_to == call.id]
+        by_bidder = {plant.agent(r).aas_id: r for r in ("ws-1", "ws-2")}
+        per_bidder = {by_bidder[s]: answers.count(s) for s in set(answers)}
+        # the first answer, then at most one replay per REPLAY_INTERVAL_MS of the flood
+        bound = 2 + took // REPLAY_INTERVAL_MS
+        assert set(per_bidder) == {"ws-1", "ws-2"} and max(per_bidder.values()) <= min(bound, 10), (
+            per_bidder,
+            took,
+        )
+        for r in ("ws-1", "ws-2"):
+            agent = plant.agent(r)
+            assert agent.counters["note:duplicate"] + agent.counters["count:duplicate"] == 999
+            assert len([n for n in notes(plant, "duplicate") if n.agent == r]) <= min(bound, 10)
+        for _ in range(200):  # the unanswered offers lapse after their validity (10 units, 2 s)
+            if not any(o.state == "held" for o in work_orders(plant)):
+                break
+            await asyncio.sleep(0.05)
+        executed_once(plant)

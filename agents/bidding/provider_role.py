@@ -32,7 +32,7 @@ import orjson
 from agents.persistence.tables import ConversationRecord
 from agents.resource.timeline import Slot, Timeline
 from agents.runtime.role import Role
-from protocol.bidding.effects import Book, Evaluate, Release
+from protocol.bidding.effects import Book, Count, Evaluate, Release
 from protocol.bidding.provider import Provider, ProviderRounds, PState
 from protocol.elements import Bid, Booking, StepCall
 from protocol.frame import Message, MessageType
@@ -114,7 +114,11 @@ class BiddingProvider(Role):
         now_ms = self.agent.now_ms()
         existing = self.rounds.route(msg)
         if existing is not None:
-            await self._apply(existing, existing.receive(msg, now_ms))
+            effects = existing.receive(msg, now_ms)
+            if all(isinstance(e, Count) for e in effects):  # a further copy: nothing changed
+                await self.agent.carry_out(effects)
+                return
+            await self._apply(existing, effects)
             return
         if msg.type is not MessageType.CALL_FOR_PROPOSAL:
             return

@@ -15,6 +15,7 @@ import orjson
 
 from agents.persistence.tables import ConversationRecord
 from agents.runtime.role import Role
+from protocol.bidding.effects import Count
 from protocol.bidding.requester import Requester, RequesterConfig, RState
 from protocol.elements import StepCall
 from protocol.frame import Message, new_id
@@ -53,7 +54,9 @@ class BiddingRequester(Role):
         # no snapshot of its own: the round's record is written when it closes (with every bid)
         # or sends; a restart in between closes it with the bids of the last record, or calls
         # again. k snapshots of a growing bid list per step were a tenth of the journal's rows.
-        await self._step(r, effects, persist=bool(effects) or r.state is not state)
+        # (A further copy of a message, only counted, changes nothing either.)
+        changed = any(not isinstance(e, Count) for e in effects)
+        await self._step(r, effects, persist=changed or r.state is not state)
 
     async def request(self, call: StepCall) -> Requester:
         """Start the bidding procedure for one step."""

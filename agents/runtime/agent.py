@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from agents.persistence.tables import EventRecord, InboxRecord, NoteRecord, OutboxRecord
 from agents.runtime.role import Role
-from protocol.bidding.effects import Note, Send
+from protocol.bidding.effects import Count, Note, Send
 from protocol.elements import Reason
 from protocol.frame import FrameError, Message, MessageType, make_message
 from protocol.frame import Role as FrameRole
@@ -217,6 +217,8 @@ class Agent:
                 await self.send(e.message, e.capability)
             elif isinstance(e, Note):
                 self.note(e)
+            elif isinstance(e, Count):
+                self.counters[f"count:{e.kind}"] += 1
             else:
                 rest.append(e)
         return rest

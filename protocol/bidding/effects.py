@@ -31,6 +31,14 @@ class Note:
     message_id: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Count:
+    """Count an input without a record of its own: a further copy of a message already noted
+    (a thousand copies of one call must not write a thousand rows)."""
+
+    kind: str
+
+
 # --- requester outcomes ---------------------------------------------------------------------------
 
 

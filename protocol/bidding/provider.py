@@ -9,6 +9,9 @@ confirmed, and the result or failure is reported to the requester.
 Duplicates (same messageId) change nothing but re-send the answer already given:
 that is how a requester that crashed and re-sent its last message learns the
 provider's state without a new message type, and it keeps handlers idempotent.
+A copy that comes within REPLAY_INTERVAL_MS of the message's first arrival or of the
+last replay is only counted: a thousand copies of one call are answered once, not a
+thousand times, and noted once.
 """
 
 from __future__ import annotations
@@ -17,13 +20,16 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from protocol.bidding.effects import Book, Evaluate, Note, Release, Send
+from protocol.bidding.effects import Book, Count, Evaluate, Note, Release, Send
 from protocol.bidding.flat import field_names, flat
 from protocol.elements import Bid, Booking, ElementError, Reason, StepCall, StepResult
 from protocol.frame import Message, MessageType, Role, make_message
 
 M = MessageType
 DEADLINE = "deadline"
+#: A copy of a message is answered again at most once in this long (epoch ms of the clock); a
+#: requester re-sends its acceptance only after a restart or a status interval (60 s by default).
+REPLAY_INTERVAL_MS = 1_000
 
 
 class PState(StrEnum):
@@ -81,6 +87,7 @@ class Provider:
     deadline: int | None = None
     seen: set[str] = field(default_factory=set)
     replies: dict[str, Message] = field(default_factory=dict)  # received id -> the answer sent
+    answered_at: dict[str, int] = field(default_factory=dict)  # received id -> when last answered
 
     @classmethod
     def on_call(
@@ -111,6 +118,7 @@ class Provider:
             ]
         p = cls(me, msg.sender, msg.conversation, msg.id, call, reply_by=msg.reply_by, deadline=msg.reply_by)
         p.seen.add(msg.id)
+        p.answered_at[msg.id] = now
         if msg.reply_by is not None and now > msg.reply_by:
             p.state, p.deadline = PState.REFUSED, None
             return p, [
@@ -149,10 +157,15 @@ class Provider:
 
     def receive(self, msg: Message, now: int) -> list[object]:
         if msg.id in self.seen:
+            last = self.answered_at.get(msg.id)
+            if last is not None and 0 <= now - last < REPLAY_INTERVAL_MS:
+                return [Count("duplicate")]
+            self.answered_at[msg.id] = now
             answer = self.replies.get(msg.id)
             note = Note("duplicate", f"{msg.type} {msg.id} from {msg.sender}; answer re-sent", msg.id)
             return [note, Send(answer)] if answer else [note]
         self.seen.add(msg.id)
+        self.answered_at[msg.id] = now
         if msg.sender != self.requester:
             return self._not_understood(msg, "sender is not the requester of this call", "not-participant")
         handler = TABLE.get((self.state, msg.type))

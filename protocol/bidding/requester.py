@@ -21,6 +21,7 @@ from protocol.bidding.effects import (
     Awarded,
     CallIssued,
     Completed,
+    Count,
     Failed,
     Note,
     Reawarded,
@@ -109,6 +110,7 @@ class Requester:
     offer_valid: dict[str, int | None] = field(default_factory=dict)  # proposal id -> valid until (ms)
     answered: set[str] = field(default_factory=set)
     seen: set[str] = field(default_factory=set)
+    repeated: set[str] = field(default_factory=set)  # ids whose duplicate was noted (not persisted)
     winner: Offer | None = None
     reserve: list[Ranked] = field(default_factory=list)  # runners-up, still open while awarding
     accept_id: str = ""
@@ -132,6 +134,9 @@ class Requester:
     def receive(self, msg: Message, now: int) -> list[object]:
         """Handle one message of this conversation."""
         if msg.id in self.seen:
+            if msg.id in self.repeated:  # noted once; further copies are only counted
+                return [Count("duplicate")]
+            self.repeated.add(msg.id)
             return [Note("duplicate", f"{msg.type} {msg.id} from {msg.sender} ignored", msg.id)]
         self.seen.add(msg.id)
         handler = TABLE.get((self.state, msg.type))
