@@ -15,6 +15,7 @@ from agents.persistence.tables import (
     NoteRecord,
     OutboxRecord,
     ProductRecord,
+    RunRecord,
     StepRecord,
     WorkOrderRecord,
 )
@@ -44,6 +45,7 @@ def compute(
             )
         ).all()
         orders = s.exec(select(WorkOrderRecord).where(WorkOrderRecord.state == "done")).all()
+        run_id = s.exec(select(RunRecord.run_id)).first()
         notes = s.exec(select(NoteRecord.kind)).all()
     by_type = Counter(t for _, t, _, _ in out_rows)
     first_cfp: dict[str, int] = {}
@@ -83,6 +85,7 @@ def compute(
     done_steps = sum(1 for st in steps if st.status == "done")
     total_steps = plan_steps if plan_steps is not None else len(steps)
     return {
+        "run_id": run_id,  # the run this record holds (tb_run; every row carries it)
         "products": {
             "total": products_total if products_total is not None else len(products),
             "completed": sum(p.status == "completed" for p in products),

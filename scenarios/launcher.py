@@ -21,17 +21,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import select
 
 from agents.aas.io import write_aasx
 from agents.ordertaking.auth import VendorFileError
-from agents.persistence import open_database
-from agents.persistence.database import build_analysis_indexes, checkpoint, drop_analysis_indexes, sqlite_url
+from agents.persistence import open_database, runs
+from agents.persistence.database import (
+    Database,
+    build_analysis_indexes,
+    checkpoint,
+    drop_analysis_indexes,
+    sqlite_url,
+)
+from agents.persistence.runs import RecordLock
 from agents.product.agent import start_product
 from agents.resource.agent import start_resource
 from agents.runtime.agent import Agent
 from agents.runtime.node import Node, NodeConfig
-from protocol.broker import RunningBroker, start_broker
+from protocol.broker import (
+    SLOW_ROUND_TRIP,
+    BrokerStartError,
+    BrokerUnreachable,
+    RunningBroker,
+    probe_broker,
+    start_broker,
+)
 from protocol.credentials import Credentials
 from protocol.mosquitto import MosquittoTLS, free_port
 from protocol.recorder_process import RecorderProcess
@@ -250,7 +266,6 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
     if missing:  # before anything starts or is written: a retry with the variable set is clean
         raise ScenarioError("\n".join(missing))
     out = options.out
-    out.mkdir(parents=True, exist_ok=True)
     _raise_open_files_limit()
     notices: list[str] = []
     seed = options.seed if options.seed is not None else scenario.seed
@@ -271,10 +286,14 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
     count = processes - 1 if options.chaos is not None else processes
     local = options.chaos is None
     broker_url = options.broker if options.broker is not None else scenario.broker
-    credentials, tls = _broker_security(scenario, broker_url, out, notices)
-    broker: RunningBroker = await asyncio.to_thread(
-        lambda: start_broker(broker_url, out, credentials=credentials, tls=tls)
-    )
+    lock = RecordLock()
+    db, run_id, created = await asyncio.to_thread(_open_record, scenario, out, db_url, options.resume, lock)
+    try:
+        credentials, tls = _broker_security(scenario, broker_url, out, notices)
+        broker = await _start_broker(broker_url, out, credentials, tls)
+    except BaseException:  # nothing ran: leave nothing that would refuse a retry
+        _give_back(db, run_id, options.resume, created, lock)
+        raise
     passwords = credentials.passwords if credentials is not None else {}
     # Issued with the broker accounts (saved beside them); a run without accounts still gets one:
     # its AAS servers and registry never take an anonymous write.
@@ -295,7 +314,6 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
     host: BarrierHost | None = None
     try:
         registry_url = await registry.start()
-        db = open_database(db_url)
         drop_analysis_indexes(db)  # built again at the end: nothing reads them while the plant runs
         recorder = await asyncio.to_thread(
             RecorderProcess(
@@ -440,7 +458,9 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
             await asyncio.to_thread(recorder.stop)
         await registry.stop()
         await asyncio.to_thread(broker.stop)
+    db.dispose()
     db = open_database(db_url)
+    runs.end(db, "interrupted" if interrupted else "timed out" if timed_out else "ended")
     build_analysis_indexes(db)
     plan_steps = sum(len(p.plan) for p in scenario.product_instances())
     figures = kpis.compute(
@@ -466,8 +486,86 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
     except Exception as exc:  # the record is whole, only not in one file: say so
         notices.append(f"run.db needs its -wal file beside it: {exc}")
     db.dispose()
+    lock.release()
     chaos_log = options.chaos.log if options.chaos else []
     return RunResult(out, figures, timed_out, interrupted, notices, recoveries, chaos_log)
+
+
+class RunStartError(RuntimeError):
+    """The run could not start: the message says what and where, in one line."""
+
+
+def _open_record(
+    scenario: Scenario, out: Path, db_url: str, resume: bool, lock: RecordLock
+) -> tuple[Database, str, list[Path]]:
+    """Lock the output folder and the database, and claim the database for this run (one run per
+    record). Returns the database, the run id and the files this created (removed if the run
+    cannot start)."""
+    created = [p for p in (out, out / "run.lock") if not p.exists()]
+    out.mkdir(parents=True, exist_ok=True)
+    lock.folder(out / "run.lock", str(out))
+    url = make_url(db_url)
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        path = Path(url.database)
+        if not path.exists():
+            created += [path.with_name(path.name + suffix) for suffix in ("", "-wal", "-shm", ".run-lock")]
+    try:
+        db = open_database(db_url)
+    except SQLAlchemyError as exc:
+        lock.release()
+        _remove(created)
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        where = url.render_as_string(hide_password=True)
+        raise RunStartError(f"cannot open the database {where}: {reason}") from None
+    try:
+        lock.database(db)
+        run_id = runs.claim(db, scenario.name, resume=resume)
+    except BaseException:
+        db.dispose()
+        lock.release()
+        _remove(created)
+        raise
+    return db, run_id, created
+
+
+def _give_back(db: Database, run_id: str, resume: bool, created: list[Path], lock: RecordLock) -> None:
+    """The run did not start: its claim and the files it created go, so the same command can be retried."""
+    with contextlib.suppress(Exception):
+        if not resume:
+            runs.unclaim(db, run_id)
+    db.dispose()
+    lock.release()
+    _remove(created)
+
+
+def _remove(paths: list[Path]) -> None:
+    """Remove what a run that could not start created, files first (a folder only if left empty)."""
+    for path in sorted(paths, key=Path.is_dir):
+        with contextlib.suppress(OSError):
+            path.rmdir() if path.is_dir() else path.unlink(missing_ok=True)
+
+
+async def _start_broker(
+    url: str | None, out: Path, credentials: Credentials | None, tls: MosquittoTLS | None
+) -> RunningBroker:
+    """Start the run's broker, or reach the one the user runs: then time a small message's round
+    trip, and say once when that broker holds small messages back."""
+    try:
+        broker = await asyncio.to_thread(lambda: start_broker(url, out, credentials=credentials, tls=tls))
+        if broker.kind != "external":
+            return broker
+        round_trip = await probe_broker(broker.address)
+    except (BrokerStartError, BrokerUnreachable, ValueError) as exc:
+        raise RunStartError(str(exc)) from None
+    if round_trip is not None and round_trip > SLOW_ROUND_TRIP:
+        log.warning(
+            "the broker at %s took %.0f ms to carry a small message there and back (loopback takes well "
+            "under 1 ms): it holds small packets back (Nagle's algorithm). Negotiations will be slow; "
+            "set `set_tcp_nodelay true` in mosquitto.conf (other brokers: TCP_NODELAY on)",
+            broker.address.url(with_password=False),
+            round_trip * 1000,
+        )
+    return broker
 
 
 def _write_plant_file(

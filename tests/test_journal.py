@@ -281,7 +281,7 @@ async def test_epoch_milliseconds_fit_and_an_old_schema_is_upgraded(db) -> None:
     )
     from agents.persistence.tables import ANALYSIS_INDEXES, SCHEMA_VERSION, AgentRecord
 
-    assert schema_version(db) == SCHEMA_VERSION == 5
+    assert schema_version(db) == SCHEMA_VERSION == 6
     with db.engine.begin() as conn:
         conn.exec_driver_sql('CREATE INDEX "ix_tb_outbox_seq" ON "tb_outbox" ("seq")')  # as v3 had it
         conn.exec_driver_sql("UPDATE tb_schema_version SET version = 1")
@@ -293,7 +293,7 @@ async def test_epoch_milliseconds_fit_and_an_old_schema_is_upgraded(db) -> None:
             "INSERT INTO tb_agent (name, kind, aas_id, status, started_wall_ms, restarts)"
             " VALUES ('p-1', 'product', 'urn:p-1', 'running', 0, 0)"
         )
-    assert upgrade(db) == 5 and schema_version(db) == 5
+    assert upgrade(db) == 6 and schema_version(db) == 6
     assert _rows(db, AgentRecord, AgentRecord.name)[0].published_seq == 0
     assert "selection" in {c["name"] for c in sa_inspect(db.engine).get_columns("tb_product")}
 

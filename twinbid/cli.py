@@ -60,22 +60,14 @@ def run(
     ] = None,
 ) -> None:
     """Run a plant from a scenario file and write its record to the output folder."""
-    from scenarios.launcher import RunOptions
+    from agents.persistence.runs import RecordError
+    from scenarios.launcher import RunOptions, RunStartError
     from scenarios.launcher import run as run_plant
 
     sc = _load(scenario)
-    if resume is not None:
-        out = resume
-        if not (out / "run.db").exists() and db is None:
-            err.print(f"[red]{out} holds no run to resume[/red]", markup=True)
-            raise typer.Exit(2)
-    else:
-        out = out or _fresh(Path("runs") / _slug(sc.name))
-        if (out / "run.db").exists():
-            err.print(
-                f"[red]{out} already holds a run[/red]; choose another --out, or --resume {out}", markup=True
-            )
-            raise typer.Exit(2)
+    # One run per record: the launcher refuses a folder or database that holds another run (or
+    # none to resume), and one that another launcher is writing.
+    out = resume if resume is not None else out or _fresh(Path("runs") / _slug(sc.name))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("asyncio").addFilter(_GmqttTeardownFilter())
     options = RunOptions(
@@ -96,6 +88,9 @@ def run(
     signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
     try:
         result = asyncio.run(run_plant(sc, options))
+    except (RunStartError, RecordError) as exc:  # one line: what and where
+        err.print(f"twinbid run: {exc}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err.print("interrupted")
         raise typer.Exit(130) from None

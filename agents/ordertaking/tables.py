@@ -11,11 +11,12 @@ from sqlalchemy import BigInteger
 from sqlmodel import Field, SQLModel
 
 from agents.persistence.database import Database
+from agents.persistence.tables import RunStamped
 
 __all__ = ["VendorOrderRecord", "VendorSecretRecord", "WebhookOutboxRecord", "create_tables"]
 
 
-class VendorOrderRecord(SQLModel, table=True):
+class VendorOrderRecord(RunStamped, table=True):
     """One order a vendor submitted over HTTP: its parameters, where it stands, and the AAS it came with."""
 
     __tablename__ = "tb_vendor_order"
@@ -39,7 +40,7 @@ class VendorOrderRecord(SQLModel, table=True):
     environment: str  # the submitted shell and submodels as an AAS JSON environment
 
 
-class WebhookOutboxRecord(SQLModel, table=True):
+class WebhookOutboxRecord(RunStamped, table=True):
     """One progress notification to a vendor, written before it is sent; sent until acknowledged."""
 
     __tablename__ = "tb_webhook_outbox"
@@ -59,7 +60,7 @@ class WebhookOutboxRecord(SQLModel, table=True):
     last_error: str = ""
 
 
-class VendorSecretRecord(SQLModel, table=True):
+class VendorSecretRecord(RunStamped, table=True):
     """The webhook signing secret of a vendor that has none configured (derived from its API key)."""
 
     __tablename__ = "tb_vendor_secret"

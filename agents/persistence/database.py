@@ -8,11 +8,12 @@ an older twinbid is upgraded in place and a newer one is refused.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import BigInteger, event, inspect
+from sqlalchemy import BigInteger, event, inspect, text
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session, SQLModel, create_engine, select
 
@@ -56,6 +57,34 @@ def _add_product_selection(conn: Connection) -> None:
         conn.exec_driver_sql('ALTER TABLE "tb_product" ADD COLUMN "selection" VARCHAR')
 
 
+def _run_ids(conn: Connection) -> None:
+    """v6: tb_run, and a run_id column in every table of the record. A database that already holds
+    a run gets a run row (its scenario unknown) whose id every existing row takes."""
+    tables.RunRecord.__table__.create(conn, checkfirst=True)  # type: ignore[attr-defined]
+    present = set(inspect(conn).get_table_names())
+    stamped = [t.name for t in SQLModel.metadata.sorted_tables if "run_id" in t.columns and t.name in present]
+    stamped.remove("tb_run")
+    for name in stamped:
+        if "run_id" not in {c["name"] for c in inspect(conn).get_columns(name)}:
+            conn.exec_driver_sql(f'ALTER TABLE "{name}" ADD COLUMN "run_id" VARCHAR NOT NULL DEFAULT \'\'')
+    held = conn.exec_driver_sql('SELECT count(*) FROM "tb_agent"').scalar() if "tb_agent" in present else 0
+    runs = conn.exec_driver_sql('SELECT count(*) FROM "tb_run"').scalar()
+    if held and not runs:
+        run_id = new_run_id()
+        conn.execute(
+            tables.RunRecord.__table__.insert().values(  # type: ignore[attr-defined]
+                run_id=run_id, scenario="", started_wall_ms=0, status="ended"
+            )
+        )
+        for name in stamped:
+            conn.execute(text(f'UPDATE "{name}" SET "run_id" = :run_id'), {"run_id": run_id})
+
+
+def new_run_id() -> str:
+    """A run's id: random, so two runs never share one, whatever their scenario or host."""
+    return uuid.uuid4().hex
+
+
 #: version -> upgrade step from the version before. Version 1 is the initial schema.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: lambda conn: SQLModel.metadata.create_all(conn),
@@ -63,6 +92,7 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     3: _add_published_seq,
     4: _analysis_indexes_only_after_runs,
     5: _add_product_selection,
+    6: _run_ids,
 }
 
 
@@ -74,13 +104,24 @@ class SchemaError(RuntimeError):
 class Database:
     url: str
     engine: Engine
+    #: the run this database records (tb_run), stamped on every row written through the journal or
+    #: a session; "" before a run claimed it (``agents.persistence.runs``)
+    run_id: str = ""
 
     @property
     def is_sqlite(self) -> bool:
         return self.engine.dialect.name == "sqlite"
 
     def session(self) -> Session:
-        return Session(self.engine, expire_on_commit=False)
+        session = Session(self.engine, expire_on_commit=False)
+        if self.run_id:
+            event.listen(session, "before_flush", self._stamp)
+        return session
+
+    def _stamp(self, session: Session, _context: object, _instances: object) -> None:
+        for row in session.new:
+            if getattr(row, "run_id", None) == "":
+                row.run_id = self.run_id
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -101,7 +142,14 @@ def open_database(url: str, *, create: bool = True) -> Database:
     db = Database(url, engine)
     if create:
         upgrade(db)
+        db.run_id = recorded_run(db) or ""
     return db
+
+
+def recorded_run(db: Database) -> str | None:
+    """The id of the run this database records, if one claimed it."""
+    with db.engine.connect() as conn:
+        return conn.execute(select(tables.RunRecord.run_id)).scalars().first()
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

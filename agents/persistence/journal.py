@@ -552,6 +552,9 @@ class Journal:
         self, cursor: Any, table: type[SQLModel], rows: list[dict[str, Any]], *, upsert: bool
     ) -> int:
         groups: dict[tuple[str, ...], list[tuple]] = {}
+        if self.db.run_id and "run_id" in table.__table__.columns:  # type: ignore[attr-defined]
+            stamp = {"run_id": self.db.run_id}  # every row carries its run (tables.RunStamped)
+            rows = [row | stamp for row in rows]
         for row in rows:  # rows of one table nearly always have the same columns: one group
             groups.setdefault(tuple(row), []).append(tuple(row.values()))
         for columns, values in groups.items():

@@ -10,8 +10,9 @@ from __future__ import annotations
 from sqlalchemy import BigInteger
 from sqlmodel import Field, SQLModel
 
-# 2: epoch-ms columns BIGINT (PostgreSQL); 3: tb_agent.published_seq; 4: see ANALYSIS_INDEXES
-SCHEMA_VERSION = 5
+# 2: epoch-ms columns BIGINT (PostgreSQL); 3: tb_agent.published_seq; 4: see ANALYSIS_INDEXES; 5: tb_product.selection;
+# 6: tb_run and a run_id column in every table (one run per record)
+SCHEMA_VERSION = 6
 
 #: Indexes nothing reads while the plant runs, on the tables every message writes (inbox, outbox,
 #: machine snapshots): keeping them up to date cost a fifth of those rows' writing (random keys
@@ -24,13 +25,32 @@ ANALYSIS_INDEXES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 )
 
 
+class RunStamped(SQLModel):
+    """A row of one run: every table of the record carries the id of the run that wrote it, so
+    a row can always be told apart from another run's (the database holds one run: tb_run). The
+    journal and :meth:`Database.session` stamp it; a row written outside a run keeps ``""``."""
+
+    run_id: str = Field(default="", sa_column_kwargs={"server_default": ""})
+
+
+class RunRecord(SQLModel, table=True):
+    """The run this database records: one row (``agents.persistence.runs`` refuses a second)."""
+
+    __tablename__ = "tb_run"
+    run_id: str = Field(primary_key=True)
+    scenario: str
+    started_wall_ms: int = Field(sa_type=BigInteger)
+    status: str = "running"  # running | ended (a resumed run is running again)
+    resumes: int = 0
+
+
 class SchemaVersion(SQLModel, table=True):
     __tablename__ = "tb_schema_version"
     id: int = Field(default=1, primary_key=True)
     version: int
 
 
-class InboxRecord(SQLModel, table=True):
+class InboxRecord(RunStamped, table=True):
     """Every message an agent received, recorded before it is acted on (idempotency by messageId)."""
 
     __tablename__ = "tb_inbox"
@@ -47,7 +67,7 @@ class InboxRecord(SQLModel, table=True):
     payload: str
 
 
-class OutboxRecord(SQLModel, table=True):
+class OutboxRecord(RunStamped, table=True):
     """Every message an agent decided to send, written before it is published."""
 
     __tablename__ = "tb_outbox"
@@ -63,7 +83,7 @@ class OutboxRecord(SQLModel, table=True):
     published: bool = False
 
 
-class ConversationRecord(SQLModel, table=True):
+class ConversationRecord(RunStamped, table=True):
     """The snapshot of one bidding state machine (requester per step, provider per call)."""
 
     __tablename__ = "tb_conversation"
@@ -77,7 +97,7 @@ class ConversationRecord(SQLModel, table=True):
     updated_sim: float
 
 
-class ProductRecord(SQLModel, table=True):
+class ProductRecord(RunStamped, table=True):
     """A product instance: its order, where it stands, and its AAS (JSON) for recovery."""
 
     __tablename__ = "tb_product"
@@ -98,7 +118,7 @@ class ProductRecord(SQLModel, table=True):
     shell: str  # the product's AAS environment as AAS JSON
 
 
-class StepRecord(SQLModel, table=True):
+class StepRecord(RunStamped, table=True):
     """One manufacturing step of one product, as the product twin sees it."""
 
     __tablename__ = "tb_step"
@@ -118,7 +138,7 @@ class StepRecord(SQLModel, table=True):
     reason: str = ""
 
 
-class DocumentationRecord(SQLModel, table=True):
+class DocumentationRecord(RunStamped, table=True):
     """Mirror of one step's entry in the product's ProcessDocumentation submodel (AAS JSON)."""
 
     __tablename__ = "tb_documentation"
@@ -130,7 +150,7 @@ class DocumentationRecord(SQLModel, table=True):
     writes: int = 1  # how many writes reached it (idempotent PUTs may repeat)
 
 
-class WorkOrderRecord(SQLModel, table=True):
+class WorkOrderRecord(RunStamped, table=True):
     """A resource's hold or work order for one step."""
 
     __tablename__ = "tb_work_order"
@@ -156,7 +176,7 @@ class WorkOrderRecord(SQLModel, table=True):
     finished: float | None = None
 
 
-class EventRecord(SQLModel, table=True):
+class EventRecord(RunStamped, table=True):
     """Progress events (accepted, step scheduled/completed, completed, failed)."""
 
     __tablename__ = "tb_event"
@@ -170,7 +190,7 @@ class EventRecord(SQLModel, table=True):
     data: str = "{}"
 
 
-class NoteRecord(SQLModel, table=True):
+class NoteRecord(RunStamped, table=True):
     """Protocol notes for researchers: late, duplicate, rejected, not understood, expired..."""
 
     __tablename__ = "tb_note"
@@ -183,7 +203,7 @@ class NoteRecord(SQLModel, table=True):
     wall_ms: int = Field(sa_type=BigInteger)
 
 
-class AgentRecord(SQLModel, table=True):
+class AgentRecord(RunStamped, table=True):
     """Which agents exist in the run, of which kind, and whether they finished."""
 
     __tablename__ = "tb_agent"
