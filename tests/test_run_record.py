@@ -61,7 +61,7 @@ def test_run_db_alone_is_the_whole_record_after_a_run_and_after_a_resume(tmp_pat
         alone.mkdir()
         shutil.copy(out / "run.db", alone / "run.db")  # without run.db-wal
         whole = _counts(out / "run.db")
-        assert whole[0] == 40 and whole[1] > 300
+        assert whole[0] == 40 and whole[1] > whole[0]  # every step, and the messages it took
         assert _counts(alone / "run.db") == whole
 
 
