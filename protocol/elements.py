@@ -402,6 +402,13 @@ class StepCall(Content):
         """The required capability first, then the acceptable alternatives."""
         return (self.capability, *(c for c in self.alternatives.split() if c != self.capability))
 
+    def latest_end(self, duration: float) -> float:
+        """When this step, taking `duration`, must end for the product to meet its due date: the
+        due date less the nominal work after it (inf without a due date)."""
+        if self.due is None:
+            return float("inf")
+        return round(self.due - max(self.remaining_work - duration, 0.0), 9)
+
 
 @dataclass(frozen=True)
 class Bid(Content):

@@ -8,8 +8,10 @@ the two criteria linearly, each normalised over the offers at hand:
     score = (1 - w) * norm(completion) + w * norm(price)     # lower is better
     norm(x) = (x - min) / (max - min), or 0 when all offers agree
 
-Ties break by earlier completion, then lower price, then provider id, so the same
-offers always give the same winner. Researchers plug in their own policy by
+An offer that finishes after the step's latest on-time end (the product's due date less the
+work after this step) ranks behind every offer that keeps the product on time: a price or a
+blend is no reason to make a product late. Ties break by earlier completion, then lower price,
+then provider id, so the same offers always give the same winner. Researchers plug in their own policy by
 implementing `SelectionPolicy.rank` and naming it as ``module:Class`` (see `make_policy`);
 a scenario chooses the policy per priority (``bidding.selection``), and the product keeps
 the choice in its record, so a restarted product ranks as it did before.
@@ -31,6 +33,14 @@ class Offer:
     proposal_id: str
     provider: str  # AAS id of the bidder
     bid: Bid
+    #: When the step must end for the product to meet its due date (inf: no due date); the
+    #: requester sets it from its call (`StepCall.latest_end`).
+    latest_end: float = float("inf")
+
+    @property
+    def late(self) -> bool:
+        """Does this offer make the product late?"""
+        return self.bid.completion > self.latest_end + 1e-9
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +83,7 @@ class PriorityWeighted:
         w = price_weight(min(max(priority, 1), self.levels), self.levels)
         t_norm = _norm([o.bid.completion for o in offers])
         p_norm = _norm([o.bid.price for o in offers])
+        on_time = any(not o.late for o in offers)
         scored = []
         for o, t, p in zip(offers, t_norm, p_norm, strict=True):
             score = (1 - w) * t + w * p
@@ -80,8 +91,18 @@ class PriorityWeighted:
                 f"priority {priority}: score {score:.4f} = {1 - w:.2f}*completion({o.bid.completion:g}→{t:.3f})"
                 f" + {w:.2f}*price({o.bid.price:g}→{p:.3f})"
             )
+            if on_time and o.late:
+                reason += f"; late (ends after {o.latest_end:g}): behind every on-time offer"
             scored.append(Ranked(o, score, reason))
-        scored.sort(key=lambda r: (r.score, r.offer.bid.completion, r.offer.bid.price, r.offer.provider))
+        scored.sort(
+            key=lambda r: (
+                on_time and r.offer.late,
+                r.score,
+                r.offer.bid.completion,
+                r.offer.bid.price,
+                r.offer.provider,
+            )
+        )
         return scored
 
 

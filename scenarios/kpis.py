@@ -31,9 +31,15 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def compute(
-    db: Database, *, wall_seconds: float, plan_steps: int | None = None, products_total: int | None = None
+    db: Database,
+    *,
+    wall_seconds: float,
+    plan_steps: int | None = None,
+    products_total: int | None = None,
+    resources: list[str] | None = None,
 ) -> dict[str, Any]:
-    """`plan_steps` / `products_total`: what the scenario asked for (a run stopped early has fewer rows)."""
+    """`plan_steps` / `products_total`: what the scenario asked for (a run stopped early has fewer
+    rows); `resources`: every resource of the plant, listed under utilisation even if it did nothing."""
     with db.session() as s:
         products = s.exec(select(ProductRecord)).all()
         steps = s.exec(select(StepRecord)).all()
@@ -78,10 +84,10 @@ def compute(
                 lateness[p.priority].append(end - p.due)
                 typed_late[p.product_type][p.priority].append(end - p.due)
     all_flow = [x for v in flow.values() for x in v]
-    busy: dict[str, float] = defaultdict(float)
+    busy: dict[str, float] = dict.fromkeys(resources or [], 0.0)
     for o in orders:
         if o.started is not None and o.finished is not None:
-            busy[o.resource] += o.finished - o.started
+            busy[o.resource] = busy.get(o.resource, 0.0) + o.finished - o.started
     done_steps = sum(1 for st in steps if st.status == "done")
     total_steps = plan_steps if plan_steps is not None else len(steps)
     return {

@@ -468,6 +468,7 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
         wall_seconds=wall,
         plan_steps=plan_steps,
         products_total=len(scenario.product_instances()) + (len(intake.accepted) if intake else 0),
+        resources=[r.name for r in scenario.resources],
     )
     figures["recorded_messages"] = recorder.count if recorder else 0
     figures["clock"] = {"kind": clock_kind, "time_scale": time_scale, "processes": processes}

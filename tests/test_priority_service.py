@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 
 from agents.resource.timeline import Slot, Timeline
+from protocol.bidding.requester import Requester
+from protocol.elements import Bid, StepCall
+from protocol.selection import Offer, PriorityWeighted
 from scenarios.launcher import RunOptions, run
 from scenarios.loader import load_scenario, load_scenario_text
 
@@ -81,6 +84,32 @@ def test_the_machine_waits_for_an_open_offer_of_a_more_urgent_class() -> None:
     assert same.held_for(booked, 0.0, None) is None  # only a more urgent class holds the machine
 
 
+# --- the product's choice --------------------------------------------------------------------------
+
+
+def offer(name: str, completion: float, price: float, latest_end: float) -> Offer:
+    bid = Bid(name, "x", completion - 10, completion, 10, 0, 0, price, 1e6, "here")
+    return Offer(f"p-{name}", name, bid, latest_end)
+
+
+def test_an_offer_that_makes_the_product_late_ranks_behind_on_time_offers() -> None:
+    call = StepCall("p", 2, "x", "here", 0.0, priority=5, due=130.0, remaining_work=40.0)
+    latest = call.latest_end(10)  # due less the 30 of work after this step
+    assert latest == 100.0
+    cheap_late, dear_on_time = offer("cheap", 120, 1, latest), offer("dear", 90, 9, latest)
+    ranked = PriorityWeighted().rank([cheap_late, dear_on_time], 5)
+    assert [r.offer.provider for r in ranked] == ["dear", "cheap"]
+    assert "late (ends after 100)" in ranked[1].reason
+    # without a due date (or with every offer late) priority 5 takes the cheapest
+    no_due = [offer("cheap", 120, 1, INF), offer("dear", 90, 9, INF)]
+    assert PriorityWeighted().rank(no_due, 5)[0].offer.provider == "cheap"
+    all_late = [offer("cheap", 120, 1, 50), offer("dear", 90, 9, 50)]
+    assert PriorityWeighted().rank(all_late, 5)[0].offer.provider == "cheap"
+    # the requester gives each offer its call's latest end
+    r = Requester("me", "conv", call)
+    assert r._offer("p1", "dear", dear_on_time.bid).latest_end == 100.0
+
+
 # --- whole plants --------------------------------------------------------------------------------
 
 
@@ -142,6 +171,7 @@ resources:
   - {kind: workstation, name: weld-fast, location: b, capabilities: [{name: welding, duration: 100, cost_rate: 3}]}
   - {kind: workstation, name: weld-slow, location: b, capabilities: [{name: welding, duration: 150, cost_rate: 1}]}
   - {kind: workstation, name: tester, location: c, capabilities: [{name: testing, duration: 50, cost_rate: 1}]}
+  - {kind: warehouse, name: stores, location: s, capacity: 10, capabilities: {store: {duration: 5, cost_rate: 1}}}
 product_types:
   - name: part
     plan:
@@ -161,3 +191,16 @@ def test_rush_orders_into_a_loaded_shop_are_served_first(tmp_path: Path) -> None
     kpis = run_scenario(load_scenario_text(RUSH), tmp_path / "run")
     assert kpis["products"]["completed"] == 25
     assert_priority_service(tmp_path / "run")
+    # every resource is in the utilisation figures, the unused warehouse too
+    assert set(kpis["utilisation"]) == {"saw-fast", "saw-slow", "weld-fast", "weld-slow", "tester", "stores"}
+    assert kpis["utilisation"]["stores"] == 0.0
+
+
+@pytest.mark.slow
+def test_chaos_on_mosquitto_serves_priority_1_first(tmp_path: Path, mosquitto) -> None:
+    """A wall clock (accelerated) and a real mosquitto: 30 priority-1 and 30 priority-5 shafts."""
+    scenario = load_scenario(ROOT / "scenarios" / "chaos.yaml")
+    out = tmp_path / "run"
+    kpis = asyncio.run(run(scenario, RunOptions(out=out, progress=False, broker=mosquitto.url))).kpis
+    assert kpis["products"]["completed"] == 60
+    assert_priority_service(out)

@@ -54,19 +54,6 @@ class WorkOrders(Protocol):
     async def resync(self) -> None: ...
 
 
-#: The step due date of a product without a due date: after every real one.
-NO_DUE = float("inf")
-
-
-def step_due(call: StepCall, duration: float) -> float:
-    """When this step must end for the product to meet its due date: the due date less the
-    nominal work still ahead after this step (NO_DUE without a due date)."""
-    if call.due is None:
-        return NO_DUE
-    after = max(call.remaining_work - duration, 0.0)
-    return round(call.due - after, 9)
-
-
 def rank(call: StepCall, duration: float) -> tuple:
     """The queue order of a step (smaller first): priority, step due date, urgency, names.
 
@@ -77,8 +64,7 @@ def rank(call: StepCall, duration: float) -> tuple:
     """
     remaining = max(call.remaining_work, duration, 1e-9)
     urgency = math.sqrt(max(duration, 0.0)) / remaining
-    due = step_due(call, duration)
-    return (call.priority, due, round(urgency, 12), -remaining, call.product, call.step)
+    return (call.priority, call.latest_end(duration), round(urgency, 12), -remaining, call.product, call.step)
 
 
 def job_id(product: str, step: int) -> str:
@@ -186,7 +172,7 @@ class BiddingProvider(Role):
             setup_change=estimate.setup,
             rank=rank(call, duration),
             firm=firm,
-            due=step_due(call, duration),
+            due=call.latest_end(duration),
         )
         base, previous = self.orders.frontier()
         index, (start, end, setup) = self.timeline.place(slot, base, previous)

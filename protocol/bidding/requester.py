@@ -234,7 +234,7 @@ class Requester:
         except ElementError as exc:
             self.answered.add(msg.sender)
             return [*self._not_understood(msg, str(exc)), *self._maybe_close(now)]
-        self.offers[msg.sender] = Offer(msg.id, msg.sender, bid)
+        self.offers[msg.sender] = self._offer(msg.id, msg.sender, bid)
         self.offer_valid[msg.id] = msg.reply_by
         self.answered.add(msg.sender)
         return self._maybe_close(now)
@@ -289,6 +289,10 @@ class Requester:
                 self._reject_offer(o.provider, o.proposal_id, "expired", "offer expired before the decision")
             )
         return effects
+
+    def _offer(self, proposal_id: str, provider: str, bid: Bid) -> Offer:
+        """A proposal as the policy sees it, with the latest end that keeps the product on time."""
+        return Offer(proposal_id, provider, bid, self.call.latest_end(bid.duration))
 
     def _valid(self, offer: Offer, now: int) -> bool:
         """The offer still binds its bidder (no validity given: until the round ends)."""
@@ -573,7 +577,7 @@ class Requester:
     @classmethod
     def restore(cls, data: dict[str, Any], policy: SelectionPolicy | None = None) -> Requester:
         def offer(row: list[Any]) -> Offer:
-            return Offer(row[0], row[1], Bid(**row[2]))
+            return r._offer(row[0], row[1], Bid(**row[2]))
 
         r = cls(
             me=data["me"],
