@@ -160,7 +160,7 @@ def test_the_policy_persists_when_product_agents_are_killed_and_restarted(tmp_pa
     result = asyncio.run(
         run(scenario, RunOptions(out=out, progress=False, broker="mosquitto", processes=3, chaos=chaos))
     )
-    assert result.ok, result.notices
+    assert result.ok, (result.kpis.get("products"), result.timed_out, result.notices)
     kills = [e for e in result.chaos_log if e["event"] == "kill"]
     assert kills, "no agent process was killed"
     db = open_database(sqlite_url(out / "run.db"))
