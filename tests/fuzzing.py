@@ -27,9 +27,10 @@ from agents.runtime.agent import Agent
 from agents.runtime.node import Node, NodeConfig
 from protocol.broker import RunningBroker, start_broker
 from protocol.credentials import Credentials
+from protocol.frame import Message, MessageType, Role, make_message, parse_message
 from protocol.mosquitto import MosquittoTLS
 from protocol.recorder import Recorder
-from protocol.transport import BrokerAddress
+from protocol.transport import BrokerAddress, MqttTransport
 from registry.service import RegistryServer
 from scenarios.launcher import Plant, _start_products, _start_resources, offered_capabilities
 from scenarios.schema import Scenario
@@ -223,6 +224,85 @@ class Tally:
         """Report, then fail the test if anything crashed or hung."""
         self.report()
         assert self.crashed == 0 and self.hangs == 0, "\n".join(self.failures)
+
+
+class Insider:
+    """An insider: a client on the broker with an agent's own account (a second connection of it),
+    publishing only where the broker lets that account publish, and reading that agent's inbox."""
+
+    def __init__(self, plant: LivePlant, account: str) -> None:
+        self.plant = plant
+        self.ns = plant.scenario.namespace
+        self.account = account
+        self.aas_id = plant.agent(account).aas_id
+        self.inbox: list[Message] = []
+        self.transport: MqttTransport | None = None
+
+    async def __aenter__(self) -> Insider:
+        async def handler(topic: str, payload: bytes) -> None:
+            try:
+                self.inbox.append(parse_message(payload))
+            except ValueError:
+                pass
+
+        self.transport = MqttTransport(
+            f"{self.account}-x", self.plant.address(self.account), handler, connect_retries=1
+        )
+        await self.transport.connect()
+        await self.transport.subscribe(f"i40/{self.ns}/to/{self.account}/+")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.transport is not None
+        await self.transport.close(timeout=2)
+
+    async def call(self, capability: str, elements: list[dict[str, Any]], **frame: Any) -> Message:
+        msg = make_message(
+            MessageType.CALL_FOR_PROPOSAL,
+            sender=self.aas_id,
+            sender_role=Role.REQUESTER,
+            conversation_id=frame.pop("conversation_id", f"attack-{len(self.inbox)}-{id(elements)}"),
+            elements=elements,
+            **frame,
+        )
+        assert self.transport is not None
+        await self.transport.publish(f"i40/{self.ns}/cfp/{capability}/{self.account}", msg.to_json())
+        await self.transport.flush(5)
+        return msg
+
+    async def publish(self, topic_tail: str, msg: Message, copies: int = 1) -> None:
+        assert self.transport is not None
+        payload = msg.to_json()
+        for _ in range(copies):
+            await self.transport.publish(f"i40/{self.ns}/{topic_tail}/{self.account}", payload)
+        await self.transport.flush(30)
+
+    async def accept_proposals(self, calls: list[Message], wait: float) -> list[Message]:
+        """Accept every proposal that answers one of `calls` within `wait` seconds (what a thief
+        would do)."""
+        accepted: list[Message] = []
+        ids = {c.id for c in calls}
+        loop = asyncio.get_running_loop()
+        end = loop.time() + wait
+        while loop.time() < end:
+            for m in self.inbox:
+                if m.type is MessageType.PROPOSAL and m.in_reply_to in ids and m not in accepted:
+                    accept = make_message(
+                        MessageType.ACCEPT_PROPOSAL,
+                        sender=self.aas_id,
+                        sender_role=Role.REQUESTER,
+                        conversation_id=m.conversation,
+                        receiver=m.sender,
+                        in_reply_to=m.id,
+                    )
+                    bidder = next(n for n, a in self.plant.node.agents.items() if a.aas_id == m.sender)
+                    assert self.transport is not None
+                    await self.transport.publish(
+                        f"i40/{self.ns}/to/{bidder}/{self.account}", accept.to_json()
+                    )
+                    accepted.append(m)
+            await asyncio.sleep(0.05)
+        return accepted
 
 
 class PlantThread:

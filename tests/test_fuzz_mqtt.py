@@ -17,6 +17,7 @@ Counts go to stdout (``FUZZ ...`` lines, ``pytest -s``) and ``$TWINBID_FUZZ_REPO
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import sqlite3
@@ -27,14 +28,16 @@ from typing import Any
 
 import pytest
 from conftest import HAVE_MOSQUITTO
-from fuzzing import LivePlant, PlantThread, Tally, fuzz_settings, rejections
+from fuzzing import Insider, LivePlant, PlantThread, Tally, fuzz_settings, rejections
 from hypothesis import given
 from hypothesis import strategies as st
 
 from agents.runtime.directory import Entry
-from protocol.frame import MessageType
+from protocol.elements import StepCall
+from protocol.frame import Message, MessageType, Role, make_message, parse_message
+from protocol.transport import MqttTransport
 from scenarios.launcher import offered_capabilities
-from scenarios.loader import load_scenario
+from scenarios.loader import load_scenario, load_scenario_text
 
 ROOT = Path(__file__).resolve().parents[1]
 HANDLER_TIMEOUT = 5.0
@@ -456,3 +459,196 @@ def test_deeply_nested_json_is_refused_as_a_bad_frame() -> None:
     for payload in (b"[" * 100_000, b'{"a":' * 40_000 + b"1" + b"}" * 40_000):
         with pytest.raises(FrameError, match="nested too deeply"):
             parse_message(payload)
+
+
+# ------------------------------------------------------------------------------- semantic attacks
+#
+# The cases above are handed to one handler at a time, after the run. These go through the broker
+# while a plant runs, each published by an insider with a real account on a topic its account may
+# publish to: well-formed frames whose meaning is hostile. The invariants are the plant's own: it
+# finishes, no step is executed twice or without its product's call, every step's record names the
+# resource that executed it, no handler fails and the journal loses nothing.
+
+SEMANTIC_CASES = 300
+SEMANTIC_PLANT = """
+name: semantic attacks
+namespace: semantic
+clock: {kind: accelerated, time_scale: 200}
+transport: {default_time: 0}
+bidding: {reply_window: 0.5}
+resources:
+  - {kind: workstation, name: ws-1, location: a, capabilities: [{name: turning, duration: 2, cost_rate: 1}]}
+  - {kind: workstation, name: ws-2, location: b, capabilities: [{name: turning, duration: 3, cost_rate: 1}]}
+product_types:
+  - {name: gear, plan: [{capability: turning}, {capability: turning}]}
+orders:
+  - {type: gear, quantity: 8, priority: 1, release: 1, interval: 1}
+"""
+#: Lexical values no number of a bidding message may hold (steps and priorities start at 1; times,
+#: durations and prices are finite, >= 0 and <= 1e12 / 1e15).
+HOSTILE_LONGS = ["0", "-7", str(10**30), str(2**63), str(-(2**63) - 1)]
+HOSTILE_DOUBLES = ["1E308", "-1.0", "INF", "-INF", "NaN", "1E16", "-1E-300"]
+
+
+def hostile_numbers(elements: list[dict[str, Any]], rng: random.Random) -> list[dict[str, Any]]:
+    """The elements with one declared number (not a parameter) set to a value none may hold."""
+    out = json.loads(json.dumps(elements))
+    numbers = [
+        p
+        for p in out[0]["value"]
+        if p.get("modelType") == "Property" and p["valueType"] in ("xs:long", "xs:double")
+    ]
+    prop = rng.choice(numbers)
+    if rng.random() < 0.2:  # the other number type too: a double where a long is declared, and back
+        prop["valueType"] = "xs:double" if prop["valueType"] == "xs:long" else "xs:long"
+    prop["value"] = rng.choice(HOSTILE_LONGS if prop["valueType"] == "xs:long" else HOSTILE_DOUBLES)
+    return out
+
+
+class Attacker:
+    """Insiders for every account of a plant, what the broker delivered (seen through the observer
+    account), and the calls the attacks made."""
+
+    def __init__(self, plant: LivePlant, rng: random.Random) -> None:
+        self.plant = plant
+        self.rng = rng
+        self.ns = plant.scenario.namespace
+        self.insiders: dict[str, Insider] = {}
+        self.seen: list[tuple[str, bytes]] = []
+        self.ours: set[str] = set()  # messageIds of messages the attacks made
+        self.calls: list[Message] = []
+        self.observer: MqttTransport | None = None
+
+    async def start(self) -> None:
+        async def record(topic: str, payload: bytes) -> None:
+            self.seen.append((topic, payload))
+
+        self.observer = MqttTransport("semantic-observer", self.plant.address(), record, connect_retries=1)
+        await self.observer.connect()
+        await self.observer.subscribe(f"i40/{self.ns}/#")
+
+    async def stop(self) -> None:
+        for insider in self.insiders.values():
+            await insider.__aexit__()
+        if self.observer is not None:
+            await self.observer.close(timeout=2)
+
+    async def insider(self, account: str) -> Insider:
+        if account not in self.insiders:
+            self.insiders[account] = await Insider(self.plant, account).__aenter__()
+        return self.insiders[account]
+
+    def recorded(self, types: tuple[MessageType, ...] | None = None) -> list[tuple[str, Message]]:
+        out = []
+        for topic, payload in self.seen:
+            if "/events/" in topic:
+                continue
+            try:
+                m = parse_message(payload)
+            except ValueError:
+                continue
+            if m.id not in self.ours and (types is None or m.type in types):
+                out.append((topic, m))
+        return out
+
+    async def call(self, account: str, elements: list[dict[str, Any]]) -> None:
+        msg = await (await self.insider(account)).call("turning", elements)
+        self.ours.add(msg.id)
+        self.calls.append(msg)
+
+    async def attack(self, kind: str) -> None:
+        rng, products = self.rng, self.plant.products
+        resources = [r.name for r in self.plant.scenario.resources]
+        if kind == "numbers-call":  # a product's own call, one number hostile
+            product = rng.choice(products)
+            call = StepCall(
+                product=product, step=rng.choice((1, 2)), capability="turning", location="a", release=0.0
+            )
+            await self.call(product, hostile_numbers(call.to_json_elements(), rng))
+        elif kind == "foreign-call":  # any account's call naming another product
+            account = rng.choice(products + resources)
+            named = rng.choice([p for p in products if p != account])
+            call = StepCall(
+                product=named, step=rng.choice((1, 2)), capability="turning", location="a", release=0.0
+            )
+            await self.call(account, call.to_json_elements())
+        elif kind == "numbers-reply":  # a resource's real answer again, new id, one number hostile
+            answers = self.recorded((MessageType.PROPOSAL, MessageType.INFORM_CONFIRM, MessageType.INFORM))
+            if not answers:
+                return
+            topic, m = rng.choice(answers)
+            forged = make_message(
+                m.type, sender=m.sender, sender_role=Role.PROVIDER, conversation_id=m.conversation,
+                receiver=m.receiver, in_reply_to=m.in_reply_to, reply_by=m.reply_by,
+                elements=hostile_numbers(m.interactionElements, rng),
+            )  # fmt: skip
+            self.ours.add(forged.id)
+            sender = topic.rsplit("/", 1)[1]
+            await (await self.insider(sender)).publish(topic.split("/", 2)[2].rsplit("/", 1)[0], forged)
+        else:  # replay: a real message again, by its own sender, up to 20 copies
+            recorded = self.recorded()
+            if not recorded:
+                return
+            topic, m = rng.choice(recorded)
+            sender = topic.rsplit("/", 1)[1]
+            copies = rng.choice((1, 1, 2, 5, 20))
+            await (await self.insider(sender)).publish(topic.split("/", 2)[2].rsplit("/", 1)[0], m, copies)
+
+    async def accept_everything(self, wait: float) -> list[Message]:
+        """What a thief does with any proposal that answers one of the attacks' calls."""
+        accepted: list[Message] = []
+        for insider in self.insiders.values():
+            accepted += await insider.accept_proposals(self.calls, wait=wait / max(1, len(self.insiders)))
+        return accepted
+
+
+async def test_semantic_attacks_on_a_running_plant(tmp_path: Path) -> None:
+    from sqlmodel import select
+
+    from agents.persistence.tables import StepRecord, WorkOrderRecord
+
+    tally = Tally("mqtt-semantic")
+    rng = random.Random(2193)
+    kinds = ["numbers-call", "foreign-call", "numbers-reply", "replay"]
+    async with LivePlant(load_scenario_text(SEMANTIC_PLANT), tmp_path, broker="mosquitto" if HAVE_MOSQUITTO else None,
+                         clock="accelerated", time_scale=200) as plant:  # fmt: skip
+        node = plant.node
+        assert node is not None
+        attacker = Attacker(plant, rng)
+        await attacker.start()
+        try:
+            for i in range(SEMANTIC_CASES):
+                await attacker.attack(rng.choice(kinds))
+                tally.cases += 1
+                if i % 10 == 9:
+                    await asyncio.sleep(0.05)  # the plant goes on meanwhile
+            accepted = await attacker.accept_everything(wait=3.0)
+            await plant.until_done(120)
+        finally:
+            await attacker.stop()
+        tally.rejected = rejections(list(node.agents.values()))
+        tally.accepted = tally.cases - min(tally.cases, tally.rejected)
+        errors = sum(a.counters["handler-error"] for a in node.agents.values())
+        if errors:
+            tally.crash(f"{errors} handler errors")
+        assert accepted == [], "a provider bid on an attack's call"
+        for _ in range(200):  # offers that answered replayed calls lapse after their validity
+            with node.db.session() as s:
+                open_orders = s.exec(
+                    select(WorkOrderRecord).where(WorkOrderRecord.state.in_(("held", "booked")))
+                ).all()
+            if not open_orders:
+                break
+            await asyncio.sleep(0.05)
+        with node.db.session() as s:
+            orders = s.exec(select(WorkOrderRecord)).all()
+            steps = s.exec(select(StepRecord)).all()
+        executed = sorted((o.product, o.step) for o in orders if o.state in ("running", "done"))
+        assert executed == sorted((p, k) for p in plant.products for k in (1, 2)), executed
+        assert [o.job_id for o in orders if o.state in ("held", "booked", "running")] == []
+        by_step = {(o.product, o.step): o.resource for o in orders if o.state == "done"}
+        assert {(r.product, r.step): r.resource for r in steps} == by_step
+        assert all(r.status == "done" for r in steps)
+        assert node.journal.failed is None
+        assert all(t.connected for t in node.transports.values())
+        tally.check()
