@@ -54,7 +54,7 @@ from protocol.recorder_process import RecorderProcess
 from protocol.tokens import new_secret
 from protocol.transport import BrokerAddress
 from registry.process import RegistryProcess
-from scenarios import assembly, gantt, kpis
+from scenarios import assembly, gantt, kpis, log_completeness
 from scenarios.chaos import Chaos
 from scenarios.intake import OrderIntake
 from scenarios.loader import ScenarioError, load_scenario
@@ -471,6 +471,13 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
         resources=[r.name for r in scenario.resources],
     )
     figures["recorded_messages"] = recorder.count if recorder else 0
+    if recorder is not None:  # the log is complete or says where it is not (log_completeness)
+        figures["negotiation_log"] = log_completeness.reconcile(db, out / "messages.jsonl")
+        if figures["negotiation_log"]["reconciled"]:
+            notices.append(
+                f"messages.jsonl: {figures['negotiation_log']['reconciled']} messages the recorder did not "
+                'receive were filled in from the journal (marked "reconciled": true)'
+            )
     figures["clock"] = {"kind": clock_kind, "time_scale": time_scale, "processes": processes}
     recoveries = pool.recoveries if pool else []
     times = [r.seconds for r in recoveries if r.seconds is not None]

@@ -26,6 +26,7 @@ import pandas as pd
 
 from protocol.elements import Bid, Booking, Content, ElementError, Reason, StepCall, StepResult
 from protocol.topics import TopicError, parse_topic
+from scenarios import log_completeness
 from scenarios.kpis import percentile  # one definition of the percentiles the KPIs report
 
 __all__ = [
@@ -186,6 +187,8 @@ def recording_row(rec: dict[str, Any]) -> dict[str, Any]:
         "capability": capability,
         "type": rec.get("type"),
         "dup": bool(rec.get("dup", False)),
+        # filled in from the journal at the end of the run: sent, but never delivered to the recorder
+        "reconciled": bool(rec.get("reconciled", False)),
         "message_id": None,
         "conversation_id": None,
         "in_reply_to": None,
@@ -480,11 +483,12 @@ def load(out: Path | str, *, db: str | None = None) -> Run:
     outbox = raw.get("tb_outbox", pd.DataFrame())
     inbox = raw.get("tb_inbox", pd.DataFrame())
     steps_raw = raw.get("tb_step", pd.DataFrame())
-    messages = _messages(outbox, recorded, steps_raw, _watermarks(raw.get("tb_agent")))
+    delivered = recorded[~recorded["reconciled"].astype(bool)] if len(recorded) else recorded
+    messages = _messages(outbox, delivered, steps_raw, _watermarks(raw.get("tb_agent")))
     t0 = float(messages["time_ms"].min()) if len(messages) else 0.0
     if len(messages):
         messages["t_ms"] = messages["time_ms"] - t0
-    events = _events(raw.get("tb_event"), recorded)
+    events = _events(raw.get("tb_event"), delivered)
     products_raw = raw.get("tb_product", pd.DataFrame())
     orders_raw = raw.get("tb_work_order", pd.DataFrame())
     if url is None and len(messages):  # a recording alone: the schedule from the messages themselves
@@ -1133,10 +1137,28 @@ def _num(x: Any, digits: int = 4) -> Any:
         return x
 
 
+def _log_completeness(run: Run, delivered: set[str], filled: set[str]) -> dict[str, Any]:
+    """messages.jsonl against the journal's outbox (scenarios.log_completeness); an observer's
+    folder has no journal: what `twinbid observe` found when it stopped (OUT/recording.json)."""
+    if run.has_database:
+        m = run.messages
+        own = m[m["source"] == "outbox"] if len(m) else m
+        sent = zip(own.get("message_id", []), own.get("published", []), own.get("sent_ms", []), strict=False)
+        return log_completeness.summarize(
+            ((mid, bool(p), float(ms)) for mid, p, ms in sent), delivered, filled
+        )
+    try:
+        return json.loads((run.out / "recording.json").read_text())["log"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"complete": None, "note": "no journal to check the recording against"}
+
+
 def _stats(run: Run) -> dict[str, Any]:
     m = run.messages
     sent = Counter(m["type"]) if len(m) else Counter()
     rec = run.recorded
+    filled = rec[rec["reconciled"].astype(bool)] if len(rec) else rec
+    rec = rec[~rec["reconciled"].astype(bool)] if len(rec) else rec
     rec_frames = rec[rec["message_id"].notna()] if len(rec) else rec
     # proposals per call for proposal
     per_call: list[int] = []
@@ -1173,6 +1195,7 @@ def _stats(run: Run) -> dict[str, Any]:
             "recorded_events": len(rec) - len(rec_frames),
             "repeated": int(rec_frames.duplicated(["message_id", "topic"]).sum()) if len(rec_frames) else 0,
         },
+        "log": _log_completeness(run, set(rec_frames["message_id"]), set(filled["message_id"])),
         "conversations": {
             "total": len(c),
             "by_status": {k: int(v) for k, v in sorted(Counter(c["status"]).items())} if len(c) else {},

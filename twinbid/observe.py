@@ -156,6 +156,7 @@ def observe(
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     err.print(f"recording i40/{ns}/# from {address} to {out / 'messages.jsonl'} (Ctrl-C stops)")
     started = time.monotonic()
+    started_ms = time.time() * 1000
     status = err.status("0 messages") if not quiet and err.is_terminal else contextlib.nullcontext()
     try:
         with status as live:
@@ -173,6 +174,29 @@ def observe(
         recorder.stop(settle=0.2, max_wait=5)
     by_type = ", ".join(f"{k} {v}" for k, v in sorted(recorder.by_type.items()))
     err.print(f"recorded {recorder.written:,} messages ({by_type or 'none'})")
+    log = _recording_gaps(out / "messages.jsonl", plant, started_ms)
+    (out / "recording.json").write_text(
+        json.dumps({"plant": str(plant) if plant else None, "log": log}, indent=2)
+    )
+    err.print(log_line(log), highlight=False)
+
+
+def _recording_gaps(path: Path, plant: Path | None, started_ms: float) -> dict[str, Any]:
+    """What the recording lacks of what the plant's agents sent while it ran and before (a late
+    start), from the plant's journal (OUT/run.db) when there is one to read."""
+    from agents.persistence import open_database
+    from agents.persistence.database import sqlite_url
+    from scenarios import log_completeness
+
+    if plant is None or not (plant / "run.db").exists():
+        return {"complete": None, "note": "no plant journal to compare with (observe with --plant OUT)"}
+    _, _, span = log_completeness.log_ids(path)
+    until = int(span[1]) if span else int(time.time() * 1000)  # later frames may still be in flight
+    db = open_database(sqlite_url(plant / "run.db"))
+    try:
+        return log_completeness.completeness(db, path, until_ms=until, recording_started_ms=started_ms)
+    finally:
+        db.dispose()
 
 
 # =========================================================================== log
@@ -731,6 +755,18 @@ def stats(
     _print_stats(figures)
 
 
+def log_line(log: dict[str, Any]) -> str:
+    """One line on a recording's completeness (scenarios.log_completeness)."""
+    if log.get("complete") is None:
+        return f"negotiation log: completeness unknown ({log.get('note', 'nothing to compare with')})"
+    counts = f"{log['sent']:,} sent, {log['recorded']:,} recorded, {log['reconciled']:,} filled in from the journal"
+    if log["complete"]:
+        return f"negotiation log: complete ({counts})"
+    late = log.get("missing_before_start")
+    before = f", {late:,} of them sent before the recording started" if late else ""
+    return f"negotiation log: INCOMPLETE, {log['missing']:,} sent messages missing{before} ({counts})"
+
+
 def _print_stats(f: dict[str, Any]) -> None:
     m = f["messages"]
     t = Table(title=f"messages ({f['source']})", title_justify="left", header_style="bold")
@@ -745,6 +781,7 @@ def _print_stats(f: dict[str, Any]) -> None:
         f"{m['repeated']:,} repeated (re-sent or redelivered on the same topic)",
         highlight=False,
     )
+    console.print(log_line(f["log"]), highlight=False)
     c, p, lat = f["conversations"], f["proposals_per_call"], f["negotiation_latency_ms"]
     t = Table(title="negotiations", title_justify="left", show_header=False)
     t.add_row("conversations", f"{c['total']:,} ({', '.join(f'{k} {v}' for k, v in c['by_status'].items())})")

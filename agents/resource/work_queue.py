@@ -234,30 +234,34 @@ class WorkQueue(Role):
             return
         await self._begin(slot, job, fresh)
         row = self.orders.get(slot.key, row)
-        self._save(slot.key, {**row, "state": "running", "started": now})
+        # The asset's own start is the truth: a step resumed after a takeover started before now.
+        status = self.asset.job_status(job.job_id)
+        began = status.record.start if status.state != "not_started" and status.record else now
+        self._save(slot.key, {**row, "state": "running", "started": began})
         self._status(current=job.job_id, product=row["product"])
         record = await self.asset.execute(job, self.agent.clock, previous_capability=self._previous())
         self.executed += 1
         self.busy_time += record.end - record.start
         self.timeline.release(slot.key)
         row = self.orders.get(slot.key, row)
+        times = {"started": record.start, "finished": record.end}  # as the asset logged them
         if record.outcome != "done":
             reason = record.reason or "the asset reported a failure"
-            self._save(slot.key, {**row, "state": "failed", "finished": record.end}, keep=False)
+            self._save(slot.key, {**row, "state": "failed", **times}, keep=False)
             self.orders.pop(slot.key, None)
             await self.provider.complete_or_fail(p, p.fail("execution", reason, self.agent.now_ms()))
         elif (refusal := await self._document(row, record)) is not None:
             # The product refused the record for good (the award no longer stands, or it was
             # never ours): the step is not documented, so it is not done; the requester hears so.
             self.agent.note(Note("documentation-refused", f"{row['product']}/{row['step']}: {refusal}"))
-            self._save(slot.key, {**row, "state": "failed", "finished": record.end}, keep=False)
+            self._save(slot.key, {**row, "state": "failed", **times}, keep=False)
             self.orders.pop(slot.key, None)
             text = f"the product refused the step's documentation: {refusal}"
             await self.provider.complete_or_fail(
                 p, p.fail("documentation-refused", text, self.agent.now_ms())
             )
         else:
-            self._save(slot.key, {**row, "state": "done", "finished": record.end}, keep=False)
+            self._save(slot.key, {**row, "state": "done", **times}, keep=False)
             self.orders.pop(slot.key, None)
             result = StepResult(
                 resource=self.agent.name,
