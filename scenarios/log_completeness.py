@@ -39,36 +39,41 @@ EVENTS_NOTE = "progress events are not journaled: their gaps cannot be checked"
 
 @dataclass(frozen=True)
 class SentFrame:
-    """One outbox row, as far as completeness is concerned."""
+    """One outbox row, as far as completeness is concerned (its payload is read only for a gap)."""
 
+    agent: str
     message_id: str
     acknowledged: bool  # the broker acknowledged it (published flag or the agent's watermark)
     created_wall_ms: int
-    topic: str = ""
-    type: str = ""
-    payload: str = ""
-    created_sim: float | None = None
 
 
 def sent_frames(db: Database, *, until_ms: int | None = None) -> list[SentFrame]:
     """Every frame the agents journaled (created up to ``until_ms``), one per message id."""
+    o = OutboxRecord
     with db.session() as s:
         marks = {a.name: a.published_seq for a in s.exec(select(AgentRecord)).all()}
-        query = select(OutboxRecord)
+        query = select(o.agent, o.message_id, o.seq, o.published, o.created_wall_ms)
         if until_ms is not None:
-            query = query.where(OutboxRecord.created_wall_ms <= until_ms)
-        rows = s.exec(
-            query.order_by(OutboxRecord.created_wall_ms, OutboxRecord.agent, OutboxRecord.seq)
-        ).all()
+            query = query.where(o.created_wall_ms <= until_ms)
+        rows = s.exec(query.order_by(o.created_wall_ms, o.agent, o.seq)).all()
     out: dict[str, SentFrame] = {}
-    for r in rows:
-        acked = bool(r.published) or r.seq <= (marks.get(r.agent) or 0)
-        if r.message_id in out and not acked:
+    for agent, mid, seq, published, created in rows:
+        acked = bool(published) or seq <= (marks.get(agent) or 0)
+        if mid in out and not acked:
             continue
-        out[r.message_id] = SentFrame(
-            r.message_id, acked, int(r.created_wall_ms), r.topic, r.type, r.payload, r.created_sim
-        )
+        out[mid] = SentFrame(agent, mid, acked, int(created))
     return list(out.values())
+
+
+def _outbox_rows(db: Database, frames: list[SentFrame]) -> list[OutboxRecord]:
+    """The full outbox rows of ``frames`` (in their order), read in bounded batches."""
+    rows: dict[tuple[str, str], OutboxRecord] = {}
+    with db.session() as s:
+        for i in range(0, len(frames), 500):
+            ids = [f.message_id for f in frames[i : i + 500]]
+            for r in s.exec(select(OutboxRecord).where(OutboxRecord.message_id.in_(ids))).all():
+                rows[(r.agent, r.message_id)] = r
+    return [rows[(f.agent, f.message_id)] for f in frames if (f.agent, f.message_id) in rows]
 
 
 def log_ids(path: Path) -> tuple[set[str], set[str], tuple[float, float] | None]:
@@ -166,16 +171,16 @@ def reconcile(db: Database, path: Path) -> dict[str, Any]:
     gaps = [f for f in frames if f.acknowledged and f.message_id not in delivered | reconciled]
     if gaps:
         with path.open("ab") as f:
-            for frame in gaps:
+            for row in _outbox_rows(db, gaps):
                 try:
-                    message: Any = orjson.loads(frame.payload)
+                    message: Any = orjson.loads(row.payload)
                 except orjson.JSONDecodeError:
-                    message = frame.payload
+                    message = row.payload
                 line = {
                     "received_ms": None,
-                    "sent_ms": frame.created_wall_ms,
-                    "topic": frame.topic,
-                    "type": frame.type,
+                    "sent_ms": row.created_wall_ms,
+                    "topic": row.topic,
+                    "type": row.type,
                     "message": message,
                     "reconciled": True,
                 }
