@@ -11,8 +11,8 @@ import pytest
 
 from agents.bidding.provider_role import rank
 from agents.resource.timeline import Slot, Timeline, pack
-from protocol.bidding.effects import Book, Note, Scheduled, Send
-from protocol.bidding.provider import ProtocolError, Provider, PState
+from protocol.bidding.effects import Book, Count, Note, Scheduled, Send
+from protocol.bidding.provider import REPLAY_INTERVAL_MS, ProtocolError, Provider, PState
 from protocol.bidding.requester import Requester, RequesterConfig, RState
 from protocol.elements import Bid, Booking, StepCall
 from protocol.frame import Message, MessageType
@@ -112,8 +112,10 @@ def test_a_moved_booking_is_re_confirmed_and_the_requester_takes_the_new_times()
     assert scheduled.booking == Booking("a", 7, 12) and r.state is RState.CONFIRMED
     assert [n.kind for n in out if isinstance(n, Note)] == ["rescheduled"]
     assert r.receive(again, 8)[0].kind == "duplicate"  # the same message twice changes nothing
-    # A status query (the acceptance re-sent) is answered with the latest times.
-    replay = [e.message for e in p.receive(r.accept_message(), 9) if isinstance(e, Send)]
+    # A status query (the acceptance re-sent, a status interval later) is answered with the latest
+    # times; a copy within REPLAY_INTERVAL_MS of the acceptance is only counted.
+    assert p.receive(r.accept_message(), 9) == [Count("duplicate")]
+    replay = [e.message for e in p.receive(r.accept_message(), 4 + REPLAY_INTERVAL_MS) if isinstance(e, Send)]
     assert Booking.from_json_elements(replay[0].interactionElements) == Booking("a", 7, 12)
 
 
