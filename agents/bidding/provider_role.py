@@ -29,6 +29,7 @@ from typing import Protocol
 
 import orjson
 
+from agents.persistence.journal import Unstorable
 from agents.persistence.tables import ConversationRecord
 from agents.resource.timeline import Slot, Timeline
 from agents.runtime.role import Role
@@ -198,8 +199,14 @@ class BiddingProvider(Role):
             valid_until=valid_until,
             location=self.asset.location,
         )
+        # The hold's row is staged before the hold exists in memory: a row the journal refuses
+        # (Unstorable) leaves no hold behind that nothing would ever release.
+        try:
+            self.orders.held(p, slot, bid)
+        except Unstorable as exc:
+            self.asset.release(job)
+            return await self._apply(p, p.refuse("unstorable", str(exc), now_ms))
         self.timeline.hold(slot, index)
-        self.orders.held(p, slot, bid)
         await self._apply(p, p.propose(bid, self.agent.clock.epoch_ms(valid_until), now_ms))
 
     def _call_rank(self, call: StepCall) -> tuple:

@@ -149,9 +149,9 @@ class WorkQueue(Role):
             await self.provider.reschedule(p, slot.start, slot.end)
 
     def _save(self, key: str, row: dict, keep: bool = True) -> None:
+        self.agent.node.journal.put(WorkOrderRecord, row)  # first: it may refuse (Unstorable)
         if keep:
             self.orders[key] = row
-        self.agent.node.journal.put(WorkOrderRecord, row)
 
     # --- execution --------------------------------------------------------------------------------
 
