@@ -6,10 +6,12 @@ start from product arrival, transport, setup and the timeline of holds and
 bookings), price (work time x cost rate). The offer holds its slot until it is
 accepted, rejected or expires; the protocol machine enforces the rest.
 
-Where the job goes in the resource's queue is `Timeline.place`'s rule: a booked
-job may be overtaken by a more urgent newcomer unless its product chose this
-resource among alternatives (then the promise is firm). Urgency is the queue
-`rank`: the product's priority first, then the work the product still has
+Where the job goes in the resource's queue is `Timeline.place`'s rule: a job of a
+less urgent priority class that has not started is always overtaken by a more
+urgent newcomer (the priority service); within a class a booked job may be
+overtaken by a more urgent newcomer unless its product chose this resource among
+alternatives (then the promise is firm). Urgency is the queue `rank`: the
+product's priority first, then the step's latest on-time end, then the work the product still has
 (`remaining_work`, carried in the call) per square root of this step's
 processing time — between MWKR (most work remaining) and SPT/TWKR (shortest
 processing time over total work remaining), a product with much left to do and
