@@ -25,10 +25,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from protocol import lifeline
 from protocol.mosquitto import MosquittoProcess, MosquittoTLS, find_mosquitto, free_port, wait_for_port
 from protocol.transport import BrokerAddress
 
@@ -135,6 +137,7 @@ class EmbeddedBroker:
         python: str | None = None,
         accounts_file: str | Path | None = None,
         tls: MosquittoTLS | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         self.workdir = (
             Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="twinbid-amqtt-"))
@@ -147,6 +150,7 @@ class EmbeddedBroker:
         self.python = python or sys.executable
         self.accounts_file = Path(accounts_file).resolve() if accounts_file is not None else None
         self.tls = tls
+        self.die_with_parent = die_with_parent  # see protocol.lifeline: a run's broker ends with its launcher
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
 
@@ -226,6 +230,7 @@ class EmbeddedBroker:
             stderr=self._log,
             env=env,
             start_new_session=True,
+            preexec_fn=lifeline.die_with_parent if self.die_with_parent else None,
         )
         try:
             self._wait_ready()
@@ -325,6 +330,9 @@ class RunningBroker:
         self.kind: BrokerKind = kind
         self._address = address
         self.process: EmbeddedBroker | MosquittoProcess | None = process
+        # stop/restart (faults, chaos: from threads) and revive (the run's supervisor) take turns:
+        # a broker being restarted on purpose is not also revived.
+        self._lock = threading.RLock()
 
     @property
     def address(self) -> BrokerAddress:
@@ -336,10 +344,15 @@ class RunningBroker:
     def url(self) -> str:
         return self.address.url()
 
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
     def stop(self) -> None:
         """Stop a broker we started; an external broker is left alone."""
         if self.process is not None:
-            self.process.stop()
+            with self._lock:
+                self.process.stop()
 
     def reload(self) -> None:
         """Make a broker we started read its accounts again (after one was added)."""
@@ -349,7 +362,19 @@ class RunningBroker:
     def restart(self) -> None:
         if self.process is None:
             raise RuntimeError("an external broker cannot be restarted from here")
-        self.process.restart()
+        with self._lock:
+            self.process.restart()
+
+    def revive(self) -> bool:
+        """Start a broker we started again, on its port and with its persistence, if it ended
+        without being stopped (killed, crashed); True if it did. A stopped one stays stopped."""
+        if self.process is None:
+            return False
+        with self._lock:
+            if self.process.pid is None or self.process.running:
+                return False
+            self.process.restart()
+            return True
 
     async def astop(self) -> None:
         await asyncio.to_thread(self.stop)

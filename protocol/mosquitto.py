@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from protocol import lifeline
 from protocol.transport import BrokerAddress
 
 __all__ = [
@@ -314,6 +315,7 @@ class MosquittoProcess:
         persistence: bool = True,
         binary: str | None = None,
         start_timeout: float = 10.0,
+        die_with_parent: bool = False,
         **config: Any,
     ) -> None:
         self.config_dir = Path(config_dir)
@@ -324,6 +326,7 @@ class MosquittoProcess:
         self.binary = binary or find_mosquitto()
         self.start_timeout = start_timeout
         self.config = config
+        self.die_with_parent = die_with_parent  # see protocol.lifeline: a run's broker ends with its launcher
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: Any = None
 
@@ -430,6 +433,7 @@ class MosquittoProcess:
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # a Ctrl-C in the terminal is for us, not for the broker
+            preexec_fn=lifeline.die_with_parent if self.die_with_parent else None,
         )
         try:
             wait_for_port(self.host, self.port, self.start_timeout, alive=lambda: self.running)

@@ -43,9 +43,13 @@ class RecorderProcess:
             "options": {k: str(v) if isinstance(v, Path) else v for k, v in options.items()},
         }
         self.count = 0  # messages recorded, known once stopped
+        self.earlier = 0  # messages recorded by children that died (restart)
+        self._lines_before: int | None = None  # lines the log held before this run's first child
         self.process: subprocess.Popen[str] | None = None
 
     def start(self, timeout: float = 30.0) -> RecorderProcess:
+        if self._lines_before is None:
+            self._lines_before = _whole_lines(Path(self.settings["out"]))
         env = dict(
             os.environ, PYTHONPATH=os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
         )
@@ -65,6 +69,20 @@ class RecorderProcess:
             raise ConnectionError(f"the recorder process did not start: {line or 'it exited'}")
         return self
 
+    @property
+    def died(self) -> bool:
+        """The child ended without being stopped (killed, crashed)."""
+        return self.process is not None and self.process.poll() is not None
+
+    def restart(self, timeout: float = 30.0) -> RecorderProcess:
+        """A new child after this one died: same client id and persistent session, so the broker
+        kept what it received meanwhile (a broker with persistence). A dead child may have left
+        half a line at the end of the log: it is cut off, and the whole lines are counted."""
+        self._kill()
+        self.process = None
+        self.earlier = _whole_lines(Path(self.settings["out"]), cut=True) - (self._lines_before or 0)
+        return self.start(timeout)
+
     def stop(self, settle: float = 0.3, max_wait: float = 60.0) -> None:
         proc = self.process
         if proc is None:
@@ -75,7 +93,7 @@ class RecorderProcess:
             proc.stdin.flush()
             line = self._read_line(max_wait + 30)
             if line.startswith("STOPPED "):
-                self.count = int(line.split()[1])
+                self.count = self.earlier + int(line.split()[1])
             proc.stdin.close()
             proc.wait(30)
         except (OSError, ValueError, subprocess.TimeoutExpired):
@@ -96,6 +114,18 @@ class RecorderProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+
+
+def _whole_lines(path: Path, *, cut: bool = False) -> int:
+    """How many whole lines ``path`` holds; with ``cut``, a partial last line is removed."""
+    try:
+        with path.open("rb+") as f:
+            data = f.read()
+            if cut:
+                f.truncate(data.rfind(b"\n") + 1)
+    except OSError:
+        return 0
+    return data.count(b"\n")
 
 
 def _main() -> None:

@@ -90,6 +90,24 @@ class RegistryProcess:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    @property
+    def died(self) -> bool:
+        """The child ended without being stopped (killed, crashed)."""
+        return self.process is not None and self.process.poll() is not None
+
+    async def restart(self, attempts: int = 50) -> str:
+        """Start it again on the same URL (its descriptors are in its database): agents keep the
+        URL they were given. The old socket may linger a moment, so a few tries."""
+        if self.base_url:
+            self.port = int(self.base_url.rsplit(":", 1)[1].split("/", 1)[0])
+        await self.stop()
+        for _ in range(attempts - 1):
+            try:
+                return await self.start()
+            except RuntimeError:
+                await asyncio.sleep(0.1)
+        return await self.start()
+
 
 async def _child(host: str, port: int, db_url: str | None, log_level: str) -> None:
     from registry.service import RegistryServer

@@ -60,6 +60,7 @@ from scenarios.intake import OrderIntake
 from scenarios.loader import ScenarioError, load_scenario
 from scenarios.notifications import ScenarioNotifier
 from scenarios.schema import Scenario
+from scenarios.supervisor import PROCESSES_FILE, Supervisor, refuse_if_alive
 from scenarios.workers import Recovery, WorkerPool
 from shopfloor.barrier import BarrierHost, SplitVirtualClock, TimeBarrier
 from shopfloor.clock import Clock, make_clock
@@ -262,10 +263,13 @@ def recorder_address(broker: RunningBroker, credentials: Credentials | None) -> 
 
 
 async def run(scenario: Scenario, options: RunOptions) -> RunResult:
+    """Run the plant to the end; raises :class:`RunStillAlive` when resuming a run that still runs."""
     missing = scenario.missing_vendor_keys(os.environ)
     if missing:  # before anything starts or is written: a retry with the variable set is clean
         raise ScenarioError("\n".join(missing))
     out = options.out
+    if options.resume:  # before the record is touched: a second plant beside a live one does steps twice
+        await refuse_if_alive(out)
     _raise_open_files_limit()
     notices: list[str] = []
     seed = options.seed if options.seed is not None else scenario.seed
@@ -307,6 +311,8 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
     clock: Clock | None = None
     pool: WorkerPool | None = None
     chaos_task: asyncio.Task | None = None
+    supervisor = Supervisor(out, broker, registry)
+    supervisor_task: asyncio.Task | None = None
     timed_out = interrupted = False
     finished: set[str] = set()
     notifier: ScenarioNotifier | None = None
@@ -324,6 +330,9 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
                 clean=False,
             ).start
         )
+        supervisor.recorder = recorder
+        supervisor.register()
+        supervisor_task = asyncio.create_task(supervisor.run())
         wall_origin = _wall_origin(db, processes, options.resume)
         worker_shares = list(range(1 if local else 0, count))
         plant = Plant(
@@ -379,6 +388,7 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
         if worker_shares:
             pool = WorkerPool(plant, worker_shares, count, on_finished=finished.add, barrier=host)
             pool.start()
+            supervisor.pool = pool
         if host is not None:
             host.start()
         await clock.start()
@@ -419,6 +429,10 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
             task.uncancel()
     finally:
         wall = time.perf_counter() - started
+        if supervisor_task is not None:  # from here on the run stops its processes itself
+            supervisor_task.cancel()
+            with contextlib.suppress(BaseException):
+                await supervisor_task
         if chaos_task is not None:
             chaos_task.cancel()
             with contextlib.suppress(BaseException):
@@ -479,6 +493,8 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
                 'receive were filled in from the journal (marked "reconciled": true)'
             )
     figures["clock"] = {"kind": clock_kind, "time_scale": time_scale, "processes": processes}
+    if supervisor.revived:
+        figures["revived"] = supervisor.revived
     recoveries = pool.recoveries if pool else []
     times = [r.seconds for r in recoveries if r.seconds is not None]
     if times:
@@ -488,6 +504,7 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
             "count": len(times),
         }
     (out / "kpis.json").write_text(kpis.dumps(figures))
+    (out / PROCESSES_FILE).unlink(missing_ok=True)  # every process of the run has ended
     gantt.gantt(db, out / "gantt.png", title=f"{scenario.name}: schedule")
     try:
         checkpoint(db)
@@ -559,7 +576,10 @@ async def _start_broker(
     """Start the run's broker, or reach the one the user runs: then time a small message's round
     trip, and say once when that broker holds small messages back."""
     try:
-        broker = await asyncio.to_thread(lambda: start_broker(url, out, credentials=credentials, tls=tls))
+        # A broker started here ends with this process, however it ends (protocol.lifeline).
+        broker = await asyncio.to_thread(
+            lambda: start_broker(url, out, credentials=credentials, tls=tls, die_with_parent=True)
+        )
         if broker.kind != "external":
             return broker
         round_trip = await probe_broker(broker.address)

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from protocol import lifeline
+
 log = logging.getLogger(__name__)
 
 
@@ -54,13 +56,20 @@ STOP, GO = 0, 1
 SPARE_DELAY = 3.0  # seconds a takeover has the CPU to itself before the next spare is started
 
 
-def _spare_main(plant: Any, count: int, assign_q: Any, report_q: Any, flags: Any, conn: Any = None) -> None:
+def _spare_main(
+    plant: Any, count: int, assign_q: Any, report_q: Any, flags: Any, launcher_pid: int, conn: Any = None
+) -> None:
     """A worker process: import everything and warm up, then wait for the share to run.
 
-    Ctrl-C reaches the whole process group; the launcher alone handles it and stops the workers
-    through the stop flag (a worker interrupted on its own printed a traceback and left its share
-    half written). ``conn`` is its line to the time barrier in a split virtual run.
+    It ends the moment its launcher (pid ``launcher_pid``) does, however that ends: its parent is
+    the fork server, and a worker that outlived a killed launcher went on executing steps beside
+    the run that resumed it (``protocol.lifeline``). Ctrl-C reaches the whole process group; the
+    launcher alone handles it and stops the workers through the stop flag (a worker interrupted on
+    its own printed a traceback and left its share half written). ``conn`` is its line to the time
+    barrier in a split virtual run.
     """
+    if not lifeline.exit_with(launcher_pid):
+        return
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from scenarios import launcher  # noqa: F401 - the heavy imports happen here, before any assignment
@@ -219,6 +228,13 @@ class WorkerPool:
         # One report queue per process: a process killed while writing can only break its own.
         self._queues: list[Any] = []
 
+    def pids(self) -> dict[str, int]:
+        """The living worker processes, by role (``share-N``, ``spare``)."""
+        found = {f"share-{st.share}": st.process.pid for st in self.states.values() if st.process is not None}
+        if self._spare is not None:
+            found["spare"] = self._spare[0].pid
+        return {role: pid for role, pid in found.items() if pid is not None}
+
     @property
     def stopping(self) -> bool:
         return bool(self.flags[STOP])
@@ -228,7 +244,7 @@ class WorkerPool:
         ours, theirs = self.ctx.Pipe() if self.barrier is not None else (None, None)
         p = self.ctx.Process(
             target=_spare_main,
-            args=(self.plant, self.count, assign_q, report_q, self.flags, theirs),
+            args=(self.plant, self.count, assign_q, report_q, self.flags, os.getpid(), theirs),
             daemon=True,
         )
         p.start()

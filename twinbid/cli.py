@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -63,6 +62,8 @@ def run(
     from agents.persistence.runs import RecordError
     from scenarios.launcher import RunOptions, RunStartError
     from scenarios.launcher import run as run_plant
+    from scenarios.supervisor import RunStillAlive
+    from twinbid.signals import run_stoppable
 
     sc = _load(scenario)
     # One run per record: the launcher refuses a folder or database that holds another run (or
@@ -83,17 +84,19 @@ def run(
             f"order-taking service: {url}  (POST /orders, see docs/vendors.md)"
         ),
     )
-    # A service manager, `timeout` or `kill` stops a run with SIGTERM: stop it as Ctrl-C does
+    # A service manager, `timeout` or `kill` stops a run with SIGTERM: it stops as Ctrl-C does
     # (complete record, private broker and agent processes shut down), not by dying on the spot.
-    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
     try:
-        result = asyncio.run(run_plant(sc, options))
+        result = run_stoppable(run_plant(sc, options))
     except (RunStartError, RecordError) as exc:  # one line: what and where
         err.print(f"twinbid run: {exc}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err.print("interrupted")
         raise typer.Exit(130) from None
+    except RunStillAlive as exc:
+        err.print(f"[red]cannot resume:[/red] {exc}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
     for notice in result.notices:
         err.print(f"note: {notice}")
     _kpi_table(result.kpis, out)

@@ -26,6 +26,8 @@ from typing import Annotated, Any
 import httpx
 import typer
 
+from twinbid.signals import run_stoppable
+
 app = typer.Typer(
     no_args_is_help=True, help="Vendors: submit product AASs as orders; serve the order-taking service."
 )
@@ -386,7 +388,8 @@ class VendorPlant:
 
         sc = self.scenario
         self.out.mkdir(parents=True, exist_ok=True)
-        self._broker = await asyncio.to_thread(start_broker, self.broker_url, self.out)
+        # A broker started here ends with this process, however it ends (protocol.lifeline).
+        self._broker = await asyncio.to_thread(start_broker, self.broker_url, self.out, die_with_parent=True)
         if self.registry_url:
             registry_url = self.registry_url
         else:
@@ -557,8 +560,9 @@ def serve(
         finally:
             await vendor_plant.stop()
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
+    # SIGTERM (kill, a service manager) stops it as Ctrl-C does: the plant and its broker stop.
+    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
+        run_stoppable(main())
 
 
 def _plant_clock(
