@@ -319,20 +319,19 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
     intake: OrderIntake | None = None
     host: BarrierHost | None = None
     try:
+        supervisor_task = asyncio.create_task(supervisor.run())  # from the start: a broker may die early
         registry_url = await registry.start()
         drop_analysis_indexes(db)  # built again at the end: nothing reads them while the plant runs
-        recorder = await asyncio.to_thread(
+        recorder = await _start_recorder(
             RecorderProcess(
                 recorder_address(broker, credentials),
                 scenario.namespace,
                 out / "messages.jsonl",
                 client_id="twinbid-recorder",
                 clean=False,
-            ).start
+            )
         )
         supervisor.recorder = recorder
-        supervisor.register()
-        supervisor_task = asyncio.create_task(supervisor.run())
         wall_origin = _wall_origin(db, processes, options.resume)
         worker_shares = list(range(1 if local else 0, count))
         plant = Plant(
@@ -568,6 +567,20 @@ def _remove(paths: list[Path]) -> None:
     for path in sorted(paths, key=Path.is_dir):
         with contextlib.suppress(OSError):
             path.rmdir() if path.is_dir() else path.unlink(missing_ok=True)
+
+
+async def _start_recorder(recorder: RecorderProcess, within: float = 60.0) -> RecorderProcess:
+    """Start the run's recorder; while its broker is down (being started again by the supervisor)
+    it cannot connect, so it tries again until ``within`` seconds have passed."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return await asyncio.to_thread(recorder.start)
+        except ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("the recorder could not reach the run's broker; trying again")
+            await asyncio.sleep(0.5)
 
 
 async def _start_broker(
