@@ -212,3 +212,31 @@ def test_chaos_on_mosquitto_serves_priority_1_first(tmp_path: Path, mosquitto) -
     kpis = asyncio.run(run(scenario, RunOptions(out=out, progress=False, broker=mosquitto.url))).kpis
     assert kpis["products"]["completed"] == 60
     assert_priority_service(out)
+
+
+# One machine: three priority-1 parts queue on it at 0; the resource is killed at 5 and restarts
+# at 6 with its bookings reloaded from the database; a priority-3 part calls at 8.
+RECOVERED = """
+name: recovered class
+namespace: recovered
+clock: {kind: virtual}
+transport: {default_time: 0}
+resources:
+  - {kind: workstation, name: ws, location: a, capabilities: [{name: milling, duration: 10, cost_rate: 1}]}
+product_types:
+  - {name: part, plan: [{capability: milling}]}
+orders:
+  - {type: part, quantity: 3, priority: 1, release: 0}
+  - {type: part, quantity: 1, priority: 3, release: 8}
+faults:
+  - {at: 5, kill: ws, restart_after: 1}
+stop: {when: all_done, wall_timeout: 120}
+"""
+
+
+def test_bookings_recovered_after_a_crash_keep_their_class(tmp_path: Path) -> None:
+    kpis = run_scenario(load_scenario_text(RECOVERED), tmp_path / "run")
+    assert kpis["products"]["completed"] == 4
+    with sqlite3.connect(tmp_path / "run" / "run.db") as conn:
+        ends = dict(conn.execute("SELECT product, finished FROM tb_step"))
+    assert ends["part-4"] > max(ends["part-1"], ends["part-2"], ends["part-3"]), ends
