@@ -204,8 +204,10 @@ def test_two_launchers_never_write_one_record_and_the_lock_dies_with_its_holder(
 def test_two_launchers_on_one_output_folder(tmp_path: Path) -> None:
     """While a run writes a folder, a second launcher (here --resume of it) is refused at once."""
     out = tmp_path / "demo"
+    slow = tmp_path / "slow.yaml"  # 1 s per time unit: still running whenever the second one starts
+    slow.write_text(DEMO.read_text().replace("kind: virtual", "kind: accelerated\n  time_scale: 1000", 1))
     first = subprocess.Popen(
-        [sys.executable, "-m", "twinbid.cli", "run", str(DEMO), "-q", "--out", str(out)],
+        [sys.executable, "-m", "twinbid.cli", "run", str(slow), "-q", "--out", str(out)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -213,12 +215,18 @@ def test_two_launchers_on_one_output_folder(tmp_path: Path) -> None:
         while not (out / "plant.json").exists():  # the plant is up: the first launcher holds the record
             assert first.poll() is None and time.monotonic() < deadline, first.communicate()
             time.sleep(0.05)
-        second = _cli("--resume", str(out), timeout=120)
+        second = subprocess.run(
+            [sys.executable, "-m", "twinbid.cli", "run", str(slow), "-q", "--resume", str(out)],
+            capture_output=True, text=True, timeout=120, cwd=ROOT,
+        )  # fmt: skip
+        assert first.poll() is None, "the first run ended before the second one was refused"
         assert second.returncode == 2, second.stdout + second.stderr
         assert f"{out} is being written by another twinbid run (pid {first.pid})" in second.stderr
     finally:
+        first.send_signal(signal.SIGINT)  # Ctrl-C: the first run stops with a complete record
         stdout, stderr = first.communicate(timeout=240)
-    assert first.returncode == 0, stdout + stderr
+    assert first.returncode in (1, 130), stdout + stderr  # stopped before its products were done
+    assert json.loads((out / "kpis.json").read_text())["run_id"]
 
 
 @pytest.mark.parametrize(
@@ -263,3 +271,18 @@ def test_a_broker_that_delays_small_messages_is_named_once_with_the_fix(tmp_path
     finally:
         fast.stop()
         slow.stop()
+
+
+def test_rows_written_through_a_session_carry_the_run_id(tmp_path: Path) -> None:
+    """The order-taking service writes its tables through sessions, not the journal."""
+    from agents.ordertaking.tables import VendorSecretRecord
+
+    db = open_database(sqlite_url(tmp_path / "run.db"))
+    try:
+        run_id = runs.claim(db, "demo", resume=False)
+        with db.session() as s:
+            s.add(VendorSecretRecord(vendor="acme", secret="s", updated_wall_ms=1))
+            s.commit()
+        assert _run_ids(db.url)["tb_vendor_secret"] == {run_id}
+    finally:
+        db.dispose()
