@@ -485,7 +485,9 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
     )
     figures["recorded_messages"] = recorder.count if recorder else 0
     if recorder is not None:  # the log is complete or says where it is not (log_completeness)
-        figures["negotiation_log"] = log_completeness.reconcile(db, out / "messages.jsonl")
+        figures["negotiation_log"] = log_completeness.reconcile(
+            db, out / "messages.jsonl", scenario.namespace
+        )
         if figures["negotiation_log"]["reconciled"]:
             notices.append(
                 f"messages.jsonl: {figures['negotiation_log']['reconciled']} messages the recorder did not "

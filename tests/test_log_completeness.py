@@ -21,7 +21,7 @@ from sqlmodel import select
 
 from agents.persistence import open_database
 from agents.persistence.database import sqlite_url
-from agents.persistence.tables import AgentRecord, OutboxRecord, WorkOrderRecord
+from agents.persistence.tables import AgentRecord, EventRecord, OutboxRecord, WorkOrderRecord
 from scenarios import log_completeness
 from scenarios.chaos import Chaos
 from scenarios.launcher import RunOptions, run
@@ -46,27 +46,37 @@ def test_reconcile_fills_what_the_recorder_lacks_and_marks_it(tmp_path: Path) ->
             s.add(OutboxRecord(agent="a", message_id=f"m{seq}", seq=seq, conversation_id="c", type="inform",
                                topic="i40/ns/to/b/a", created_wall_ms=1000 + seq, created_sim=seq,
                                payload=_frame(f"m{seq}")))  # fmt: skip
+        for sim in (1.0, 2.0):
+            s.add(EventRecord(agent="a", kind="step-completed", product="a", step=1, sim=sim, wall_ms=1000,
+                              data='{"resource": "b"}'))  # fmt: skip
         s.commit()
     log = tmp_path / "messages.jsonl"
     delivered = [{"received_ms": 2000.0, "topic": "i40/ns/to/b/a", "type": "inform", "message": json.loads(_frame(m))}
                  for m in ("m1", "m3")]  # fmt: skip
+    event = {"event": "step-completed", "agent": "a", "product": "a", "step": 1, "sim": 1.0, "resource": "b"}
+    delivered.append({"received_ms": 2000.0, "topic": "i40/ns/events/a", "type": None, "message": event})
     log.write_text("".join(json.dumps(d) + "\n" for d in delivered))
 
     before = log_completeness.completeness(db, log)
     assert before["complete"] is False and before["missing"] == 2 and before["unacknowledged"] == 1
-    summary = log_completeness.reconcile(db, log)
+    assert (before["events"]["sent"], before["events"]["recorded"], before["events"]["missing"]) == (2, 1, 1)
+    summary = log_completeness.reconcile(db, log, "ns")
     assert summary["complete"] is True
     assert (summary["sent"], summary["recorded"], summary["reconciled"], summary["missing"]) == (4, 2, 2, 0)
     lines = [json.loads(x) for x in log.read_text().splitlines()]
     filled = [x for x in lines if x.get("reconciled")]
-    assert [x["message"]["frame"]["messageId"] for x in filled] == ["m2", "m4"]
-    assert all(x["received_ms"] is None and x["sent_ms"] > 1000 for x in filled)
-    assert log_completeness.reconcile(db, log) == summary  # idempotent: nothing appended twice
-    assert len(log.read_text().splitlines()) == 4
+    assert [x["message"]["frame"]["messageId"] for x in filled if "frame" in x["message"]] == ["m2", "m4"]
+    assert [x["message"] for x in filled if "event" in x["message"]] == [{**event, "sim": 2.0}]
+    assert [x["topic"] for x in filled if "event" in x["message"]] == ["i40/ns/events/a"]
+    assert all(x["received_ms"] is None and x["sent_ms"] >= 1000 for x in filled)
+    assert summary["events"]["reconciled"] == 1 and summary["events"]["complete"] is True
+    assert log_completeness.reconcile(db, log, "ns") == summary  # idempotent: nothing appended twice
+    assert len(log.read_text().splitlines()) == 6
     db.dispose()
 
     stats = analysis.load(tmp_path).stats()
     assert stats["log"]["complete"] is True and stats["log"]["reconciled"] == 2
+    assert stats["log"]["events"]["reconciled"] == 1 and stats["log"]["events"]["recorded"] == 1
     assert stats["messages"]["recorded"] == 2  # a filled-in line is no delivery
 
 
@@ -113,11 +123,14 @@ def test_after_broker_crashes_the_log_holds_every_message_sent(crashed_run) -> N
     db = open_database(sqlite_url(out / "run.db"))
     frames = log_completeness.sent_frames(db)
     db.dispose()
-    delivered, filled, _ = log_completeness.log_ids(out / "messages.jsonl")
+    log = log_completeness.read_log(out / "messages.jsonl")
+    delivered, filled = set(log.frames), set(log.filled_frames)
     sent = {f.message_id for f in frames if f.acknowledged}
     assert sent and sent <= delivered | filled
     assert summary["sent"] == len(sent) and summary["reconciled"] == len(sent - delivered)
     assert not filled & delivered  # only what the recorder lacked was filled in
+    events = summary["events"]  # progress events are journaled too: checked and filled in alike
+    assert events["complete"] is True and events["sent"] == events["recorded"] + events["reconciled"] > 0
     stats = subprocess.run([sys.executable, "-m", "twinbid.cli", "stats", str(out), "--json"],
                            capture_output=True, text=True, timeout=300)  # fmt: skip
     assert stats.returncode == 0, stats.stderr

@@ -1137,20 +1137,35 @@ def _num(x: Any, digits: int = 4) -> Any:
         return x
 
 
-def _log_completeness(run: Run, delivered: set[str], filled: set[str]) -> dict[str, Any]:
-    """messages.jsonl against the journal's outbox (scenarios.log_completeness); an observer's
-    folder has no journal: what `twinbid observe` found when it stopped (OUT/recording.json)."""
-    if run.has_database:
-        m = run.messages
-        own = m[m["source"] == "outbox"] if len(m) else m
-        sent = zip(own.get("message_id", []), own.get("published", []), own.get("sent_ms", []), strict=False)
-        return log_completeness.summarize(
-            ((mid, bool(p), float(ms)) for mid, p, ms in sent), delivered, filled
+def _log_completeness(run: Run, delivered: pd.DataFrame, filled: pd.DataFrame) -> dict[str, Any]:
+    """messages.jsonl against the journal (scenarios.log_completeness); an observer's folder has
+    no journal: what `twinbid observe` found when it stopped (OUT/recording.json)."""
+    if not run.has_database:
+        try:
+            return json.loads((run.out / "recording.json").read_text())["log"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return {"complete": None, "note": "no journal to check the recording against"}
+    lc = log_completeness
+    m = run.messages
+    own = m[m["source"] == "outbox"] if len(m) else m
+    sent = zip(own.get("message_id", []), own.get("published", []), own.get("sent_ms", []), strict=False)
+
+    def frames(rec: pd.DataFrame) -> Counter:
+        return Counter(rec["message_id"].dropna()) if len(rec) else Counter()
+
+    def events(rec: pd.DataFrame) -> Counter:
+        ev = rec[rec["event"].notna()] if len(rec) else rec
+        return Counter(
+            lc.event_key(r.sender, r.event, r.product, r.step, r.sim) for r in ev.itertuples(index=False)
         )
-    try:
-        return json.loads((run.out / "recording.json").read_text())["log"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return {"complete": None, "note": "no journal to check the recording against"}
+
+    e = run.events
+    journal = [(lc.event_key(r.agent, r.kind, r.product, r.step, r.sim), True, float(r.wall_ms))
+               for r in e.itertuples(index=False)] if len(e) else []  # fmt: skip
+    return lc.combined(
+        lc.summarize(((mid, bool(p), float(ms)) for mid, p, ms in sent), frames(delivered), frames(filled)),
+        lc.summarize(journal, events(delivered), events(filled)),
+    )
 
 
 def _stats(run: Run) -> dict[str, Any]:
@@ -1195,7 +1210,7 @@ def _stats(run: Run) -> dict[str, Any]:
             "recorded_events": len(rec) - len(rec_frames),
             "repeated": int(rec_frames.duplicated(["message_id", "topic"]).sum()) if len(rec_frames) else 0,
         },
-        "log": _log_completeness(run, set(rec_frames["message_id"]), set(filled["message_id"])),
+        "log": _log_completeness(run, rec, filled),
         "conversations": {
             "total": len(c),
             "by_status": {k: int(v) for k, v in sorted(Counter(c["status"]).items())} if len(c) else {},

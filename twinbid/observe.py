@@ -181,6 +181,10 @@ def observe(
     err.print(log_line(log), highlight=False)
 
 
+#: How long before the last line an observer received its recording is judged (see _recording_gaps).
+IN_FLIGHT_MS = 1000
+
+
 def _recording_gaps(path: Path, plant: Path | None, started_ms: float) -> dict[str, Any]:
     """What the recording lacks of what the plant's agents sent while it ran and before (a late
     start), from the plant's journal (OUT/run.db) when there is one to read."""
@@ -190,8 +194,10 @@ def _recording_gaps(path: Path, plant: Path | None, started_ms: float) -> dict[s
 
     if plant is None or not (plant / "run.db").exists():
         return {"complete": None, "note": "no plant journal to compare with (observe with --plant OUT)"}
-    _, _, span = log_completeness.log_ids(path)
-    until = int(span[1]) if span else int(time.time() * 1000)  # later frames may still be in flight
+    span = log_completeness.read_log(path).span
+    # Judged up to a second before the last line received: what an agent journaled just before
+    # the recording stopped may still have been on its way (up to ~0.5 s on a loaded machine).
+    until = int(span[1] if span else time.time() * 1000) - IN_FLIGHT_MS
     db = open_database(sqlite_url(plant / "run.db"))
     try:
         return log_completeness.completeness(db, path, until_ms=until, recording_started_ms=started_ms)
@@ -759,12 +765,19 @@ def log_line(log: dict[str, Any]) -> str:
     """One line on a recording's completeness (scenarios.log_completeness)."""
     if log.get("complete") is None:
         return f"negotiation log: completeness unknown ({log.get('note', 'nothing to compare with')})"
-    counts = f"{log['sent']:,} sent, {log['recorded']:,} recorded, {log['reconciled']:,} filled in from the journal"
+    e = log.get("events") or {}
+    counts = (
+        f"{log['sent']:,} sent, {log['recorded']:,} recorded, {log['reconciled']:,} filled in from the journal; "
+        f"events: {e.get('sent', 0):,} journaled, {e.get('recorded', 0):,} recorded, {e.get('reconciled', 0):,} filled in"
+    )
     if log["complete"]:
         return f"negotiation log: complete ({counts})"
     late = log.get("missing_before_start")
     before = f", {late:,} of them sent before the recording started" if late else ""
-    return f"negotiation log: INCOMPLETE, {log['missing']:,} sent messages missing{before} ({counts})"
+    return (
+        f"negotiation log: INCOMPLETE, {log['missing']:,} sent messages missing{before}, "
+        f"{e.get('missing', 0):,} events missing ({counts})"
+    )
 
 
 def _print_stats(f: dict[str, Any]) -> None:
