@@ -69,6 +69,7 @@ NOTE_GROUPS: dict[str, tuple[str, ...]] = {
         "bad-elements",
         "out-of-sequence",
         "not-participant",
+        "wrong-product",
         "stray-confirm",
         "unknown-receiver",
     ),
