@@ -496,6 +496,10 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
     figures["clock"] = {"kind": clock_kind, "time_scale": time_scale, "processes": processes}
     if supervisor.revived:
         figures["revived"] = supervisor.revived
+    if clock is not None and clock.kind == "virtual":
+        # Timers the plant fired (one at a time; a split plant may fire a few more or fewer that
+        # decide nothing, e.g. a dispatch timer re-armed by same-instant deliveries in another order).
+        figures["clock"]["timers_fired"] = host.barrier.step if host is not None else clock.timers_fired
     recoveries = pool.recoveries if pool else []
     times = [r.seconds for r in recoveries if r.seconds is not None]
     if times:

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from test_end_to_end import run_plant, schedule
 
@@ -101,15 +102,14 @@ def _same_schedule(scenario_path: Path, tmp_path: Path, broker: str, splits: tup
     assert one and kpis_one["products"]["completed"] == kpis_one["products"]["total"]
     for n in splits:
         split, kpis = _record(scenario_path, tmp_path / f"p{n}", n, broker)
-        assert kpis["clock"] == {
-            "kind": "virtual",
-            "time_scale": kpis_one["clock"]["time_scale"],
-            "processes": n,
-        }
         assert kpis["products"] == kpis_one["products"]
         assert kpis["makespan"] == kpis_one["makespan"], f"--processes {n}"
         # every step: product, step, resource, start and finish time
         assert split == one, f"--processes {n} changed the schedule"
+        # still the virtual clock (timers_fired may differ by timers that decide nothing: the
+        # order of same-instant deliveries inside one timer's cascade is the broker's)
+        clock = {k: v for k, v in kpis["clock"].items() if k != "timers_fired"}
+        assert clock == {"kind": "virtual", "time_scale": None, "processes": n}
 
 
 def test_demo_gives_one_schedule_with_1_2_and_3_processes(tmp_path: Path) -> None:
@@ -137,27 +137,60 @@ def test_what_a_split_virtual_clock_cannot_place_is_refused(tmp_path: Path) -> N
     assert not (tmp_path / "o" / "kpis.json").exists()
 
 
-def test_ctrl_c_of_a_split_run_prints_no_worker_traceback(tmp_path: Path) -> None:
-    """SIGINT to the whole process group, as a terminal's Ctrl-C does."""
-    out = tmp_path / "out"
+def _split_run(out: Path) -> subprocess.Popen:
+    """aircraft-sensor in two processes through the CLI, in a session of its own; returns once it runs."""
     cmd = [sys.executable, "-m", "twinbid.cli", "run", str(SCENARIOS / "aircraft-sensor.yaml"),
-           "--out", str(out), "--processes", "2", "--broker", "mosquitto"]  # fmt: skip
+           "--out", str(out), "--processes", "2", "--broker", "mosquitto", "--quiet"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
     )
+    log, deadline = out / "messages.jsonl", time.monotonic() + 240
+
+    def running() -> bool:  # the products negotiate: every process has started its agents
+        return log.exists() and log.stat().st_size > 10_000
+
+    while not running() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    if not running():
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"the run did not start: {proc.communicate()[1].decode()[-2000:]}")
+    return proc
+
+
+def _finish(proc: subprocess.Popen) -> tuple[int, str]:
     try:
-        deadline = time.monotonic() + 120
-        while not (out / "plant.json").exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert (out / "plant.json").exists(), "the run did not start"
-        time.sleep(3)  # the plant is running in both processes
-        os.killpg(proc.pid, signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    text = stdout.decode() + stderr.decode()
-    assert "Traceback" not in text, text[-3000:]
+    return proc.returncode, stdout.decode() + stderr.decode()
+
+
+def test_a_lost_agent_process_ends_a_split_run_loudly(tmp_path: Path) -> None:
+    """SIGKILL of the worker processes: the barrier cannot know what they had in flight, so the
+    run ends, says why and leaves its record, instead of going on with a different schedule."""
+    out = tmp_path / "out"
+    proc = _split_run(out)
+    workers = [
+        p for p in psutil.Process(proc.pid).children(recursive=False) if "forkserver" in " ".join(p.cmdline())
+    ]
+    assert workers, "no fork server"
+    for server in workers:
+        for worker in server.children():
+            worker.send_signal(signal.SIGKILL)
+    code, text = _finish(proc)
+    assert code != 0
+    assert "went away; the split virtual clock cannot go on" in " ".join(text.split()), text[-3000:]
+    assert (out / "kpis.json").exists(), text[-3000:]
+
+
+def test_ctrl_c_of_a_split_run_prints_no_worker_traceback(tmp_path: Path) -> None:
+    """SIGINT to the whole process group, as a terminal's Ctrl-C does."""
+    out = tmp_path / "out"
+    proc = _split_run(out)
+    os.killpg(proc.pid, signal.SIGINT)
+    code, text = _finish(proc)
+    assert code != 0 and "Traceback" not in text, text[-3000:]
     assert json.loads((out / "kpis.json").read_text())["clock"]["processes"] == 2
