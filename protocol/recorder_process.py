@@ -10,8 +10,9 @@ child is ``python -m protocol.recorder_process``: it reads its settings as one J
 standard input (the broker password never shows on a command line), prints ``READY`` once
 subscribed, and on a ``STOP <settle> <max_wait>`` line stops like ``Recorder.stop`` and prints
 ``STOPPED <count>``. Its standard input closing — the launcher died — stops it too, so a killed
-run leaves no recorder behind. It ignores SIGINT: a Ctrl-C reaches the whole process group, and
-the launcher decides when recording ends (after the agents have spoken).
+run leaves no recorder behind. It ignores SIGINT and SIGTERM: a Ctrl-C, and a service manager's
+SIGTERM (systemd's KillMode=control-group), reach the whole process group, and the launcher
+decides when recording ends (after the agents have spoken).
 """
 
 from __future__ import annotations
@@ -131,7 +132,8 @@ def _whole_lines(path: Path, *, cut: bool = False) -> int:
 def _main() -> None:
     from protocol.recorder import Recorder
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # for the whole group: the launcher stops us
+        signal.signal(sig, signal.SIG_IGN)
     settings = json.loads(sys.stdin.readline())
     options = settings["options"]
     if options.get("db") is not None:

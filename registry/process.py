@@ -9,8 +9,9 @@ CPU.
 ``url = await RegistryProcess(db_url).start()`` ... ``await registry.stop()``. The child is
 ``python -m registry.process --db URL``: it binds a free port, prints ``READY <url>`` and serves
 until its standard input closes — which also happens when the launcher dies, so a killed run
-leaves no registry behind. It ignores SIGINT: a Ctrl-C at the terminal reaches the whole process
-group, and the launcher, not the keyboard, decides when the registry stops (after the agents).
+leaves no registry behind. It ignores SIGINT and SIGTERM: a Ctrl-C at the terminal, and a service
+manager's SIGTERM (systemd's KillMode=control-group), reach the whole process group, and the
+launcher decides when the registry stops (after the agents).
 ``twinbid registry serve`` is the same service in the foreground.
 """
 
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--db", default=None)
     ap.add_argument("--log-level", default="warning")
     args = ap.parse_args(argv)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # for the whole group: the launcher stops us
+        signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(level=args.log_level.upper())
     asyncio.run(_child(args.host, args.port, args.db, args.log_level))
 

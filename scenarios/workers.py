@@ -70,7 +70,9 @@ def _spare_main(
     """
     if not lifeline.exit_with(launcher_pid):
         return
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C, and a service manager's SIGTERM, reach every process of the group: the launcher stops us.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from scenarios import launcher  # noqa: F401 - the heavy imports happen here, before any assignment
 

@@ -202,6 +202,32 @@ def test_sigterm_stops_a_run_started_in_the_background_of_a_script(tmp_path: Pat
             os.killpg(shell.pid, signal.SIGKILL)
 
 
+@pytest.mark.timeout(240)
+def test_sigterm_to_the_whole_group_as_a_service_manager_sends_it(tmp_path: Path) -> None:
+    """systemd (KillMode=control-group) sends SIGTERM to every process of the service at once: the
+    children leave the stopping to the launcher, which still writes the whole record."""
+    out = tmp_path / "run"
+    run = twinbid("run", str(CHAOS), "--processes", "2", "--out", str(out), "-q")
+    try:
+        wait_until(lambda: _working(out), 90, "the plant works", run)
+        os.killpg(run.pid, signal.SIGTERM)
+        output, _ = run.communicate(timeout=180)
+        assert run.returncode == 1, output  # stopped before its products were done
+        figures = json.loads((out / "kpis.json").read_text())
+        started = {
+            json.loads(line)["product"]
+            for log in out.glob("assets/*.jsonl")
+            for line in log.read_text().splitlines()
+            if '"event":"started"' in line
+        }
+        # every product that had begun has its AASX: no share's process was lost before writing it
+        assert started and started <= {p.stem for p in (out / "aas").glob("*.aasx")}, output
+        assert figures["recorded_messages"] > 0, figures
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+
+
 VENDOR_PLANT = """
 name: vendor-plant
 namespace: vp
