@@ -114,6 +114,7 @@ def crashed_run(tmp_path_factory: pytest.TempPathFactory):
     return out, result
 
 
+@pytest.mark.slow  # one chaos run (about 2 minutes) shared with the next test
 @pytest.mark.timeout(900)
 def test_after_broker_crashes_the_log_holds_every_message_sent(crashed_run) -> None:
     out, result = crashed_run
@@ -137,6 +138,7 @@ def test_after_broker_crashes_the_log_holds_every_message_sent(crashed_run) -> N
     assert json.loads(stats.stdout)["log"]["complete"] is True
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_work_order_times_stay_consistent_after_takeovers(crashed_run) -> None:
     out, result = crashed_run
