@@ -158,6 +158,7 @@ def requester_config(scenario: Scenario, clock_kind: str, time_scale: float | No
         # already be executing would risk the step twice. Keep asking (the answer is idempotent).
         confirm_retries=1000,
         defer_until_start=defers(scenario),
+        defer_lead_ms=0 if clock_kind == "virtual" else int(window * 1000),
     )
 
 

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from agents.resource.timeline import Slot, Timeline
-from protocol.bidding.requester import Requester
+from protocol.bidding.effects import Send
+from protocol.bidding.provider import Provider
+from protocol.bidding.requester import Requester, RequesterConfig, RState
 from protocol.elements import Bid, StepCall
 from protocol.selection import Offer, PriorityWeighted
 from scenarios.launcher import RunOptions, run
@@ -240,3 +242,26 @@ def test_bookings_recovered_after_a_crash_keep_their_class(tmp_path: Path) -> No
     with sqlite3.connect(tmp_path / "run" / "run.db") as conn:
         ends = dict(conn.execute("SELECT product, finished FROM tb_step"))
     assert ends["part-4"] > max(ends["part-1"], ends["part-2"], ends["part-3"]), ends
+
+
+def test_on_a_wall_clock_a_deferred_call_goes_out_a_reply_window_before_the_best_start() -> None:
+    """A deferral calls again `defer_lead_ms` before the best offer starts; where that is now or
+    past, waiting wins no time and the product takes the best offer at once."""
+
+    def close(lead_ms: int, best_start: float) -> Requester:
+        call = StepCall("p-1", 1, "milling", "store", 0.0, priority=1)
+        config = RequesterConfig(clock_origin_ms=0, defer_lead_ms=lead_ms)
+        r = Requester("urn:p", "conv-1", call, frozenset({"urn:a", "urn:b"}), config)
+        (cfp,) = [e.message for e in r.start(0) if isinstance(e, Send)]
+        for name, start in (("urn:a", best_start), ("urn:b", best_start + 5)):
+            p, _ = Provider.on_call(name, cfp, 1)
+            assert p is not None
+            bid = Bid(name, "milling", start, start + 5, 5, 0, 0, 5, 100, "x")
+            (proposal,) = [e.message for e in p.propose(bid, 99_000, 2)]
+            r.receive(proposal, 3)
+        return r
+
+    r = close(2_000, 10.0)
+    assert r.state is RState.BACKOFF and r.deadline == 8_000  # 10 s less the 2 s lead
+    r = close(2_000, 1.5)  # calling again 2 s earlier than 1.5 s is now: accept instead
+    assert r.state is RState.AWARDING and r.winner is not None and r.winner.provider == "urn:a"

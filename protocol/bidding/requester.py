@@ -88,6 +88,11 @@ class RequesterConfig:
     # it would start; the resources then give a machine that frees up to the most urgent caller.
     defer_until_start: bool = True
     max_deferrals: int = 1_000
+    # Call again this long before the best offer's start, so that the new offers are in when the
+    # machine frees up: one reply window on a wall clock; 0 on a virtual clock, where the call is
+    # answered at the instant it is sent. A deferral that would call again at once wins no time:
+    # the product accepts instead.
+    defer_lead_ms: int = 0
     clock_origin_ms: int | None = None  # epoch ms of simulated time 0 (bids are in simulated time)
 
 
@@ -322,7 +327,8 @@ class Requester:
         if len(ranking) < 2 or self.deferrals >= c.max_deferrals:
             return None  # no choice to keep open, or waited long enough
         start_ms = c.clock_origin_ms + round(ranking[0].offer.bid.earliest_start * 1000.0)
-        return start_ms if start_ms > now + 1 else None
+        call_ms = start_ms - c.defer_lead_ms
+        return call_ms if call_ms > now + 1 else None
 
     def _on_confirm(self, msg: Message, now: int) -> list[object]:
         """The winner booked the step: scheduled, the runners-up rejected; a status query follows if it stays silent past the expected end."""
