@@ -268,8 +268,16 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
     if missing:  # before anything starts or is written: a retry with the variable set is clean
         raise ScenarioError("\n".join(missing))
     out = options.out
+    # One launcher per record: a second one is refused at once (a lock that dies with its holder).
+    lock = RecordLock()
+    created = [p for p in (out, out / "run.lock") if not p.exists()]
+    await asyncio.to_thread(_lock_folder, out, lock)
     if options.resume:  # before the record is touched: a second plant beside a live one does steps twice
-        await refuse_if_alive(out)
+        try:
+            await refuse_if_alive(out)  # a killed launcher's processes that outlived it
+        except BaseException:
+            lock.release()
+            raise
     _raise_open_files_limit()
     notices: list[str] = []
     seed = options.seed if options.seed is not None else scenario.seed
@@ -290,8 +298,9 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
     count = processes - 1 if options.chaos is not None else processes
     local = options.chaos is None
     broker_url = options.broker if options.broker is not None else scenario.broker
-    lock = RecordLock()
-    db, run_id, created = await asyncio.to_thread(_open_record, scenario, out, db_url, options.resume, lock)
+    db, run_id, created = await asyncio.to_thread(
+        _open_record, scenario, db_url, options.resume, lock, created
+    )
     try:
         credentials, tls = _broker_security(scenario, broker_url, out, notices)
         broker = await _start_broker(broker_url, out, credentials, tls)
@@ -525,15 +534,18 @@ class RunStartError(RuntimeError):
     """The run could not start: the message says what and where, in one line."""
 
 
-def _open_record(
-    scenario: Scenario, out: Path, db_url: str, resume: bool, lock: RecordLock
-) -> tuple[Database, str, list[Path]]:
-    """Lock the output folder and the database, and claim the database for this run (one run per
-    record). Returns the database, the run id and the files this created (removed if the run
-    cannot start)."""
-    created = [p for p in (out, out / "run.lock") if not p.exists()]
+def _lock_folder(out: Path, lock: RecordLock) -> None:
     out.mkdir(parents=True, exist_ok=True)
     lock.folder(out / "run.lock", str(out))
+
+
+def _open_record(
+    scenario: Scenario, db_url: str, resume: bool, lock: RecordLock, created: list[Path]
+) -> tuple[Database, str, list[Path]]:
+    """Lock the database and claim it for this run (one run per record; the output folder is
+    locked already). Returns the database, the run id and the files and folders this run created
+    (``created``: those before the database), removed if the run cannot start."""
+    created = list(created)
     url = make_url(db_url)
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
         path = Path(url.database)

@@ -221,7 +221,7 @@ def test_two_launchers_on_one_output_folder(tmp_path: Path) -> None:
         )  # fmt: skip
         assert first.poll() is None, "the first run ended before the second one was refused"
         assert second.returncode == 2, second.stdout + second.stderr
-        assert f"{out} is being written by another twinbid run (pid {first.pid})" in second.stderr
+        assert f"{out} is being written by another twinbid run: launcher (pid {first.pid})" in second.stderr
     finally:
         first.send_signal(signal.SIGINT)  # Ctrl-C: the first run stops with a complete record
         stdout, stderr = first.communicate(timeout=240)

@@ -141,7 +141,10 @@ def test_resume_refuses_while_a_process_of_the_run_lives(tmp_path: Path) -> None
         output, _ = second.communicate(timeout=90)
         output = " ".join(output.split())
         assert second.returncode == 2, output
-        assert "cannot resume" in output and f"launcher (pid {first.pid})" in output, output
+        # refused at once by the record's lock, which the live launcher holds
+        assert "being written by another twinbid run" in output and f"launcher (pid {first.pid})" in output, (
+            output
+        )
         assert first.poll() is None  # the running plant is left alone
 
         roles = json.loads((out / "processes.json").read_text())

@@ -115,7 +115,10 @@ class RecordLock:
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise RecordError(f"{what} is being written by another twinbid run (pid {holder})") from None
+            raise RecordError(
+                f"{what} is being written by another twinbid run: launcher (pid {holder}); "
+                "stop that run first (SIGTERM to its launcher)"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._files.append(fd)
