@@ -120,7 +120,9 @@ class Plant:
     http_secret: str | None = None  # the run's token secret for AAS/registry writes (protocol/tokens.py)
 
 
-def split_virtual_refusals(scenario: Scenario, processes: int, chaos: bool) -> list[str]:
+def split_virtual_refusals(
+    scenario: Scenario, processes: int, chaos: bool, resume: bool = False
+) -> list[str]:
     """Why a virtual clock cannot give one schedule over ``processes`` processes, if it cannot.
 
     The time barrier (shopfloor/barrier.py) counts deliveries between processes from the agents'
@@ -135,6 +137,10 @@ def split_virtual_refusals(scenario: Scenario, processes: int, chaos: bool) -> l
     for fault in scenario.faults:
         what = "restarts the broker" if getattr(fault, "restart_broker", False) else f"kills {fault.kill}"
         why.append(f"faults: the fault at t={fault.at:g} {what}")
+    if resume:
+        why.append(
+            "--resume: a split virtual clock does not yet restart its processes at the recorded instant"
+        )
     return why
 
 
@@ -286,9 +292,9 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
     processes = max(1, options.processes)
     if options.chaos is not None and processes < 2:
         raise ValueError("chaos needs agent processes to kill: use processes >= 2")
-    refusals = split_virtual_refusals(scenario, processes, options.chaos is not None)
+    refusals = split_virtual_refusals(scenario, processes, options.chaos is not None, options.resume)
     if refusals:
-        raise ValueError(
+        raise RunStartError(
             f"a virtual clock split over {processes} processes cannot give a deterministic schedule here: "
             + "; ".join(refusals)
             + ". Run with --processes 1, or use an accelerated clock"

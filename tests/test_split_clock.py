@@ -8,7 +8,6 @@ real worker processes, and their records are compared step by step.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -21,7 +20,7 @@ import psutil
 import pytest
 from test_end_to_end import run_plant, schedule
 
-from scenarios.launcher import RunOptions, run
+from scenarios.launcher import split_virtual_refusals
 from scenarios.loader import load_scenario, load_scenario_text
 from shopfloor.barrier import TimeBarrier
 
@@ -126,15 +125,24 @@ def test_aircraft_sensor_gives_one_schedule_with_1_2_and_3_processes(tmp_path: P
 
 
 def test_what_a_split_virtual_clock_cannot_place_is_refused(tmp_path: Path) -> None:
-    text = (
-        (SCENARIOS / "demo.yaml")
-        .read_text()
-        .replace("\nfaults: []", "\nfaults:\n  - {at: 20, kill: mill-fast, restart_after: 5}", 1)
+    """In one line, exit code 2, nothing run: faults (kills, broker restarts) with a split virtual clock."""
+    text = (SCENARIOS / "demo.yaml").read_text()
+    faulty = text.replace("\nfaults: []", "\nfaults:\n  - {at: 20, kill: mill-fast, restart_after: 5}", 1)
+    (tmp_path / "faulty.yaml").write_text(faulty)
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "twinbid.cli", "run", str(tmp_path / "faulty.yaml"), "--out", str(out),
+           "--processes", "2", "--quiet"]  # fmt: skip
+    done = subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, timeout=120
     )
-    scenario = load_scenario_text(text)
-    with pytest.raises(ValueError, match=r"split over 2 processes.*kills mill-fast.*--processes 1"):
-        asyncio.run(run(scenario, RunOptions(out=tmp_path / "o", progress=False, processes=2)))
-    assert not (tmp_path / "o" / "kpis.json").exists()
+    said = " ".join((done.stdout + done.stderr).decode().split())
+    assert done.returncode == 2, said
+    assert "Traceback" not in said
+    assert "split over 2 processes" in said and "kills mill-fast" in said and "--processes 1" in said
+    assert not (out / "kpis.json").exists()
+    # the same scenario in one process runs its faults
+    assert split_virtual_refusals(load_scenario_text(faulty), 1, chaos=False) == []
+    assert "chaos" in split_virtual_refusals(load_scenario_text(text), 2, chaos=True)[0]
 
 
 def _split_run(out: Path) -> subprocess.Popen:
