@@ -51,6 +51,7 @@ from protocol.broker import (
 from protocol.credentials import Credentials
 from protocol.mosquitto import MosquittoTLS, free_port
 from protocol.recorder_process import RecorderProcess
+from protocol.signing import public_key_text, write_keys
 from protocol.tokens import new_secret
 from protocol.transport import BrokerAddress
 from registry.process import RegistryProcess
@@ -236,6 +237,11 @@ def _write_aasx(node: Node, names: list[str], folder: Path) -> None:
             write_aasx(folder / f"{name}.aasx", objects)
 
 
+def _record_keys(out: Path, secret: str, *names: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_keys(out, {n: public_key_text(secret, n) for group in names for n in group})
+
+
 # --- the run ----------------------------------------------------------------------------------------
 
 
@@ -317,6 +323,11 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
     # Issued with the broker accounts (saved beside them); a run without accounts still gets one:
     # its AAS servers and registry never take an anonymous write.
     http_secret = credentials.http_secret if credentials is not None else new_secret()
+    # The agents' signing keys derive from that secret (protocol/signing.py); their public keys
+    # are recorded at launch for `twinbid verify` (a resume adds any key that differs).
+    _record_keys(
+        out, http_secret, [r.name for r in scenario.resources], [p.name for p in scenario.product_instances()]
+    )
     # The registry runs in a process of its own: on the launcher's loop a swarm's registrations and
     # lookups competed with the launcher's own agents and the recorder (registry/process.py).
     registry = RegistryProcess(sqlite_url(out / "registry.db"))
@@ -476,6 +487,7 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
                 # Written once the agents are disconnected: thousands of AASX files hold the loop for
                 # a minute, and connections left open meanwhile lost their MQTT heartbeats.
                 with contextlib.suppress(Exception):
+                    _record_keys(out, node.signing_secret, [], products)  # products ordered meanwhile
                     _write_aasx(node, products, out / "aas")
         if notifier is not None:
             with contextlib.suppress(Exception):

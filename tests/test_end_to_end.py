@@ -37,6 +37,7 @@ from agents.persistence.tables import (
 )
 from scenarios.launcher import RunOptions, run
 from scenarios.loader import load_scenario, load_scenario_text
+from twinbid.verify_record import verify_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "scenarios" / "demo.yaml"
@@ -98,6 +99,8 @@ def check_record(
     # The final AAS of every product: complete documentation, a nameplate, valid V3.1.
     packages = sorted((out / "aas").glob("*.aasx"))
     assert len(packages) == total
+    checked, problems = verify_folder(out)  # every signature and chain link (twinbid verify)
+    assert (checked, problems) == (total, [])
     for pkg in packages:
         objects = list(read_aasx(pkg).objects)
         assert verify_objects(objects) == [], pkg.name

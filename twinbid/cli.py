@@ -329,6 +329,36 @@ def bench(
         raise typer.Exit(code if code > 0 else 128 - code)
 
 
+@app.command()
+def verify(
+    target: Annotated[Path, typer.Argument(help="a run's output folder, or one product's .aasx")],
+) -> None:
+    """Check every step record's signature and each product's hash chain, offline.
+
+    Exit 0 when all hold; 1 naming the first broken link of each product (product, step, what);
+    2 when there is nothing to check.
+    """
+    from twinbid.verify_record import verify_aasx, verify_folder
+
+    if target.is_dir():
+        count, problems = verify_folder(target)
+        if count == 0:
+            err.print(f"{target}: no product AASX in {target / 'aas'}; nothing to verify", highlight=False)
+            raise typer.Exit(2)
+    elif target.is_file():
+        count, problems = 1, verify_aasx(target)
+    else:
+        err.print(f"{target}: no such file or folder", highlight=False)
+        raise typer.Exit(2)
+    for problem in problems:
+        err.print(f"[red]REFUSED[/red] {problem}", markup=True, highlight=False)
+    if problems:
+        raise typer.Exit(1)
+    console.print(
+        f"verified: {count} product AASX, every step signature and chain link holds", highlight=False
+    )
+
+
 def _mount() -> None:
     """Commands that live in their own modules: observation (log, trace, stats, report, observe)."""
     from twinbid import observe, vendor

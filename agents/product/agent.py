@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from basyx.aas import model
 
-from agents.aas import build
+from agents.aas import build, record_chain
 from agents.aas.ids import asset_id, shell_id, submodel_id
 from agents.aas.io import environment_json, read_json, to_jsonable
 from agents.aas.store import WriteKind, WriteRejected, WriteRequest
@@ -22,6 +22,7 @@ from agents.product.notifier import Notifier
 from agents.product.order import ProductOrder
 from agents.runtime.agent import Agent
 from agents.runtime.node import Node
+from protocol import signing
 from protocol.bidding.effects import Note
 from protocol.bidding.requester import RequesterConfig
 from protocol.selection import DEFAULT_POLICY, SelectionPolicy, make_policy
@@ -146,6 +147,8 @@ def _documentation_hook(agent: ProductAgent, docs: documentation.Documentation, 
             changes = documentation.check_execution_write(
                 step, op.caller, body, driver.awardee(step), docs.records.get(step)
             )
+            if changes:
+                body = _signed_and_sealed(agent, docs, step, body, op.caller)
         except documentation.Refused as exc:
             agent.note(Note("documentation-refused", f"{op.caller or 'anonymous'}: {exc.text}"))
             raise WriteRejected(exc.text, exc.status) from None
@@ -154,3 +157,20 @@ def _documentation_hook(agent: ProductAgent, docs: documentation.Documentation, 
         await docs.journal.commit()  # durable before the resource hears "done"
 
     return hook
+
+
+def _signed_and_sealed(
+    agent: ProductAgent, docs: documentation.Documentation, step: int, body: dict, caller: str | None
+) -> dict:
+    """The resource's completion, its signature checked against its key, sealed into our chain.
+
+    A completion not signed by the key of the resource that writes it is refused (403): what the
+    product accepts is what anyone can verify offline later (agents/aas/record_chain.py).
+    """
+    secret = agent.node.signing_secret
+    expected = signing.public_key_text(secret, caller or "")
+    why = record_chain.signature_problem(docs.product, step, body, expected)
+    if why is not None:
+        raise documentation.Refused(f"step {step}: {why}", 403)
+    previous = record_chain.previous_hash(docs.product, docs.records, step)
+    return record_chain.seal_record(secret, docs.product, step, body, previous)

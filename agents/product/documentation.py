@@ -27,7 +27,8 @@ FINAL = ("completed", "failed")
 
 #: What the executing resource may write into a step's record: its execution, nothing of the
 #: bidding (call, bids, winner, reason), which the product documents itself.
-EXECUTION_FIELDS = frozenset({"Started", "Finished", "Resource", "Outcome"})
+#: Its signature and public key (protocol/signing.py) come with it.
+EXECUTION_FIELDS = frozenset({"Started", "Finished", "Resource", "Outcome", "Signature", "SignerKey"})
 
 Record = dict[str, Any]
 

@@ -24,7 +24,7 @@ import asyncio
 import json
 import logging
 
-from agents.aas import build, docjson
+from agents.aas import build, docjson, record_chain
 from agents.aas.ids import submodel_id
 from agents.aas.store import WriteKind, WriteRejected, WriteRequest
 from agents.persistence.tables import WorkOrderRecord
@@ -316,6 +316,7 @@ class WorkQueue(Role):
         if entry is None or entry.base_url is None:
             return False
         body = docjson.completion(row["step"], record.start, record.end, self.agent.name)
+        body = record_chain.sign_completion(self.agent.node.signing_secret, product, row["step"], body)
         doc_id = submodel_id(product, "ProcessDocumentation", self.agent.node.ns)
         path = build.step_id_short(row["step"])
         node = self.agent.node

@@ -75,7 +75,10 @@ class Node:
         self.journal = Journal(db)
         self.state = StateReader(db)  # what agents read back at start (preloaded for a takeover)
         self.store = AasStore()
-        self.tokens = RunTokens(config.http_secret or new_secret(), config.ns)
+        secret = config.http_secret or new_secret()
+        self.tokens = RunTokens(secret, config.ns)
+        #: what the agents' Ed25519 keys are derived from (protocol/signing.py): the run's secret
+        self.signing_secret = secret
         self.server = AasServer(self.store, tokens=self.tokens, protect_reads=config.protect_reads)
         self.registry = RegistryClient(config.registry_url) if config.registry_url else None
         self.directory = Directory(self.registry)

@@ -1,0 +1,172 @@
+"""Signed, hash-chained step records: the Ed25519 keys of a run's agents and what they sign.
+
+A product's ProcessDocumentation is what a vendor or an auditor relies on once the run is over,
+possibly years later and far from the plant. The run's HTTP tokens say who wrote a record *while
+the run goes on*; they prove nothing afterwards. So each completed step record carries:
+
+* ``Signature`` — the executing resource's Ed25519 signature of its execution
+  (:func:`execution_payload`: product, step, resource, started, finished, outcome);
+* ``SignerKey`` — that resource's public key, as it was when it signed;
+* ``PreviousHash`` — the SHA-256 of the previous sealed step's link (:func:`link_payload`), or
+  :data:`GENESIS` for the first: a removed, inserted or reordered step breaks the chain;
+* ``Seal`` and ``SealKey`` — the product's signature of the link (so the chain itself cannot be
+  recomputed by whoever edits the file) and the product's public key.
+
+Everything signed is canonical JSON (sorted keys, no spaces, UTF-8) of lexical strings, the
+values the record shows; times are normalised to their ``xs:double`` form so that a reader which
+parses and re-serialises the AASX (basyx does) checks the same bytes.
+
+Keys: a key per agent, derived from the run's secret (``credentials.json``'s ``http_secret``,
+mode 0600) with HMAC-SHA256 over the agent's name, so a resumed run — or another process of the
+run — has the same keys without a key file per agent, and a product can check a resource's
+signature the moment it arrives, without a lookup. As with the run's tokens, any process holding
+the run's secret can sign as any agent: the signatures do not separate the run's own processes
+from each other; they make the record tamper-evident for everyone after the fact, checkable
+offline with the public keys alone (docs/security.md).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import math
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import orjson
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+__all__ = [
+    "GENESIS",
+    "KEYS_FILE",
+    "SIGNED_CHILDREN",
+    "canonical",
+    "execution_payload",
+    "link_hash",
+    "link_payload",
+    "private_key",
+    "public_key_text",
+    "read_keys",
+    "sign",
+    "verify_signature",
+    "write_keys",
+]
+
+#: The PreviousHash of a product's first sealed step.
+GENESIS = "0" * 64
+#: The children of a step record this module adds (and a resource may write: Signature, SignerKey).
+SIGNED_CHILDREN = ("Signature", "SignerKey", "PreviousHash", "Seal", "SealKey")
+#: The public keys of a run's agents, in its output folder: ``{agent: [base64 key, ...]}``.
+KEYS_FILE = "keys.json"
+_LABEL = b"twinbid step-record signing key v1:"
+
+
+def canonical(data: dict[str, Any]) -> bytes:
+    """Canonical JSON: sorted keys, no whitespace, UTF-8."""
+    return orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
+
+
+@lru_cache(maxsize=4096)
+def private_key(secret: str, agent: str) -> Ed25519PrivateKey:
+    """Agent ``agent``'s signing key in the run whose secret is ``secret`` (the same in every process)."""
+    seed = hmac.new(secret.encode(), _LABEL + agent.encode(), hashlib.sha256).digest()
+    return Ed25519PrivateKey.from_private_bytes(seed)
+
+
+@lru_cache(maxsize=4096)
+def public_key_text(secret: str, agent: str) -> str:
+    """The base64 of ``agent``'s raw 32-byte public key."""
+    raw = private_key(secret, agent).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return base64.b64encode(raw).decode()
+
+
+def sign(secret: str, agent: str, payload: dict[str, Any]) -> str:
+    """Base64 Ed25519 signature of ``payload``'s canonical JSON by ``agent``."""
+    return base64.b64encode(private_key(secret, agent).sign(canonical(payload))).decode()
+
+
+def verify_signature(key_text: str, signature: str, payload: dict[str, Any]) -> str | None:
+    """None when ``signature`` is ``key_text``'s signature of ``payload``; otherwise why not."""
+    try:
+        key = Ed25519PublicKey.from_public_bytes(base64.b64decode(key_text, validate=True))
+        sig = base64.b64decode(signature, validate=True)
+    except ValueError as exc:
+        return f"malformed key or signature ({exc})"
+    try:
+        key.verify(sig, canonical(payload))
+    except InvalidSignature:
+        return "the signature does not match the signed fields and the key"
+    return None
+
+
+def _time(text: str | None) -> str | None:
+    """A time as ``xs:double`` text normalised (``12`` and ``12.0`` are one value); other text as is."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return repr(value) if math.isfinite(value) else text
+
+
+def execution_payload(
+    product: str,
+    step: int,
+    resource: str | None,
+    started: str | None,
+    finished: str | None,
+    outcome: str | None,
+) -> dict[str, Any]:
+    """What the executing resource signs."""
+    return {
+        "product": product,
+        "step": int(step),
+        "resource": resource,
+        "started": _time(started),
+        "finished": _time(finished),
+        "outcome": outcome,
+    }
+
+
+def link_payload(
+    product: str, step: int, previous: str, signature: str, signer: str | None, signer_key: str
+) -> dict[str, Any]:
+    """What the product seals for a step: its place in the chain and the resource's signature."""
+    return {
+        "product": product,
+        "step": int(step),
+        "previous": previous,
+        "signature": signature,
+        "signer": signer,
+        "signer_key": signer_key,
+    }
+
+
+def link_hash(link: dict[str, Any]) -> str:
+    """The hex SHA-256 of a link's canonical JSON (the next step's PreviousHash)."""
+    return hashlib.sha256(canonical(link)).hexdigest()
+
+
+def read_keys(folder: Path) -> dict[str, set[str]] | None:
+    path = folder / KEYS_FILE
+    if not path.exists():
+        return None
+    return {agent: set(keys) for agent, keys in json.loads(path.read_text()).items()}
+
+
+def write_keys(folder: Path, keys: Mapping[str, str]) -> Path:
+    """Add ``keys`` (agent -> public key) to the folder's keys.json; keys recorded before stay (a resume)."""
+    path = folder / KEYS_FILE
+    known: dict[str, list[str]] = json.loads(path.read_text()) if path.exists() else {}
+    for agent, key in keys.items():
+        if key not in known.setdefault(agent, []):
+            known[agent].append(key)
+    path.write_text(json.dumps(known, indent=1, sort_keys=True))
+    return path
