@@ -6,7 +6,7 @@ start from product arrival, transport, setup and the timeline of holds and
 bookings), price (work time x cost rate). The offer holds its slot until it is
 accepted, rejected or expires; the protocol machine enforces the rest.
 
-Where the job goes in the resource's queue is `Timeline.place`'s rule: a job of a
+Where the job goes in the resource's queue is `Timeline.place`'s rule: a booked job of a
 less urgent priority class that has not started is always overtaken by a more
 urgent newcomer (the priority service); within a class a booked job may be
 overtaken by a more urgent newcomer unless its product chose this resource among

@@ -7,11 +7,12 @@ the place it would really take, so an offer is what the resource will do given w
 
 Where a newcomer goes (:meth:`Timeline.place`):
 
-* ahead of a queued job only if that job may be *overtaken*: it is of a less urgent *class* (a
-  larger priority number, ``rank[0]``) — the priority service: a product is never queued behind
-  a less urgent one that has not started; an open offer to a less urgent class is a tentative
-  hold that yields too, and is booked at its new place with its times re-confirmed — or it is
-  booked (an open offer to its own class binds) and of the same class, not *firm*, and less urgent by the
+* ahead of a queued job only if that job may be *overtaken*: it is booked (an open offer is
+  binding and never delayed by a later one: letting a more urgent caller overtake open offers
+  too doubled the re-confirmations and the makespan of chaos.yaml on a wall clock) and either of
+  a less urgent *class* (a larger priority number, ``rank[0]``) — the priority service: a
+  product is never queued behind a less urgent booking that has not started — or of the same
+  class, not *firm*, and less urgent by the
   queue's rank (smaller ``rank`` first) — a *firm* booking only to a newcomer of its class whose
 step is due earlier (``due``). A booking is firm when its product chose it among
   alternatives on the strength of the promised times (see ``BiddingProvider``); a product with
@@ -77,12 +78,10 @@ def priority_class(slot: Slot) -> float:
 
 def overtakes(new: Slot, queued: Slot) -> bool:
     """May `new` be queued ahead of `queued` (delaying it)? See the module docstring."""
-    if queued.started:
+    if not queued.booked or queued.started:
         return False
     if priority_class(new) < priority_class(queued):
-        return True  # booked, or an open offer: a tentative hold that yields to a more urgent caller
-    if not queued.booked:
-        return False
+        return True
     if priority_class(new) > priority_class(queued):
         return False
     if queued.firm:  # yields only to a newcomer of its class whose step is due earlier
