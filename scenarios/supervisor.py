@@ -96,6 +96,7 @@ class Supervisor:
     interval: float = 0.25
     revived: list[dict[str, Any]] = field(default_factory=list)  # what was restarted, when
     _registered: dict[str, int] = field(default_factory=dict)
+    _forkserver: int | None = None
 
     def pids(self) -> dict[str, int]:
         found = {"launcher": os.getpid()}
@@ -131,7 +132,10 @@ class Supervisor:
             pid = _forkserver_pid()
             if pid is not None and process_start_ticks(pid) is None:
                 await asyncio.to_thread(multiprocessing.forkserver.ensure_running)
+                pid = _forkserver_pid()
+            if self._forkserver is not None and pid != self._forkserver:  # also when a takeover restarted it
                 self._note("forkserver")
+            self._forkserver = pid
         self.register()
 
     def _note(self, role: str) -> None:

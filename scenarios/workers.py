@@ -68,7 +68,9 @@ def _spare_main(
     its own printed a traceback and left its share half written). ``conn`` is its line to the time
     barrier in a split virtual run.
     """
-    if not lifeline.exit_with(launcher_pid):
+    # ... and with its fork server: multiprocessing reports every child of a dead fork server as dead
+    # (exit 255), and the pool hands its share to a new process; the old one must not go on beside it.
+    if not (lifeline.exit_with(launcher_pid) and lifeline.exit_with(os.getppid())):
         return
     # Ctrl-C, and a service manager's SIGTERM, reach every process of the group: the launcher stops us.
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -321,3 +321,30 @@ def test_a_run_survives_the_loss_of_its_broker_registry_and_recorder(tmp_path: P
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(run.pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(400)
+def test_a_run_survives_the_loss_of_its_fork_server(tmp_path: Path) -> None:
+    """The fork server's workers take its death for their own (multiprocessing then reports them
+    dead): they end with it, their shares are taken over by processes of a new fork server, and
+    nothing is lost or done twice."""
+    from types import SimpleNamespace
+
+    from test_recovery import check_nothing_lost_nothing_twice
+
+    out = tmp_path / "run"
+    run = twinbid("run", str(CHAOS), "--processes", "3", "--broker", "mosquitto", "--out", str(out), "-q")
+    try:
+        wait_until(lambda: _working(out), 90, "the plant works", run)
+        time.sleep(1)
+        (forkserver,) = [p for p in descendants(run.pid) if b"forkserver" in Path(f"/proc/{p}/cmdline").read_bytes()
+                         and Path(f"/proc/{p}/stat").read_text().split(") ")[1].split()[1] == str(run.pid)]  # fmt: skip
+        os.kill(forkserver, signal.SIGKILL)
+        output, _ = run.communicate(timeout=360)
+        assert run.returncode == 0, output
+        figures = json.loads((out / "kpis.json").read_text())
+        assert "forkserver" in [r["process"] for r in figures.get("revived", [])], figures.get("revived")
+        check_nothing_lost_nothing_twice(out, SimpleNamespace(kpis=figures, chaos_log=[]))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
