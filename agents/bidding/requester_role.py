@@ -127,9 +127,7 @@ class BiddingRequester(Role):
         recovered, self._recovered = self._recovered, []
         for r in (self.machines[c] for c in recovered):
             if not r.done:
-                if r.state in (RState.AWARDING, RState.CONFIRMED):
-                    r.retries = 0  # a restart is not the provider's fault
-                r.deadline = now
+                r.resume(now)  # every deadline due now; a restart is not the provider's fault
                 conv = r.conversation_id
                 self.agent.set_timer_ms(f"req:{conv}", now, lambda conv=conv: self._tick(conv))
 

@@ -22,9 +22,17 @@ def _first_line(obj: object) -> str:
 
 
 def _table(title: str, table: dict, cls: type, note: str) -> list[str]:
-    lines = [f"### {title}", "", "| state | event | handler | what happens |", "| --- | --- | --- | --- |"]
-    for (state, event), handler in table.items():
-        lines.append(f"| `{state}` | `{event}` | `{handler}` | {_first_line(getattr(cls, handler))} |")
+    order = list(type(next(iter(table))[0]))  # the states in their declared order
+    lines = [
+        f"### {title}",
+        "",
+        "| state | event | to | handler | what happens |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for (state, event), t in table.items():
+        targets = ", ".join(f"`{s}`" for s in sorted(t.targets, key=order.index))
+        doc = _first_line(getattr(cls, t.handler))
+        lines.append(f"| `{state}` | `{event}` | {targets} | `{t.handler}` | {doc} |")
     lines += ["", note, ""]
     return lines
 
@@ -49,7 +57,7 @@ def transitions_markdown() -> str:
 
 def _pairs_note(module: object) -> str:
     source = inspect.getsource(module)  # type: ignore[arg-type]
-    start = source.index("#: (state, event) -> handler.")
+    start = source.index("#: (state, event) -> handler")
     block = []
     for line in source[start:].splitlines():
         if not line.startswith("#:"):

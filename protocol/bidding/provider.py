@@ -22,6 +22,7 @@ from typing import Any
 
 from protocol.bidding.effects import Book, Count, Evaluate, Note, Release, Send
 from protocol.bidding.flat import field_names, flat
+from protocol.bidding.table import Transition, dispatch, to
 from protocol.elements import Bid, Booking, ElementError, Reason, StepCall, StepResult
 from protocol.frame import Message, MessageType, Role, make_message
 
@@ -44,26 +45,27 @@ class PState(StrEnum):
 
 TERMINAL = frozenset({PState.REFUSED, PState.DONE, PState.FAILED, PState.RELEASED})
 
-#: (state, event) -> handler. Events are message types, DEADLINE, or the local
-#: decisions "propose" / "refuse" / "complete" / "fail" / "reschedule". Pairs not listed: a
-#: notUnderstood is noted, an acceptance of a dead offer is refused, anything
-#: else is answered with notUnderstood.
-TABLE: dict[tuple[PState, str], str] = {
-    (PState.EVALUATING, "propose"): "_do_propose",
-    (PState.EVALUATING, "refuse"): "_do_refuse",
-    (PState.EVALUATING, DEADLINE): "_on_lapse",
-    (PState.PROPOSED, M.ACCEPT_PROPOSAL): "_on_accept",
-    (PState.PROPOSED, M.REJECT_PROPOSAL): "_on_reject",
-    (PState.PROPOSED, DEADLINE): "_on_expiry",
-    (PState.BOOKED, M.REJECT_PROPOSAL): "_on_cancel",
-    (PState.BOOKED, M.ACCEPT_PROPOSAL): "_on_repeated_accept",
-    (PState.BOOKED, "complete"): "_do_complete",
-    (PState.BOOKED, "fail"): "_do_fail",
-    (PState.BOOKED, "reschedule"): "_do_reschedule",
-    (PState.DONE, M.ACCEPT_PROPOSAL): "_on_repeated_accept",
-    (PState.FAILED, M.ACCEPT_PROPOSAL): "_on_repeated_accept",
-    (PState.RELEASED, M.REJECT_PROPOSAL): "_on_late_reject",
-    (PState.REFUSED, M.REJECT_PROPOSAL): "_on_late_reject",
+#: (state, event) -> handler and the states it may end in. Events are message types, DEADLINE,
+#: or the local decisions "propose" / "refuse" / "complete" / "fail" / "reschedule". Pairs not
+#: listed: a notUnderstood is noted, an acceptance of a dead offer is refused, anything else is
+#: answered with notUnderstood.
+_S = PState
+TABLE: dict[tuple[PState, str], Transition] = {
+    (_S.EVALUATING, "propose"): to("_do_propose", _S.PROPOSED),
+    (_S.EVALUATING, "refuse"): to("_do_refuse", _S.REFUSED),
+    (_S.EVALUATING, DEADLINE): to("_on_lapse", _S.REFUSED),
+    (_S.PROPOSED, M.ACCEPT_PROPOSAL): to("_on_accept", _S.BOOKED, _S.RELEASED, _S.PROPOSED),
+    (_S.PROPOSED, M.REJECT_PROPOSAL): to("_on_reject", _S.RELEASED),
+    (_S.PROPOSED, DEADLINE): to("_on_expiry", _S.RELEASED),
+    (_S.BOOKED, M.REJECT_PROPOSAL): to("_on_cancel", _S.RELEASED),
+    (_S.BOOKED, M.ACCEPT_PROPOSAL): to("_on_repeated_accept", _S.BOOKED),
+    (_S.BOOKED, "complete"): to("_do_complete", _S.DONE),
+    (_S.BOOKED, "fail"): to("_do_fail", _S.FAILED),
+    (_S.BOOKED, "reschedule"): to("_do_reschedule", _S.BOOKED),
+    (_S.DONE, M.ACCEPT_PROPOSAL): to("_on_repeated_accept", _S.DONE),
+    (_S.FAILED, M.ACCEPT_PROPOSAL): to("_on_repeated_accept", _S.FAILED),
+    (_S.RELEASED, M.REJECT_PROPOSAL): to("_on_late_reject", _S.RELEASED),
+    (_S.REFUSED, M.REJECT_PROPOSAL): to("_on_late_reject", _S.REFUSED),
 }
 
 
@@ -146,12 +148,12 @@ class Provider:
         return self._decide("reschedule", now, booking=booking)
 
     def _decide(self, event: str, now: int, **kw: Any) -> list[object]:
-        handler = TABLE.get((self.state, event))
-        if handler is None:
+        transition = TABLE.get((self.state, event))
+        if transition is None:
             if self.state is PState.RELEASED and event in ("complete", "fail"):
                 return [Note("after-cancel", f"step {event} after the requester cancelled it")]
             raise ProtocolError(f"cannot {event} in state {self.state}")
-        return getattr(self, handler)(now, **kw)
+        return dispatch(self, transition, event, now, **kw)
 
     # --- inputs -------------------------------------------------------------------------------------
 
@@ -168,17 +170,17 @@ class Provider:
         self.answered_at[msg.id] = now
         if msg.sender != self.requester:
             return self._not_understood(msg, "sender is not the requester of this call", "not-participant")
-        handler = TABLE.get((self.state, msg.type))
-        if handler is None:
+        transition = TABLE.get((self.state, msg.type))
+        if transition is None:
             return self._unexpected(msg, now)
-        return getattr(self, handler)(msg, now)
+        return dispatch(self, transition, msg.type, msg, now)
 
     def tick(self, now: int) -> list[object]:
         if self.deadline is None or now < self.deadline:
             return []
-        handler = TABLE.get((self.state, DEADLINE))
+        transition = TABLE.get((self.state, DEADLINE))
         self.deadline = None
-        return getattr(self, handler)(None, now) if handler else []
+        return dispatch(self, transition, DEADLINE, None, now) if transition else []
 
     @property
     def done(self) -> bool:

@@ -30,12 +30,15 @@ from protocol.bidding.effects import (
     Send,
 )
 from protocol.bidding.flat import flat
+from protocol.bidding.table import Transition, dispatch, to
 from protocol.elements import Bid, Booking, ElementError, Reason, StepCall, StepResult
 from protocol.frame import Message, MessageType, Role, make_message, new_id
 from protocol.selection import Offer, PriorityWeighted, Ranked, SelectionPolicy
 
 M = MessageType
 DEADLINE = "deadline"
+DOCUMENTED = "documented"
+RESUME = "resume"
 
 
 class RState(StrEnum):
@@ -49,27 +52,34 @@ class RState(StrEnum):
 
 TERMINAL = frozenset({RState.DONE, RState.FAILED})
 
-#: (state, event) -> handler. Events are message types or DEADLINE. Pairs not
-#: listed: a proposal is rejected as late, a stray informConfirm is cancelled,
-#: a notUnderstood is only noted, anything else is answered with notUnderstood.
-TABLE: dict[tuple[RState, str], str] = {
-    (RState.COLLECTING, M.PROPOSAL): "_on_proposal",
-    (RState.COLLECTING, M.REFUSE_PROPOSAL): "_on_refusal",
-    (RState.COLLECTING, M.NOT_UNDERSTOOD): "_on_refusal",
-    (RState.COLLECTING, DEADLINE): "_close",
-    (RState.BACKOFF, DEADLINE): "_on_backoff_over",
-    (RState.AWARDING, M.INFORM_CONFIRM): "_on_confirm",
-    (RState.AWARDING, M.REFUSE_PROPOSAL): "_on_withdrawn",
-    (RState.AWARDING, M.INFORM_FAILURE): "_on_withdrawn",
-    (RState.AWARDING, M.NOT_UNDERSTOOD): "_on_withdrawn",
-    (RState.AWARDING, DEADLINE): "_on_confirm_timeout",
-    (RState.AWARDING, M.INFORM): "_on_inform",  # overtook its informConfirm: booked and done
-    (RState.DONE, M.INFORM_CONFIRM): "_on_late_confirm",
-    (RState.DONE, M.INFORM): "_on_late_inform",
-    (RState.CONFIRMED, M.INFORM): "_on_inform",
-    (RState.CONFIRMED, M.INFORM_FAILURE): "_on_step_failure",
-    (RState.CONFIRMED, M.INFORM_CONFIRM): "_on_repeated_confirm",
-    (RState.CONFIRMED, DEADLINE): "_on_status_due",
+#: (state, event) -> handler and the states it may end in. Events are message types, DEADLINE,
+#: or the local events DOCUMENTED (the product's documentation records the step as completed)
+#: and RESUME (the agent restarted: every deadline is due now). Pairs not listed: a proposal is
+#: rejected as late, a stray informConfirm is cancelled, a notUnderstood is only noted, anything
+#: else is answered with notUnderstood; DOCUMENTED and RESUME in a terminal state change nothing.
+_S = RState
+_ROUND_CLOSES = (_S.COLLECTING, _S.BACKOFF, _S.AWARDING, _S.FAILED)  # an answer may close the round
+_AWARD_LOST = (_S.AWARDING, _S.COLLECTING, _S.FAILED)  # runner-up, new call, or given up
+TABLE: dict[tuple[RState, str], Transition] = {
+    (_S.COLLECTING, M.PROPOSAL): to("_on_proposal", *_ROUND_CLOSES),
+    (_S.COLLECTING, M.REFUSE_PROPOSAL): to("_on_refusal", *_ROUND_CLOSES),
+    (_S.COLLECTING, M.NOT_UNDERSTOOD): to("_on_refusal", *_ROUND_CLOSES),
+    (_S.COLLECTING, DEADLINE): to("_close", _S.BACKOFF, _S.AWARDING, _S.FAILED),
+    (_S.BACKOFF, DEADLINE): to("_on_backoff_over", _S.COLLECTING),
+    (_S.AWARDING, M.INFORM_CONFIRM): to("_on_confirm", _S.CONFIRMED, _S.AWARDING),
+    (_S.AWARDING, M.REFUSE_PROPOSAL): to("_on_withdrawn", *_AWARD_LOST),
+    (_S.AWARDING, M.INFORM_FAILURE): to("_on_withdrawn", *_AWARD_LOST),
+    (_S.AWARDING, M.NOT_UNDERSTOOD): to("_on_withdrawn", *_AWARD_LOST),
+    (_S.AWARDING, DEADLINE): to("_on_confirm_timeout", *_AWARD_LOST),
+    (_S.AWARDING, M.INFORM): to("_on_inform", _S.DONE, _S.AWARDING),  # overtook its informConfirm
+    (_S.DONE, M.INFORM_CONFIRM): to("_on_late_confirm", _S.DONE),
+    (_S.DONE, M.INFORM): to("_on_late_inform", _S.DONE),
+    (_S.CONFIRMED, M.INFORM): to("_on_inform", _S.DONE, _S.CONFIRMED),
+    (_S.CONFIRMED, M.INFORM_FAILURE): to("_on_step_failure", _S.CONFIRMED, *_AWARD_LOST),
+    (_S.CONFIRMED, M.INFORM_CONFIRM): to("_on_repeated_confirm", _S.CONFIRMED),
+    (_S.CONFIRMED, DEADLINE): to("_on_status_due", _S.CONFIRMED),
+    **{(s, DOCUMENTED): to("_on_documented", _S.DONE) for s in _S if s not in TERMINAL},
+    **{(s, RESUME): to("_on_resume", s) for s in _S if s not in TERMINAL},
 }
 
 
@@ -144,18 +154,18 @@ class Requester:
             self.repeated.add(msg.id)
             return [Note("duplicate", f"{msg.type} {msg.id} from {msg.sender} ignored", msg.id)]
         self.seen.add(msg.id)
-        handler = TABLE.get((self.state, msg.type))
-        if handler is None:
+        transition = TABLE.get((self.state, msg.type))
+        if transition is None:
             return self._unexpected(msg, now)
-        return getattr(self, handler)(msg, now)
+        return dispatch(self, transition, msg.type, msg, now)
 
     def tick(self, now: int) -> list[object]:
         """Advance on time alone: replyBy passed, back-off over, confirmation overdue."""
         if self.deadline is None or now < self.deadline:
             return []
-        handler = TABLE.get((self.state, DEADLINE))
+        transition = TABLE.get((self.state, DEADLINE))
         self.deadline = None
-        return getattr(self, handler)(None, now) if handler else []
+        return dispatch(self, transition, DEADLINE, None, now) if transition else []
 
     def documented(self, now: int) -> list[object]:
         """The product's own documentation records the step as completed: the procedure is over.
@@ -166,19 +176,17 @@ class Requester:
         it are rejected (their holds are freed); the winner's inform, if it still comes, is taken
         quietly.
         """
-        if self.done:
-            return []
-        effects: list[object] = [
-            Note("documented", f"step {self.call.step} is documented as completed; the procedure ends")
-        ]
-        if self.state is RState.COLLECTING:
-            effects += [
-                self._reject_offer(o.provider, o.proposal_id, "step-done", "the step is already done")
-                for o in self.offers.values()
-            ]
-        effects += self._release_reserve()
-        self.state, self.deadline, self.settled = RState.DONE, None, True
-        return effects
+        transition = TABLE.get((self.state, DOCUMENTED))
+        return dispatch(self, transition, DOCUMENTED, now) if transition else []
+
+    def resume(self, now: int) -> list[object]:
+        """The agent restarted with this procedure open: whatever it waits for is due now.
+
+        A confirmation that did not come while the agent was down is not the provider's fault,
+        so an award's re-sends start again from zero.
+        """
+        transition = TABLE.get((self.state, RESUME))
+        return dispatch(self, transition, RESUME, now) if transition else []
 
     def set_expected(self, bidders: frozenset[str]) -> None:
         """Update who is expected to answer (the registry may change between rounds)."""
@@ -194,6 +202,27 @@ class Requester:
         return self.state in TERMINAL
 
     # --- handlers -----------------------------------------------------------------------------------
+
+    def _on_documented(self, now: int) -> list[object]:
+        """The product's documentation records the step as completed: reject the offers still held; the procedure ends."""
+        effects: list[object] = [
+            Note("documented", f"step {self.call.step} is documented as completed; the procedure ends")
+        ]
+        if self.state is RState.COLLECTING:
+            effects += [
+                self._reject_offer(o.provider, o.proposal_id, "step-done", "the step is already done")
+                for o in self.offers.values()
+            ]
+        effects += self._release_reserve()
+        self.state, self.deadline, self.settled = RState.DONE, None, True
+        return effects
+
+    def _on_resume(self, now: int) -> list[object]:
+        """The agent restarted: the deadline is due now; an award's re-sends count from zero."""
+        if self.state in (RState.AWARDING, RState.CONFIRMED):
+            self.retries = 0
+        self.deadline = now
+        return []
 
     def _on_backoff_over(self, _msg: None, now: int) -> list[object]:
         """Back-off over: call for proposals again (new round, same conversation)."""
