@@ -16,13 +16,13 @@ Everything signed is canonical JSON (sorted keys, no spaces, UTF-8) of lexical s
 values the record shows; times are normalised to their ``xs:double`` form so that a reader which
 parses and re-serialises the AASX (basyx does) checks the same bytes.
 
-Keys: a key per agent, derived from the run's secret (``credentials.json``'s ``http_secret``,
-mode 0600) with HMAC-SHA256 over the agent's name, so a resumed run — or another process of the
-run — has the same keys without a key file per agent, and a product can check a resource's
-signature the moment it arrives, without a lookup. As with the run's tokens, any process holding
-the run's secret can sign as any agent: the signatures do not separate the run's own processes
-from each other; they make the record tamper-evident for everyone after the fact, checkable
-offline with the public keys alone (docs/security.md).
+Keys: a key per agent, derived from a secret of the run (``OUT/signing.secret``, mode 0600, kept
+across resumes) with HMAC-SHA256 over the agent's name, so a resumed run — or another process of
+the run — has the same keys without a key file per agent, and a product can check a resource's
+signature the moment it arrives, without a lookup. ``OUT/keys.json`` records every public key
+issued. As with the run's tokens, any process holding the run's secrets can sign as any agent:
+the signatures do not separate the run's own processes from each other; they make the record
+tamper-evident for everyone after the fact, checkable offline with the public keys alone (docs/security.md).
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ import hashlib
 import hmac
 import json
 import math
+import os
+import secrets
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -53,6 +55,7 @@ __all__ = [
     "private_key",
     "public_key_text",
     "read_keys",
+    "run_signing_secret",
     "sign",
     "verify_signature",
     "write_keys",
@@ -64,6 +67,8 @@ GENESIS = "0" * 64
 SIGNED_CHILDREN = ("Signature", "SignerKey", "PreviousHash", "Seal", "SealKey")
 #: The public keys of a run's agents, in its output folder: ``{agent: [base64 key, ...]}``.
 KEYS_FILE = "keys.json"
+#: The secret the run's keys derive from, in its output folder (mode 0600), kept across resumes.
+SECRET_FILE = "signing.secret"
 _LABEL = b"twinbid step-record signing key v1:"
 
 
@@ -170,3 +175,16 @@ def write_keys(folder: Path, keys: Mapping[str, str]) -> Path:
             known[agent].append(key)
     path.write_text(json.dumps(known, indent=1, sort_keys=True))
     return path
+
+
+def run_signing_secret(folder: Path) -> str:
+    """The run's signing secret: read from ``folder`` (a resume) or made and saved there (0600)."""
+    path = folder / SECRET_FILE
+    if path.exists():
+        return path.read_text().strip()
+    folder.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret)
+    return secret

@@ -35,6 +35,8 @@ from .identifiers import b64url_encode
 SHORT_NAME_EXT = "twinbid:shortName"
 CAPABILITIES_EXT = "twinbid:capabilities"
 NAMESPACE_EXT = "twinbid:namespace"
+#: The agent's Ed25519 public key (base64): what its signatures of step records verify with.
+SIGNING_KEY_EXT = "twinbid:signingKey"
 AAS_INTERFACE = "AAS-3.0"
 SUBMODEL_INTERFACE = "SUBMODEL-3.0"
 LEASE_HEADER = "Twinbid-Lease-TTL"  # request header: lease length in seconds

@@ -51,7 +51,7 @@ from protocol.broker import (
 from protocol.credentials import Credentials
 from protocol.mosquitto import MosquittoTLS, free_port
 from protocol.recorder_process import RecorderProcess
-from protocol.signing import public_key_text, write_keys
+from protocol.signing import public_key_text, run_signing_secret, write_keys
 from protocol.tokens import new_secret
 from protocol.transport import BrokerAddress
 from registry.process import RegistryProcess
@@ -119,6 +119,7 @@ class Plant:
     passwords: dict[str, str] = field(default_factory=dict)  # agent -> MQTT password (broker auth on)
     split: bool = False  # a virtual clock over several processes: timers fire through the time barrier
     http_secret: str | None = None  # the run's token secret for AAS/registry writes (protocol/tokens.py)
+    signing_secret: str | None = None  # what the agents' Ed25519 keys derive from (protocol/signing.py)
 
 
 def split_virtual_refusals(
@@ -323,10 +324,14 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
     # Issued with the broker accounts (saved beside them); a run without accounts still gets one:
     # its AAS servers and registry never take an anonymous write.
     http_secret = credentials.http_secret if credentials is not None else new_secret()
-    # The agents' signing keys derive from that secret (protocol/signing.py); their public keys
-    # are recorded at launch for `twinbid verify` (a resume adds any key that differs).
+    # The agents' signing keys derive from a secret of the record, kept across resumes (the
+    # broker accounts are issued anew); their public keys are recorded at launch for `twinbid verify`.
+    signing_secret = run_signing_secret(out)
     _record_keys(
-        out, http_secret, [r.name for r in scenario.resources], [p.name for p in scenario.product_instances()]
+        out,
+        signing_secret,
+        [r.name for r in scenario.resources],
+        [p.name for p in scenario.product_instances()],
     )
     # The registry runs in a process of its own: on the launcher's loop a swarm's registrations and
     # lookups competed with the launcher's own agents and the recorder (registry/process.py).
@@ -364,7 +369,7 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
             scenario, out, broker.address, registry_url, db_url, clock_kind, time_scale, wall_origin, seed,
             aas_ports={share: free_port() for share in worker_shares}, passwords=dict(passwords),
             split=split,
-            http_secret=http_secret,
+            http_secret=http_secret, signing_secret=signing_secret,
         )  # fmt: skip
         clock = _clock(plant)
         if isinstance(clock, SplitVirtualClock):
@@ -374,7 +379,12 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
             clock.resume_at(_last_sim_time(db))
         node = Node(
             NodeConfig(
-                scenario.namespace, broker.address, registry_url, passwords=passwords, http_secret=http_secret
+                scenario.namespace,
+                broker.address,
+                registry_url,
+                passwords=passwords,
+                http_secret=http_secret,
+                signing_secret=signing_secret,
             ),
             clock,
             db,

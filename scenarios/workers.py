@@ -128,6 +128,7 @@ def _node_config(plant: Any, share: int | None) -> Any:
         aas_port=plant.aas_ports[share] if share is not None else 0,
         passwords=getattr(plant, "passwords", {}),
         http_secret=getattr(plant, "http_secret", None),
+        signing_secret=getattr(plant, "signing_secret", None),
     )
 
 

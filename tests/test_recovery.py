@@ -27,6 +27,7 @@ from protocol.mosquitto import find_mosquitto
 from scenarios.chaos import Chaos
 from scenarios.launcher import RunOptions, run
 from scenarios.loader import load_scenario
+from twinbid.verify_record import verify_folder
 
 SCENARIO = Path(__file__).resolve().parents[1] / "scenarios" / "chaos.yaml"
 # Restarting the broker mid-run needs mosquitto's persistence; the embedded broker keeps nothing.
@@ -82,6 +83,8 @@ def check_nothing_lost_nothing_twice(out: Path, result, n_products: int = 60) ->
     mirror = {(d.product, d.step): json.loads(d.element) for d in docs}
     packages = sorted((out / "aas").glob("*.aasx"))
     assert len(packages) == n_products
+    # every record signed by its executor and chained, across the kills (twinbid verify)
+    assert verify_folder(out) == (n_products, [])
     for pkg in packages:
         objects = list(read_aasx(pkg).objects)
         (doc,) = [

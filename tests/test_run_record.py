@@ -32,6 +32,7 @@ from protocol.mosquitto import MosquittoProcess
 from scenarios import launcher
 from scenarios.launcher import RunOptions, run
 from scenarios.loader import load_scenario
+from twinbid.verify_record import verify_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "scenarios" / "demo.yaml"
@@ -63,6 +64,8 @@ def test_run_db_alone_is_the_whole_record_after_a_run_and_after_a_resume(tmp_pat
         whole = _counts(out / "run.db")
         assert whole[0] == 40 and whole[1] > whole[0]  # every step, and the messages it took
         assert _counts(alone / "run.db") == whole
+        # the resumed launch signs with the same keys: every record and chain still verifies
+        assert verify_folder(out) == (10, [])
 
 
 def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from basyx.aas import model
 from httpx_aiohttp import AiohttpTransport
 
 from agents.aas.client import AasClient
@@ -35,11 +36,12 @@ from agents.runtime.registrar import Registrar, log_failure
 from protocol.elements import capability_semantic_id
 from protocol.frame import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.message_cache import MessageCache
+from protocol.signing import public_key_text
 from protocol.tokens import RunTokens, new_secret
 from protocol.topics import matches
 from protocol.transport import BrokerAddress, MqttTransport
 from registry.client import RegistryClient
-from registry.descriptors import shell_descriptor
+from registry.descriptors import SIGNING_KEY_EXT, shell_descriptor
 from shopfloor.clock import Clock
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,9 @@ class NodeConfig:
     #: the run's token secret (protocol/tokens.py), shared by every process of the run; None: one
     #: made for this node alone (its AAS server then accepts writes from its own agents only)
     http_secret: str | None = None
+    #: what the agents' Ed25519 keys derive from (protocol/signing.py), kept by the run's record
+    #: across resumes; None: the token secret
+    signing_secret: str | None = None
     protect_reads: bool = False  # True: reads of the AAS server need a run's token too
 
 
@@ -77,8 +82,8 @@ class Node:
         self.store = AasStore()
         secret = config.http_secret or new_secret()
         self.tokens = RunTokens(secret, config.ns)
-        #: what the agents' Ed25519 keys are derived from (protocol/signing.py): the run's secret
-        self.signing_secret = secret
+        #: what the agents' Ed25519 keys are derived from (protocol/signing.py)
+        self.signing_secret = config.signing_secret or secret
         self.server = AasServer(self.store, tokens=self.tokens, protect_reads=config.protect_reads)
         self.registry = RegistryClient(config.registry_url) if config.registry_url else None
         self.directory = Directory(self.registry)
@@ -184,6 +189,7 @@ class Node:
         self.transports[name] = transport
         await transport.connect()
         await transport.subscribe(*filters)
+        signing_key = self._publish_signing_key(agent)
         if self.registry:
             descriptor = shell_descriptor(
                 aas_id=agent.aas_id,
@@ -194,6 +200,7 @@ class Node:
                 submodels=list(submodels),
                 namespace=self.ns,
                 asset_type=agent.kind,
+                extra_extensions={SIGNING_KEY_EXT: signing_key},
             )
             if restarted:
                 # Its descriptor is still registered (the lease outlives a quick restart): renew it
@@ -202,6 +209,19 @@ class Node:
             else:
                 await self.registrar.register(descriptor)
         await agent.on_start()
+
+    def _publish_signing_key(self, agent: Agent) -> str:
+        """The agent's public key (protocol/signing.py), also as an extension of its shell."""
+        key = public_key_text(self.signing_secret, agent.name)
+        shell = self.store.get_shell(agent.aas_id)
+        if shell is not None:
+            for old in [e for e in shell.extension if e.name == SIGNING_KEY_EXT]:
+                shell.extension.remove(old)
+            shell.extension.add(
+                model.Extension(SIGNING_KEY_EXT, value_type=model.datatypes.String, value=key)
+            )
+            self.store.changed(agent.aas_id)
+        return key
 
     async def remove_agent(self, agent: Agent, *, deregister: bool = True) -> None:
         await agent.on_stop()
