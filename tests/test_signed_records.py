@@ -87,11 +87,11 @@ def test_one_byte_changed_in_a_step_record_is_refused(demo_run: Path, tmp_path: 
         parts = {i.filename: z.read(i.filename) for i in z.infolist()}
     name = next(n for n in parts if n.endswith("data.xml"))
     xml = parts[name]
-    step = re.search(rb"<aas:idShort>Step002</aas:idShort>", xml)
-    assert step is not None
-    started = re.compile(rb"<aas:idShort>Started</aas:idShort>.*?<aas:value>(\d)", re.S).search(
-        xml, step.end()
-    )
+    doc = xml.index(b"<aas:idShort>ProcessDocumentation</aas:idShort>")  # not the plan's Step002
+    step = xml.index(b"<aas:idShort>Step002</aas:idShort>", doc)
+    end = xml.index(b"<aas:idShort>Step003</aas:idShort>", step)
+    pattern = re.compile(rb"<aas:idShort>Started</aas:idShort>.*?<aas:value>(\d)", re.S)
+    started = pattern.search(xml, step, end)
     assert started is not None
     at = started.start(1)
     flipped = xml[:at] + bytes([ord("0") + (xml[at] - ord("0") + 1) % 10]) + xml[at + 1 :]
