@@ -208,7 +208,7 @@ def _context() -> Any:
     if "forkserver" not in mp.get_all_start_methods():  # pragma: no cover - not Linux
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["scenarios.launcher"])
+    ctx.set_forkserver_preload(["scenarios.forkserver_setup", "scenarios.launcher"])
     return ctx
 
 
