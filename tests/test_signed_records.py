@@ -210,3 +210,85 @@ def test_the_product_refuses_a_completion_not_signed_by_its_writer() -> None:
     assert "no resource signature" in (record_chain.signature_problem("bracket-1", 2, body, key) or "")
     wrong_product = record_chain.signature_problem("gear-1", 2, good, key)
     assert wrong_product is not None and "does not match" in wrong_product
+
+
+LONG_STEPS = """
+name: signed
+namespace: signed
+clock: {kind: accelerated, time_scale: 200}
+transport: {default_time: 0}
+bidding: {reply_window: 0.3}
+resources:
+  - {kind: workstation, name: mill-1, location: a, capabilities: [{name: milling, duration: 10, cost_rate: 1}]}
+  - {kind: workstation, name: mill-2, location: b, capabilities: [{name: milling, duration: 14, cost_rate: 1}]}
+product_types:
+  - {name: gear, plan: [{capability: milling}, {capability: milling}]}
+orders:
+  - {type: gear, quantity: 1, priority: 1, release: 1}
+"""
+
+
+async def test_a_live_product_refuses_its_awardees_completion_signed_by_another_key(tmp_path: Path) -> None:
+    """Real broker, AAS server and agents: while step 1 is awarded, its awardee's own token PUTs a
+    completion signed with another key: 403, noted, nothing changed; the real completion (signed
+    with the awardee's key) is then accepted, and the product's records verify."""
+    import asyncio
+
+    import httpx
+    from conftest import HAVE_MOSQUITTO
+    from fuzzing import LivePlant
+
+    from agents.aas.build import step_id_short
+    from agents.aas.docjson import completion
+    from agents.aas.ids import submodel_id
+    from agents.product.driver import ManufacturingDriver
+    from registry.identifiers import b64url_encode
+    from scenarios.loader import load_scenario_text
+
+    scenario = load_scenario_text(LONG_STEPS)
+    async with LivePlant(
+        scenario,
+        tmp_path,
+        broker="mosquitto" if HAVE_MOSQUITTO else None,
+        clock="accelerated",
+        time_scale=200,
+    ) as plant:
+        product = plant.agent("gear-1")
+        driver = product.role(ManufacturingDriver)
+        for _ in range(400):
+            if driver.awardee(1) is not None:
+                break
+            await asyncio.sleep(0.02)
+        awardee = driver.awardee(1)
+        assert awardee is not None, "step 1 was never awarded"
+        body = completion(1, 1.0, 2.0, awardee)
+        forged = record_chain.sign_completion("a forger's secret, not the run's", "gear-1", 1, body)
+        sm = b64url_encode(submodel_id("gear-1", "ProcessDocumentation", scenario.namespace))
+        url = f"{plant.node.base_url}/submodels/{sm}/submodel-elements/{step_id_short(1)}"
+        async with httpx.AsyncClient(timeout=10) as http:
+            refused = await http.put(url, json=forged, headers=plant.node.tokens.headers(awardee))
+            unsigned = await http.put(url, json=body, headers=plant.node.tokens.headers(awardee))
+        assert refused.status_code == 403, refused.text
+        assert "not " + awardee + "'s" in refused.text
+        assert unsigned.status_code == 403 and "no resource signature" in unsigned.text
+        assert product.counters["note:documentation-refused"] == 2
+        await plant.until_done(120)
+        records = driver.docs.records
+        assert [child_text(records[s], "Outcome") for s in (1, 2)] == ["completed", "completed"]
+        assert child_text(records[1], "Started") != "1.0"  # the forged times never landed
+        keys = {
+            n: {signing.public_key_text(plant.node.signing_secret, n)} for n in ("gear-1", "mill-1", "mill-2")
+        }
+        assert record_chain.check_records(records, keys=keys) is None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("name", ["ft06", "chaos", "aircraft-sensor"])
+def test_every_aasx_of_a_shipped_scenario_verifies(tmp_path: Path, name: str) -> None:
+    out = tmp_path / name
+    proc = _cli("run", str(ROOT / "scenarios" / f"{name}.yaml"), "--out", str(out), "-q", timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    checked = _cli("verify", str(out))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"verified: {len(list((out / 'aas').glob('*.aasx')))} product AASX" in checked.stdout
