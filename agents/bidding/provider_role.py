@@ -38,7 +38,7 @@ from agents.runtime.role import Role
 from protocol.bidding.effects import Book, Count, Evaluate, Release
 from protocol.bidding.provider import Provider, ProviderRounds, PState
 from protocol.elements import Bid, Booking, StepCall
-from protocol.frame import Message, MessageType
+from protocol.frame import Message, MessageType, new_id
 from protocol.topics import Channel, Topic, cfp_filter
 from shopfloor.asset import Asset, Job
 from shopfloor.transport import Distances
@@ -111,7 +111,7 @@ class BiddingProvider(Role):
             return
         if msg.type is not MessageType.CALL_FOR_PROPOSAL:
             return
-        p, effects = Provider.on_call(self.agent.aas_id, msg, now_ms, caller=topic.sender)
+        p, effects = Provider.on_call(self.agent.aas_id, msg, now_ms, caller=topic.sender, ids=new_id)
         if p is None:
             await self.agent.carry_out(effects)
             return
@@ -284,7 +284,7 @@ class BiddingProvider(Role):
 
     async def recover(self) -> None:
         for row in self.agent.node.state.conversations(self.agent.name, "provider"):
-            self.rounds.add(Provider.restore(json.loads(row.snapshot)))
+            self.rounds.add(Provider.restore(json.loads(row.snapshot), ids=new_id))
 
     async def on_start(self) -> None:
         """Re-arm the deadlines of open offers; an offer that lapsed while we were down is released."""

@@ -63,7 +63,7 @@ class BiddingRequester(Role):
         expected = await self._bidders(call)
         if self.config.clock_origin_ms is None:  # bids are in simulated time: the machine converts
             self.config = dataclasses.replace(self.config, clock_origin_ms=self.agent.clock.epoch_ms(0.0))
-        r = Requester(self.agent.aas_id, new_id(), call, expected, self.config, self.policy)
+        r = Requester(self.agent.aas_id, new_id(), call, expected, self.config, self.policy, ids=new_id)
         self.machines[r.conversation_id] = r
         await self._step(r, r.start(self.agent.now_ms()))
         return r
@@ -117,7 +117,7 @@ class BiddingRequester(Role):
 
     async def recover(self) -> None:
         for row in self.agent.node.state.conversations(self.agent.name, "requester"):
-            r = Requester.restore(json.loads(row.snapshot), self.policy)
+            r = Requester.restore(json.loads(row.snapshot), self.policy, ids=new_id)
             self.machines[r.conversation_id] = r
             self._recovered.append(r.conversation_id)
 

@@ -16,15 +16,17 @@ thousand times, and noted once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 from protocol.bidding.effects import Book, Count, Evaluate, Note, Release, Send
-from protocol.bidding.flat import field_names, flat
+from protocol.bidding.flat import flat
+from protocol.bidding.snapshot import Codec, Field, sorted_set
 from protocol.bidding.table import Transition, dispatch, to
 from protocol.elements import Bid, Booking, ElementError, Reason, StepCall, StepResult
-from protocol.frame import Message, MessageType, Role, make_message
+from protocol.frame import Message, MessageType, Role, make_message, new_id
 
 M = MessageType
 DEADLINE = "deadline"
@@ -90,10 +92,18 @@ class Provider:
     seen: set[str] = field(default_factory=set)
     replies: dict[str, Message] = field(default_factory=dict)  # received id -> the answer sent
     answered_at: dict[str, int] = field(default_factory=dict)  # received id -> when last answered
+    #: Where the ids of the messages it sends come from (injected: a test or a replay passes its own).
+    ids: Callable[[], str] = field(default=new_id, repr=False, compare=False)
 
     @classmethod
     def on_call(
-        cls, me: str, msg: Message, now: int, *, caller: str | None = None
+        cls,
+        me: str,
+        msg: Message,
+        now: int,
+        *,
+        caller: str | None = None,
+        ids: Callable[[], str] = new_id,
     ) -> tuple[Provider | None, list[object]]:
         """Open a round for a call for proposal; returns (None, effects) if it cannot be read or
         is not the named product's own.
@@ -109,16 +119,33 @@ class Provider:
             return None, [
                 Note("not-understood", f"callForProposal {msg.id} from {msg.sender}: {exc}", msg.id),
                 Send(
-                    _reply(me, msg, M.NOT_UNDERSTOOD, Reason("not-understood", str(exc)).to_json_elements())
+                    _reply(
+                        me,
+                        msg,
+                        M.NOT_UNDERSTOOD,
+                        Reason("not-understood", str(exc)).to_json_elements(),
+                        ids(),
+                    )
                 ),
             ]
         if caller is not None and call.product != caller:
             text = f"callForProposal {msg.id} names product {call.product!r} but was sent by {caller!r}"
             return None, [
                 Note("wrong-product", text, msg.id),
-                Send(_reply(me, msg, M.NOT_UNDERSTOOD, Reason("wrong-product", text).to_json_elements())),
+                Send(
+                    _reply(me, msg, M.NOT_UNDERSTOOD, Reason("wrong-product", text).to_json_elements(), ids())
+                ),
             ]
-        p = cls(me, msg.sender, msg.conversation, msg.id, call, reply_by=msg.reply_by, deadline=msg.reply_by)
+        p = cls(
+            me,
+            msg.sender,
+            msg.conversation,
+            msg.id,
+            call,
+            reply_by=msg.reply_by,
+            deadline=msg.reply_by,
+            ids=ids,
+        )
         p.seen.add(msg.id)
         p.answered_at[msg.id] = now
         if msg.reply_by is not None and now > msg.reply_by:
@@ -190,7 +217,9 @@ class Provider:
 
     def _do_propose(self, now: int, *, bid: Bid, valid_until: int) -> list[object]:
         """Local decision: send a binding offer, valid until its replyBy; the capacity stays held tentatively."""
-        msg = _reply(self.me, self._cfp_stub(), M.PROPOSAL, bid.to_json_elements(), reply_by=valid_until)
+        msg = _reply(
+            self.me, self._cfp_stub(), M.PROPOSAL, bid.to_json_elements(), self.ids(), reply_by=valid_until
+        )
         self.state, self.bid, self.proposal_id = PState.PROPOSED, bid, msg.id
         self.valid_until = self.deadline = valid_until
         self.replies[self.cfp_id] = msg
@@ -198,7 +227,7 @@ class Provider:
 
     def _do_refuse(self, now: int, *, reason: Reason) -> list[object]:
         """Local decision: decline the call (capability, feasibility or capacity)."""
-        msg = _reply(self.me, self._cfp_stub(), M.REFUSE_PROPOSAL, reason.to_json_elements())
+        msg = _reply(self.me, self._cfp_stub(), M.REFUSE_PROPOSAL, reason.to_json_elements(), self.ids())
         self.state = PState.REFUSED
         self.replies[self.cfp_id] = msg
         return [Send(msg)]
@@ -272,12 +301,13 @@ class Provider:
             receiver=self.requester,
             in_reply_to=self.accept_id,
             elements=content.to_json_elements(),
+            message_id=self.ids(),
         )
         self.replies[self.accept_id] = msg
         return [Send(msg)]
 
     def _answer(self, msg: Message, kind: MessageType, content: Any) -> list[object]:
-        reply = _reply(self.me, msg, kind, content.to_json_elements())
+        reply = _reply(self.me, msg, kind, content.to_json_elements(), self.ids())
         self.replies[msg.id] = reply
         return [Send(reply)]
 
@@ -291,7 +321,7 @@ class Provider:
     def _not_understood(self, msg: Message, text: str, kind: str = "not-understood") -> list[object]:
         if msg.type is M.NOT_UNDERSTOOD:  # never answer a notUnderstood with one: no loops
             return [Note(kind, f"{msg.type} {msg.id} from {msg.sender}: {text}", msg.id)]
-        reply = _reply(self.me, msg, M.NOT_UNDERSTOOD, Reason(kind, text).to_json_elements())
+        reply = _reply(self.me, msg, M.NOT_UNDERSTOOD, Reason(kind, text).to_json_elements(), self.ids())
         return [Note(kind, f"{msg.type} {msg.id} from {msg.sender}: {text}", msg.id), Send(reply)]
 
     def _cfp_stub(self) -> _Addr:
@@ -300,23 +330,38 @@ class Provider:
     # --- persistence --------------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        data = {name: getattr(self, name) for name in field_names(type(self))}
-        data["call"] = flat(self.call)
-        data["bid"] = flat(self.bid) if self.bid else None
-        data["state"] = self.state.value
-        data["seen"] = sorted(self.seen)
-        data["replies"] = {k: m.to_json().decode() for k, m in self.replies.items()}
-        return data
+        """Everything needed to resume after a crash, as JSON-able data."""
+        return CODEC.dump(self)
 
     @classmethod
-    def restore(cls, data: dict[str, Any]) -> Provider:
-        data = dict(data)
-        data["call"] = StepCall(**data["call"])
-        data["bid"] = Bid(**data["bid"]) if data["bid"] else None
-        data["state"] = PState(data["state"])
-        data["seen"] = set(data["seen"])
-        data["replies"] = {k: _load(v) for k, v in data["replies"].items()}
-        return cls(**data)
+    def restore(cls, data: dict[str, Any], ids: Callable[[], str] = new_id) -> Provider:
+        return cls(**CODEC.load(data), ids=ids)
+
+
+#: A provider's snapshot: every field but the id source.
+CODEC = Codec(
+    "provider",
+    {
+        "me": Field(),
+        "requester": Field(),
+        "conversation_id": Field(),
+        "cfp_id": Field(),
+        "call": Field(flat, lambda d: StepCall(**d)),
+        "state": Field(str, PState),
+        "reply_by": Field(),
+        "bid": Field(lambda b: flat(b) if b else None, lambda d: Bid(**d) if d else None),
+        "proposal_id": Field(),
+        "valid_until": Field(),
+        "accept_id": Field(),
+        "deadline": Field(),
+        "seen": sorted_set(),
+        "replies": Field(
+            lambda r: {k: m.to_json().decode() for k, m in r.items()},
+            lambda d: {k: _load(v) for k, v in d.items()},
+        ),
+        "answered_at": Field(dict, dict, default=dict),
+    },
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,6 +378,7 @@ def _reply(
     to: Message | _Addr,
     kind: MessageType,
     elements: list[dict[str, Any]],
+    message_id: str,
     reply_by: int | None = None,
 ) -> Message:
     return make_message(
@@ -344,6 +390,7 @@ def _reply(
         in_reply_to=to.id,
         reply_by=reply_by,
         elements=elements,
+        message_id=message_id,
     )
 
 

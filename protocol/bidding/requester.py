@@ -13,6 +13,7 @@ is reachable from `TABLE`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -30,6 +31,7 @@ from protocol.bidding.effects import (
     Send,
 )
 from protocol.bidding.flat import flat
+from protocol.bidding.snapshot import Codec, Field, sorted_set
 from protocol.bidding.table import Transition, dispatch, to
 from protocol.elements import Bid, Booking, ElementError, Reason, StepCall, StepResult
 from protocol.frame import Message, MessageType, Role, make_message, new_id
@@ -137,6 +139,9 @@ class Requester:
     deferrals: int = 0
     reason: str = ""
     settled: bool = False  # ended by the product's documentation (see documented)
+    #: Where the ids of calls, acceptances and every other message it sends come from (injected:
+    #: a test or a replay passes its own; not part of a snapshot).
+    ids: Callable[[], str] = field(default=new_id, repr=False, compare=False)
 
     # --- inputs -------------------------------------------------------------------------------------
 
@@ -233,7 +238,7 @@ class Requester:
             self.past_cfps.append(self.cfp_id)
         self.round += 1
         self.state = RState.COLLECTING
-        self.cfp_id = new_id()
+        self.cfp_id = self.ids()
         self.reply_by = now + self.config.reply_window_ms
         self.deadline = self.reply_by
         self.offers.clear()
@@ -335,7 +340,7 @@ class Requester:
 
     def _award(self, offer: Offer, now: int) -> None:
         self.winner = offer
-        self.accept_id = new_id()
+        self.accept_id = self.ids()
         self.state = RState.AWARDING
         self.retries = 0
         self.deadline = now + self.config.confirm_timeout_ms
@@ -541,6 +546,7 @@ class Requester:
                 receiver=provider,
                 in_reply_to=proposal_id,
                 elements=Reason(code, text).to_json_elements(),
+                message_id=self.ids(),
             )
         )
 
@@ -555,6 +561,7 @@ class Requester:
                 receiver=provider,
                 in_reply_to=in_reply_to or None,
                 elements=Reason("cancelled", text).to_json_elements(),
+                message_id=self.ids(),
             )
         )
 
@@ -570,6 +577,7 @@ class Requester:
                     receiver=msg.sender,
                     in_reply_to=msg.id,
                     elements=Reason("not-understood", text).to_json_elements(),
+                    message_id=self.ids(),
                 )
             ),
         ]
@@ -578,61 +586,59 @@ class Requester:
 
     def snapshot(self) -> dict[str, Any]:
         """Everything needed to resume after a crash, as JSON-able data."""
-        return {
-            "me": self.me,
-            "conversation_id": self.conversation_id,
-            "call": flat(self.call),
-            "expected": sorted(self.expected),
-            "config": flat(self.config),
-            "state": self.state.value,
-            "round": self.round,
-            "cfp_id": self.cfp_id,
-            "past_cfps": list(self.past_cfps),
-            "reply_by": self.reply_by,
-            "deadline": self.deadline,
-            "offers": [[o.proposal_id, o.provider, flat(o.bid)] for o in self.offers.values()],
-            "offer_valid": dict(self.offer_valid),
-            "answered": sorted(self.answered),
-            "seen": sorted(self.seen),
-            "winner": [self.winner.proposal_id, self.winner.provider, flat(self.winner.bid)]
-            if self.winner
-            else None,
-            "reserve": [[r.offer.provider, r.score, r.reason] for r in self.reserve],
-            "accept_id": self.accept_id,
-            "retries": self.retries,
-            "queries": self.queries,
-            "cancelled": sorted(self.cancelled),
-            "empty_rounds": self.empty_rounds,
-            "failures": self.failures,
-            "deferrals": self.deferrals,
-            "reason": self.reason,
-            "settled": self.settled,
-        }
+        return CODEC.dump(self)
 
     @classmethod
-    def restore(cls, data: dict[str, Any], policy: SelectionPolicy | None = None) -> Requester:
-        def offer(row: list[Any]) -> Offer:
+    def restore(
+        cls, data: dict[str, Any], policy: SelectionPolicy | None = None, ids: Callable[[], str] = new_id
+    ) -> Requester:
+        fields = CODEC.load(data)
+        offers, winner, reserve = fields.pop("offers"), fields.pop("winner"), fields.pop("reserve")
+        r = cls(**fields, policy=policy or PriorityWeighted(), ids=ids)
+
+        def offer(row: list[Any]) -> Offer:  # latest_end follows from the call: not stored
             return r._offer(row[0], row[1], Bid(**row[2]))
 
-        r = cls(
-            me=data["me"],
-            conversation_id=data["conversation_id"],
-            call=StepCall(**data["call"]),
-            expected=frozenset(data["expected"]),
-            config=RequesterConfig(**data["config"]),
-            policy=policy or PriorityWeighted(),
-        )
-        r.state = RState(data["state"])
-        r.round, r.cfp_id, r.past_cfps = data["round"], data["cfp_id"], list(data["past_cfps"])
-        r.reply_by, r.deadline = data["reply_by"], data["deadline"]
-        r.offers = {row[1]: offer(row) for row in data["offers"]}
-        r.offer_valid = dict(data["offer_valid"])
-        r.answered, r.seen = set(data["answered"]), set(data["seen"])
-        r.winner = offer(data["winner"]) if data["winner"] else None
-        r.reserve = [Ranked(r.offers[p], score, reason) for p, score, reason in data.get("reserve", [])]
-        r.accept_id, r.cancelled = data["accept_id"], set(data["cancelled"])
-        r.retries, r.queries = data["retries"], data.get("queries", 0)
-        r.empty_rounds, r.failures, r.reason = data["empty_rounds"], data["failures"], data["reason"]
-        r.deferrals = data.get("deferrals", 0)
-        r.settled = data.get("settled", False)
+        r.offers = {row[1]: offer(row) for row in offers}
+        r.winner = offer(winner) if winner else None
+        r.reserve = [Ranked(r.offers[p], score, reason) for p, score, reason in reserve]
         return r
+
+
+def _offer_row(o: Offer) -> list[Any]:
+    return [o.proposal_id, o.provider, flat(o.bid)]
+
+
+#: A requester's snapshot: every field but the policy (the product's, given again) and the id
+#: source; offers by bidder as rows, the reserve by bidder (restored from the offers).
+CODEC = Codec(
+    "requester",
+    {
+        "me": Field(),
+        "conversation_id": Field(),
+        "call": Field(flat, lambda d: StepCall(**d)),
+        "expected": sorted_set(frozenset),
+        "config": Field(flat, lambda d: RequesterConfig(**d)),
+        "state": Field(str, RState),
+        "round": Field(),
+        "cfp_id": Field(),
+        "past_cfps": Field(list, list),
+        "reply_by": Field(),
+        "deadline": Field(),
+        "offers": Field(lambda offers: [_offer_row(o) for o in offers.values()]),
+        "offer_valid": Field(dict, dict),
+        "answered": sorted_set(),
+        "seen": sorted_set(),
+        "winner": Field(lambda w: _offer_row(w) if w else None),
+        "reserve": Field(lambda rs: [[r.offer.provider, r.score, r.reason] for r in rs], default=list),
+        "accept_id": Field(),
+        "retries": Field(),
+        "queries": Field(default=int),
+        "cancelled": sorted_set(),
+        "empty_rounds": Field(),
+        "failures": Field(),
+        "deferrals": Field(default=int),
+        "reason": Field(),
+        "settled": Field(default=bool),
+    },
+)
