@@ -22,6 +22,7 @@ from agents.aas import record_chain
 from agents.aas.docjson import child_text
 from agents.aas.io import element_from_json, read_aasx, to_jsonable, write_aasx
 from protocol import signing
+from registry.descriptors import SIGNING_KEY_EXT
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "scenarios" / "demo.yaml"
@@ -280,6 +281,14 @@ async def test_a_live_product_refuses_its_awardees_completion_signed_by_another_
             n: {signing.public_key_text(plant.node.signing_secret, n)} for n in ("gear-1", "mill-1", "mill-2")
         }
         assert record_chain.check_records(records, keys=keys) is None
+        # each agent's public key is published in its shell and in its registry descriptor
+        mill = plant.agent(awardee)
+        shell = plant.node.store.get_shell(mill.aas_id)
+        published = {e.name: e.value for e in shell.extension}
+        assert published[SIGNING_KEY_EXT] == signing.public_key_text(plant.node.signing_secret, awardee)
+        descriptor = await plant.node.registry.get(mill.aas_id)
+        extensions = {e["name"]: e["value"] for e in descriptor["extensions"]}
+        assert extensions[SIGNING_KEY_EXT] == published[SIGNING_KEY_EXT]
 
 
 @pytest.mark.slow
