@@ -185,6 +185,7 @@ async def breakdown(n: int, trace: bool) -> dict[str, Any]:
     from agents.resource.agent import resource_objects
     from agents.runtime.node import Node, NodeConfig
     from protocol.broker import start_broker
+    from protocol.tokens import RunTokens, new_secret
     from protocol.transport import MqttTransport
     from registry.service import RegistryServer
     from scenarios import assembly
@@ -211,13 +212,17 @@ async def breakdown(n: int, trace: bool) -> dict[str, Any]:
         out = Path(tmp)
         broker = await asyncio.to_thread(lambda: start_broker("mosquitto", out))
         broker_proc.append(psutil.Process(broker.process.pid))
-        registry = RegistryServer(sqlite_url(out / "registry.db"))
+        secret = new_secret()  # the run's token secret: the node registers its agents with it
+        registry = RegistryServer(
+            sqlite_url(out / "registry.db"), tokens=RunTokens(secret, scenario.namespace)
+        )
         db_url = sqlite_url(out / "run.db")
         try:
             url = await registry.start()
             plant = Plant(scenario, out, broker.address, url, db_url, "real", None, None, 0)
             clock = _clock(plant)
-            node = Node(NodeConfig(scenario.namespace, broker.address, url), clock, open_database(db_url))
+            config = NodeConfig(scenario.namespace, broker.address, url, http_secret=secret)
+            node = Node(config, clock, open_database(db_url))
             await node.start()
             await clock.start()
             mark("node started")

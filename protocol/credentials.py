@@ -324,6 +324,31 @@ class Credentials:
             self.save()
 
 
+SECRET_FILE = "http_secret"
+
+
+def save_http_secret(directory: str | Path, secret: str) -> Path:
+    """Keep a run's token secret for its other processes when it has no accounts (0600)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_private(directory / SECRET_FILE, secret)
+    return directory / SECRET_FILE
+
+
+def run_http_secret(out: str | Path) -> str | None:
+    """The token secret of the run whose output folder (or ``plant.json``) is ``out``, if saved."""
+    out = Path(out)
+    folder = (out if out.is_dir() else out.parent) / "broker"
+    try:
+        return json.loads((folder / Credentials.FILE).read_text()).get("http_secret")
+    except (OSError, ValueError):
+        pass
+    try:
+        return (folder / SECRET_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
 def load_grants(path: str | Path) -> dict[str, tuple[str, Grant]]:
     """Read an embedded-broker accounts file: ``{user: (hash, grant)}``."""
     data: Mapping[str, Any] = json.loads(Path(path).read_text())

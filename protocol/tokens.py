@@ -18,6 +18,7 @@ a request (no replay protection within their lifetime: see docs/security.md).
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 
@@ -25,11 +26,23 @@ import jwt
 
 from protocol.topics import check_name
 
-__all__ = ["LIFETIME", "AuthError", "RunTokens", "new_secret"]
+__all__ = ["LIFETIME", "NS_ENV", "SECRET_ENV", "AuthError", "RunTokens", "new_secret", "tokens_from_env"]
 
 ALGORITHM = "HS256"
 #: Seconds a token is valid; a cached token is renewed when less than a fifth of this is left.
 LIFETIME = 300.0
+
+
+#: Where a child process (the registry) finds the run's secret and namespace: its environment,
+#: readable by its owner only, not its command line, which every local user can read.
+SECRET_ENV = "TWINBID_HTTP_SECRET"
+NS_ENV = "TWINBID_NS"
+
+
+def tokens_from_env() -> RunTokens | None:
+    """The run's tokens from ``TWINBID_HTTP_SECRET`` and ``TWINBID_NS``; None without them."""
+    secret, ns = os.environ.get(SECRET_ENV), os.environ.get(NS_ENV)
+    return RunTokens(secret, ns) if secret and ns else None
 
 
 def new_secret() -> str:
@@ -54,19 +67,28 @@ class RunTokens:
         self._secret = secret
         self.audience = f"twinbid:{ns}"
         self.lifetime = lifetime
-        self._cache: dict[str, tuple[str, float]] = {}
+        self._cache: dict[tuple[str, ...], tuple[str, float]] = {}
 
     def token(self, agent: str) -> str:
         """A token naming ``agent`` (cached until a fifth of its lifetime is left)."""
+        return self.token_for((agent,))
+
+    def token_for(self, agents: tuple[str, ...]) -> str:
+        """A token naming every agent of ``agents`` (a node registers its agents in bulk)."""
         now = time.time()
-        cached = self._cache.get(agent)
+        cached = self._cache.get(agents)
         if cached is not None and cached[1] - now > self.lifetime / 5:
             return cached[0]
-        check_name(agent, "agent name")
+        for agent in agents:
+            check_name(agent, "agent name")
         exp = now + self.lifetime
-        claims = {"sub": agent, "aud": self.audience, "iat": int(now), "exp": int(exp)}
+        claims: dict[str, object] = {"sub": agents[0], "aud": self.audience, "iat": int(now), "exp": int(exp)}
+        if len(agents) > 1:
+            claims["agents"] = list(agents)
         token = jwt.encode(claims, self._secret, algorithm=ALGORITHM)
-        self._cache[agent] = (token, exp)
+        if len(self._cache) > 4096:  # bulk tokens of batches gone by
+            self._cache.clear()
+        self._cache[agents] = (token, exp)
         return token
 
     def headers(self, agent: str) -> dict[str, str]:
@@ -74,6 +96,17 @@ class RunTokens:
 
     def caller(self, authorization: str | None) -> str:
         """The agent an ``Authorization`` header names; :class:`AuthError` if it names none."""
+        return self._claims(authorization)[0]
+
+    def callers(self, authorization: str | None) -> frozenset[str]:
+        """Every agent an ``Authorization`` header names (one, or a node's batch)."""
+        sub, claims = self._claims(authorization)
+        extra = claims.get("agents") or []
+        if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
+            raise AuthError("the bearer token's agents claim is not a list of names")
+        return frozenset([sub, *extra])
+
+    def _claims(self, authorization: str | None) -> tuple[str, dict]:
         if not authorization:
             raise AuthError("writes need an agent's bearer token (Authorization: Bearer ...)")
         scheme, _, token = authorization.partition(" ")
@@ -95,6 +128,6 @@ class RunTokens:
         except jwt.PyJWTError as exc:
             raise AuthError(f"the bearer token is not valid: {type(exc).__name__}") from None
         try:
-            return check_name(claims.get("sub"), "agent name")
+            return check_name(claims.get("sub"), "agent name"), claims
         except ValueError:
             raise AuthError("the bearer token names no valid agent") from None

@@ -21,7 +21,9 @@ from typing import Any
 import httpx
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential
 
-from .descriptors import EXPIRES_HEADER, LEASE_HEADER
+from protocol.tokens import RunTokens
+
+from .descriptors import EXPIRES_HEADER, LEASE_HEADER, SHORT_NAME_EXT, short_name_of
 from .identifiers import b64url_encode
 
 log = logging.getLogger(__name__)
@@ -156,8 +158,18 @@ def _byte_chunks(descriptors: list[dict[str, Any]], max_bytes: int) -> Iterator[
         yield _Chunk(items, b"[" + b",".join(parts) + b"]")
 
 
+def _short_name_ext(name: str) -> dict[str, str]:
+    return {"name": SHORT_NAME_EXT, "valueType": "xs:string", "value": name}
+
+
 class RegistryClient:
-    """``RegistryClient(base_url)``: register / renew / deregister / look up shell descriptors."""
+    """``RegistryClient(base_url)``: register / renew / deregister / look up shell descriptors.
+
+    With ``tokens`` (the run's, :mod:`protocol.tokens`) each write carries a bearer token naming
+    the agents whose descriptors it writes (their ``twinbid:shortName``); ``agent`` names the
+    writer of standalone submodel descriptors, which name no agent. The registry refuses
+    anonymous writes (401) and descriptors of other agents (403).
+    """
 
     def __init__(
         self,
@@ -166,12 +178,17 @@ class RegistryClient:
         timeout: float = 5.0,
         attempts: int = 4,
         client: httpx.AsyncClient | None = None,
+        tokens: RunTokens | None = None,
+        agent: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.attempts = attempts
+        self.tokens = tokens
+        self.agent = agent
         self._own_client = client is None
         self._client = client or httpx.AsyncClient(base_url=self.base_url, timeout=timeout)
         self._registered: dict[str, tuple[dict[str, Any], float | None]] = {}
+        self._owners: dict[str, str] = {}  # aas id -> the agent it was registered for (kept after)
         self._keepalive: dict[str, asyncio.Task[None]] = {}
         self._bulk = True  # until the registry answers the bulk extension with 404/405
         self._bulk_lookup = True  # likewise for the bulk lookup
@@ -198,13 +215,27 @@ class RegistryClient:
     async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         return await send(self._client, method, self._url(path), attempts=self.attempts, **kwargs)
 
+    def _auth(self, descriptors: Iterable[dict[str, Any] | None] = ()) -> dict[str, str]:
+        """The Authorization header naming the agents of ``descriptors`` (or ``agent``)."""
+        names = tuple(dict.fromkeys(n for d in descriptors if d and (n := short_name_of(d))))
+        for d in descriptors:
+            if d and d.get("id") and short_name_of(d):
+                self._owners[d["id"]] = short_name_of(d)  # type: ignore[assignment]
+        names = names or ((self.agent,) if self.agent else ())
+        if self.tokens is None or not names:
+            return {}
+        return {"Authorization": f"Bearer {self.tokens.token_for(names)}"}
+
     # -- shells -------------------------------------------------------------------------------------------------------
 
     async def register(self, descriptor: dict[str, Any], ttl: float | None = None) -> float | None:
         """Create or replace a shell descriptor (PUT, so retries are safe). Returns the lease expiry (epoch s)."""
         headers = {LEASE_HEADER: repr(float(ttl))} if ttl else {}
         response = await self._send(
-            "PUT", f"/shell-descriptors/{b64url_encode(descriptor['id'])}", json=descriptor, headers=headers
+            "PUT",
+            f"/shell-descriptors/{b64url_encode(descriptor['id'])}",
+            json=descriptor,
+            headers={**headers, **self._auth([descriptor])},
         )
         self._registered[descriptor["id"]] = (descriptor, ttl)
         expires = response.headers.get(EXPIRES_HEADER)
@@ -225,7 +256,7 @@ class RegistryClient:
             if self._bulk:
                 response = await self._send(
                     "PUT", BULK_PATH, content=chunk.body, ok=(404, 405),
-                    headers={**headers, "content-type": "application/json"},
+                    headers={**headers, **self._auth(chunk.items), "content-type": "application/json"},
                 )  # fmt: skip
                 if response.status_code in (404, 405):
                     self._bulk = False
@@ -290,7 +321,11 @@ class RegistryClient:
         """Delete a shell descriptor; False if it was not there (or had expired)."""
         self.stop_keepalive(aas_id)
         self._registered.pop(aas_id, None)
-        response = await self._send("DELETE", f"/shell-descriptors/{b64url_encode(aas_id)}", ok=(404,))
+        owner = self._owners.get(aas_id)
+        auth = self._auth([{"id": aas_id, "extensions": [_short_name_ext(owner)]} if owner else None])
+        response = await self._send(
+            "DELETE", f"/shell-descriptors/{b64url_encode(aas_id)}", ok=(404,), headers=auth
+        )
         return response.status_code == 204
 
     def keepalive(self, aas_id: str, interval: float | None = None) -> asyncio.Task[None]:
@@ -359,7 +394,7 @@ class RegistryClient:
             "PUT",
             f"/submodel-descriptors/{b64url_encode(descriptor['id'])}",
             json=descriptor,
-            headers=headers,
+            headers={**headers, **self._auth()},
         )
 
     async def get_submodel(self, submodel_id: str) -> dict[str, Any] | None:
@@ -368,6 +403,6 @@ class RegistryClient:
 
     async def deregister_submodel(self, submodel_id: str) -> bool:
         response = await self._send(
-            "DELETE", f"/submodel-descriptors/{b64url_encode(submodel_id)}", ok=(404,)
+            "DELETE", f"/submodel-descriptors/{b64url_encode(submodel_id)}", ok=(404,), headers=self._auth()
         )
         return response.status_code == 204

@@ -27,6 +27,8 @@ import sys
 import threading
 from pathlib import Path
 
+from protocol.tokens import NS_ENV, SECRET_ENV
+
 READY = "READY "
 _ROOT = str(Path(__file__).resolve().parents[1])  # `registry` importable whatever the cwd
 
@@ -35,9 +37,20 @@ class RegistryProcess:
     """A registry child process (see the module docstring); ``base_url`` once started."""
 
     def __init__(
-        self, db_url: str | None, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
+        self,
+        db_url: str | None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_level: str = "warning",
+        http_secret: str | None = None,
+        ns: str | None = None,
     ) -> None:
         self.db_url = db_url
+        # the run's token secret reaches the child through its environment (readable by its owner
+        # only), never its command line (readable by every local user)
+        self.http_secret = http_secret
+        self.ns = ns
         self.host = host
         self.port = port
         self.log_level = log_level
@@ -53,6 +66,8 @@ class RegistryProcess:
         env = dict(
             os.environ, PYTHONPATH=os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
         )
+        if self.http_secret and self.ns:
+            env.update({SECRET_ENV: self.http_secret, NS_ENV: self.ns})
         self.process = await asyncio.to_thread(
             subprocess.Popen, cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
         )
@@ -111,9 +126,10 @@ class RegistryProcess:
 
 
 async def _child(host: str, port: int, db_url: str | None, log_level: str) -> None:
+    from protocol.tokens import tokens_from_env
     from registry.service import RegistryServer
 
-    server = RegistryServer(db_url, log_level=log_level)
+    server = RegistryServer(db_url, log_level=log_level, tokens=tokens_from_env())
     url = await server.start(host, port)
     loop = asyncio.get_running_loop()
     closed = asyncio.Event()

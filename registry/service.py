@@ -32,15 +32,19 @@ import contextlib
 import logging
 import math
 import time
+from collections import Counter
 from typing import Any
 
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
+from protocol.tokens import NS_ENV, SECRET_ENV, AuthError, RunTokens, tokens_from_env
+
 from .descriptors import (
     EXPIRES_HEADER,
     LEASE_HEADER,
     DescriptorError,
+    short_name_of,
     validate_shell_descriptor,
     validate_submodel_descriptor,
 )
@@ -119,8 +123,19 @@ def _submodel_body(raw: Any) -> dict[str, Any]:
         raise ApiError(400, f"invalid SubmodelDescriptor: {exc}") from None
 
 
-def create_registry_app(store: RegistryStore, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    """The FastAPI app over ``store``."""
+def create_registry_app(
+    store: RegistryStore, *, tokens: RunTokens | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> FastAPI:
+    """The FastAPI app over ``store``.
+
+    Reads are open. Every write must carry a bearer token of the run (:mod:`protocol.tokens`;
+    without ``tokens`` the registry accepts no write: 401) and may touch only the descriptors of
+    the agents the token names: a shell descriptor (and the submodel descriptors nested in it)
+    belongs to the agent its ``twinbid:shortName`` names, and neither the new nor the replaced
+    descriptor may name anyone else (403), so an id cannot be re-pointed or deleted by a
+    stranger. Standalone submodel descriptors (twinbid registers none) name no agent: any agent
+    of the run may write them. Refusals are logged and counted in ``app.state.refused``.
+    """
     app = FastAPI(
         title="twinbid AAS registry",
         version="3.1",
@@ -132,7 +147,38 @@ def create_registry_app(store: RegistryStore, *, max_body_bytes: int = DEFAULT_M
     )
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    refused: Counter[str] = Counter()
+    app.state.refused = refused
     description = json_bytes({"profiles": PROFILES})
+
+    def refuse(request: Request, status: int, text: str) -> ApiError:
+        refused[str(status)] += 1
+        log.warning("refused %s %s: %d %s", request.method, request.url.path[:200], status, text)
+        return ApiError(status, text)
+
+    def authenticate(request: Request) -> frozenset[str]:
+        if tokens is None:
+            raise refuse(request, 401, "this registry has no credentials of a run: it accepts no writes")
+        try:
+            return tokens.callers(request.headers.get("authorization"))
+        except AuthError as exc:
+            raise refuse(request, 401, exc.text) from None
+
+    def authorize(request: Request, callers: frozenset[str], *descriptors: dict[str, Any] | None) -> None:
+        """Each descriptor given (new, replaced) must belong to an agent the token names."""
+        for desc in descriptors:
+            if desc is None:
+                continue
+            owner = short_name_of(desc)
+            if owner is None or owner not in callers:
+                who = ", ".join(sorted(callers))
+                raise refuse(
+                    request,
+                    403,
+                    f"descriptor {str(desc.get('id'))[:200]!r} belongs to {owner or 'no agent'}; "
+                    f"{who} may not write it",
+                )
+
     shells_tag = ["Asset Administration Shell Registry API"]
     submodels_tag = ["Submodel Registry API"]
 
@@ -171,8 +217,10 @@ def create_registry_app(store: RegistryStore, *, max_body_bytes: int = DEFAULT_M
         tags=shells_tag,
     )
     async def post_shell(request: Request) -> Response:
+        callers = authenticate(request)
         ttl = _ttl(request)
         desc = _shell_body(await read_json_body(request))
+        authorize(request, callers, desc, store.get_shell(desc["id"]))
         try:
             _, expires = store.put_shell(desc, ttl, create_only=True)
         except AlreadyExists:
@@ -199,11 +247,13 @@ def create_registry_app(store: RegistryStore, *, max_body_bytes: int = DEFAULT_M
         tags=shells_tag,
     )
     async def put_shell(aasIdentifier: str, request: Request) -> Response:
+        callers = authenticate(request)
         aas_id = _decode(aasIdentifier, "aasIdentifier")
         ttl = _ttl(request)
         desc = _shell_body(await read_json_body(request))
         if desc["id"] != aas_id:
             raise ApiError(400, "the descriptor's id does not match the aasIdentifier in the path")
+        authorize(request, callers, desc, store.get_shell(aas_id))
         created, expires = store.put_shell(desc, ttl)
         if created:
             return json_response(
@@ -220,6 +270,7 @@ def create_registry_app(store: RegistryStore, *, max_body_bytes: int = DEFAULT_M
         """Extension: create or replace many shell descriptors at once (a JSON array), all or none,
         with one lease for all. A node that starts thousands of agents registers and renews them
         in a few requests instead of one each (docs/api.md, "Extensions")."""
+        callers = authenticate(request)
         ttl = _ttl(request)
         raw = await read_json_body(request)
         if not isinstance(raw, list):
@@ -232,6 +283,8 @@ def create_registry_app(store: RegistryStore, *, max_body_bytes: int = DEFAULT_M
                 raise ApiError(
                     400, f"descriptor {index}: invalid AssetAdministrationShellDescriptor: {exc}"
                 ) from None
+        for desc in descs:  # all or none
+            authorize(request, callers, desc, store.get_shell(desc["id"]))
         created, expires = store.put_shells(descs, ttl)
         body = json_bytes({"created": created, "replaced": len({d["id"] for d in descs}) - created})
         return json_response(body, 200, _lease_headers(expires))
@@ -277,8 +330,10 @@ def create_registry_app(store: RegistryStore, *, max_body_bytes: int = DEFAULT_M
         operation_id="DeleteAssetAdministrationShellDescriptorById",
         tags=shells_tag,
     )
-    async def delete_shell(aasIdentifier: str) -> Response:
+    async def delete_shell(aasIdentifier: str, request: Request) -> Response:
+        callers = authenticate(request)
         aas_id = _decode(aasIdentifier, "aasIdentifier")
+        authorize(request, callers, store.get_shell(aas_id))
         if not store.delete_shell(aas_id):
             raise ApiError(404, f"shell descriptor {aas_id!r} not found")
         return Response(status_code=204)
@@ -311,9 +366,11 @@ def create_registry_app(store: RegistryStore, *, max_body_bytes: int = DEFAULT_M
         tags=shells_tag,
     )
     async def post_nested(aasIdentifier: str, request: Request) -> Response:
+        callers = authenticate(request)
         aas_id = _decode(aasIdentifier, "aasIdentifier")
         sd = _submodel_body(await read_json_body(request))
         shell = _shell_or_404(aas_id)
+        authorize(request, callers, shell)
         nested = list(shell.get("submodelDescriptors") or ())
         if any(x["id"] == sd["id"] for x in nested):
             raise ApiError(409, f"submodel descriptor {sd['id']!r} already exists in {aas_id!r}")
@@ -343,12 +400,14 @@ def create_registry_app(store: RegistryStore, *, max_body_bytes: int = DEFAULT_M
         tags=shells_tag,
     )
     async def put_nested(aasIdentifier: str, submodelIdentifier: str, request: Request) -> Response:
+        callers = authenticate(request)
         aas_id = _decode(aasIdentifier, "aasIdentifier")
         sm_id = _decode(submodelIdentifier, "submodelIdentifier")
         sd = _submodel_body(await read_json_body(request))
         if sd["id"] != sm_id:
             raise ApiError(400, "the descriptor's id does not match the submodelIdentifier in the path")
         shell = _shell_or_404(aas_id)
+        authorize(request, callers, shell)
         nested = list(shell.get("submodelDescriptors") or ())
         index = next((i for i, x in enumerate(nested) if x["id"] == sm_id), None)
         if index is None:
@@ -369,10 +428,12 @@ def create_registry_app(store: RegistryStore, *, max_body_bytes: int = DEFAULT_M
         operation_id="DeleteSubmodelDescriptorByIdThroughSuperpath",
         tags=shells_tag,
     )
-    async def delete_nested(aasIdentifier: str, submodelIdentifier: str) -> Response:
+    async def delete_nested(aasIdentifier: str, submodelIdentifier: str, request: Request) -> Response:
+        callers = authenticate(request)
         aas_id = _decode(aasIdentifier, "aasIdentifier")
         sm_id = _decode(submodelIdentifier, "submodelIdentifier")
         shell = _shell_or_404(aas_id)
+        authorize(request, callers, shell)
         nested = list(shell.get("submodelDescriptors") or ())
         kept = [x for x in nested if x["id"] != sm_id]
         if len(kept) == len(nested):
@@ -402,6 +463,7 @@ def create_registry_app(store: RegistryStore, *, max_body_bytes: int = DEFAULT_M
         "/submodel-descriptors", status_code=201, operation_id="PostSubmodelDescriptor", tags=submodels_tag
     )
     async def post_submodel(request: Request) -> Response:
+        authenticate(request)
         ttl = _ttl(request)
         sd = _submodel_body(await read_json_body(request))
         try:
@@ -430,6 +492,7 @@ def create_registry_app(store: RegistryStore, *, max_body_bytes: int = DEFAULT_M
         tags=submodels_tag,
     )
     async def put_submodel(submodelIdentifier: str, request: Request) -> Response:
+        authenticate(request)
         sm_id = _decode(submodelIdentifier, "submodelIdentifier")
         ttl = _ttl(request)
         sd = _submodel_body(await read_json_body(request))
@@ -448,7 +511,8 @@ def create_registry_app(store: RegistryStore, *, max_body_bytes: int = DEFAULT_M
         operation_id="DeleteSubmodelDescriptorById",
         tags=submodels_tag,
     )
-    async def delete_submodel(submodelIdentifier: str) -> Response:
+    async def delete_submodel(submodelIdentifier: str, request: Request) -> Response:
+        authenticate(request)
         sm_id = _decode(submodelIdentifier, "submodelIdentifier")
         if not store.delete_submodel(sm_id):
             raise ApiError(404, f"submodel descriptor {sm_id!r} not found")
@@ -541,10 +605,11 @@ class RegistryServer:
         purge_interval: float = 5.0,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         log_level: str = "warning",
+        tokens: RunTokens | None = None,
     ) -> None:
         self._owns_store = store is None
         self.store = store if store is not None else RegistryStore(db_url, cache_ttl=cache_ttl)
-        self.app = create_registry_app(self.store, max_body_bytes=max_body_bytes)
+        self.app = create_registry_app(self.store, tokens=tokens, max_body_bytes=max_body_bytes)
         self.purge_interval = purge_interval
         self._http = InLoopServer(FastLookups(self.app, self.store), log_level=log_level)
         self._purger: asyncio.Task[None] | None = None
@@ -568,6 +633,11 @@ class RegistryServer:
     def base_url(self) -> str:
         return self._http.base_url
 
+    @property
+    def refused(self) -> Counter[str]:
+        """Refused writes by HTTP status."""
+        return self.app.state.refused
+
     async def _purge_loop(self) -> None:
         while True:
             await asyncio.sleep(self.purge_interval)
@@ -588,8 +658,14 @@ class RegistryServer:
 
 
 async def serve_registry(host: str, port: int, db_url: str | None) -> None:
-    """Run the registry until cancelled (``twinbid registry serve``). ``db_url`` None = SQLite file in the cwd."""
-    server = RegistryServer(db_url, log_level="info")
+    """Run the registry until cancelled (``twinbid registry serve``). ``db_url`` None = SQLite file in the cwd.
+
+    Writes need the run's tokens: set ``TWINBID_HTTP_SECRET`` (the ``http_secret`` of the run's
+    ``credentials.json``) and ``TWINBID_NS``; without them the registry is read-only."""
+    tokens = tokens_from_env()
+    if tokens is None:
+        log.warning("%s/%s not set: the registry accepts no writes", SECRET_ENV, NS_ENV)
+    server = RegistryServer(db_url, log_level="info", tokens=tokens)
     url = await server.start(host, port)
     log.info("AAS registry listening on %s (database %s)", url, server.store.engine.url.render_as_string())
     try:

@@ -44,6 +44,7 @@ class OrderIntake:
             self.take_order,
             outbox=outbox,
             registry_url=registry_url,
+            tokens=node.tokens,
             clock=node.clock,
             config=service_config or OrderTakingConfig(namespace=scenario.namespace),
         )

@@ -48,7 +48,7 @@ from protocol.broker import (
     probe_broker,
     start_broker,
 )
-from protocol.credentials import Credentials
+from protocol.credentials import Credentials, save_http_secret
 from protocol.mosquitto import MosquittoTLS, free_port
 from protocol.recorder_process import RecorderProcess
 from protocol.signing import public_key_text, run_signing_secret, write_keys
@@ -333,9 +333,13 @@ async def run(scenario: Scenario, options: RunOptions) -> RunResult:
         [r.name for r in scenario.resources],
         [p.name for p in scenario.product_instances()],
     )
+    if credentials is None:  # saved beside where the accounts would be, for processes joining the run
+        save_http_secret(out / "broker", http_secret)
     # The registry runs in a process of its own: on the launcher's loop a swarm's registrations and
     # lookups competed with the launcher's own agents and the recorder (registry/process.py).
-    registry = RegistryProcess(sqlite_url(out / "registry.db"))
+    registry = RegistryProcess(
+        sqlite_url(out / "registry.db"), http_secret=http_secret, ns=scenario.namespace
+    )
     started = time.perf_counter()
     recorder: RecorderProcess | None = None  # in a child process: its threads would hold our GIL
     node: Node | None = None

@@ -30,6 +30,7 @@ from protocol.credentials import Credentials
 from protocol.frame import Message, MessageType, Role, make_message, parse_message
 from protocol.mosquitto import MosquittoTLS
 from protocol.recorder import Recorder
+from protocol.tokens import RunTokens, new_secret
 from protocol.transport import BrokerAddress, MqttTransport
 from registry.service import RegistryServer
 from scenarios.launcher import Plant, _start_products, _start_resources, offered_capabilities
@@ -63,8 +64,10 @@ class LivePlant:
         clock: str = "virtual",
         time_scale: float = 1.0,
         record: bool = False,
+        start_resources: bool = True,
     ) -> None:
         self.scenario = scenario
+        self.start_resources = start_resources  # False: the caller runs them (on a node of its own)
         self.out = Path(out)
         self.broker_url = broker
         self.credentials = Credentials(scenario.namespace, self.out / "broker") if auth else None
@@ -94,7 +97,10 @@ class LivePlant:
         if self.record:  # what the broker delivered, through the observer account (messages.jsonl)
             recorder = Recorder(self.address(), sc.namespace, out / "messages.jsonl", client_id="recorder")
             self.recorder = await asyncio.to_thread(recorder.start)
-        self.registry = RegistryServer(sqlite_url(out / "registry.db"))
+        secret = new_secret()  # the run's: the node's agents write to the registry with its tokens
+        self.registry = RegistryServer(
+            sqlite_url(out / "registry.db"), tokens=RunTokens(secret, sc.namespace)
+        )
         registry_url = self.registry_url = await self.registry.start()
         db_url = sqlite_url(out / "run.db")
         db = open_database(db_url)
@@ -104,11 +110,17 @@ class LivePlant:
         clock = make_clock(self.clock_kind, time_scale=self.time_scale)
         passwords = self.credentials.passwords if self.credentials is not None else {}
         self.node = Node(
-            NodeConfig(sc.namespace, self.broker.address, registry_url, passwords=passwords), clock, db
+            NodeConfig(
+                sc.namespace, self.broker.address, registry_url, passwords=passwords, http_secret=secret
+            ),
+            clock,
+            db,
         )
         await self.node.start()
         await clock.start()
-        await _start_resources(self.node, plant, 0, 1)
+        self.plant = plant
+        if self.start_resources:
+            await _start_resources(self.node, plant, 0, 1)
         self.products = await _start_products(self.node, plant, 0, 1)
         return self
 

@@ -3,12 +3,13 @@
 Issue 21 finding 1, reproduced on a live plant (real broker with accounts, real AAS HTTP server,
 real registry): a stranger on the host PUT a "completed" Step002 and the product skipped the step;
 a PATCH rewrote a finished product's Step001 with Resource evil-corp; a resource's own AAS was
-writable by anyone. Each write here is made over real HTTP as a stranger (no token), as the wrong
+writable by anyone, and so were its registry descriptors. Each write here is made over real HTTP as a stranger (no token), as the wrong
 agent (a valid token of another agent), and where it matters as the rightful owner.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -21,7 +22,10 @@ from agents.aas.build import step_id_short
 from agents.aas.ids import submodel_id
 from agents.persistence.tables import WorkOrderRecord
 from agents.product.driver import ManufacturingDriver
+from agents.runtime.node import Node, NodeConfig
+from protocol.tokens import RunTokens, new_secret
 from registry.identifiers import b64url_encode
+from scenarios.launcher import _start_resources
 from scenarios.loader import load_scenario_text
 
 BROKER = "mosquitto" if HAVE_MOSQUITTO else None
@@ -142,3 +146,80 @@ async def test_a_resources_own_aas_is_written_by_itself_only(tmp_path: Path) -> 
             own = await http.delete(delete, headers=tokens.headers("mill-1"))
             assert own.status_code == 204, own.text
         assert store.submodel_json(caps_id) != caps_before
+
+
+async def test_registry_descriptors_are_written_by_the_agent_they_describe_only(tmp_path: Path) -> None:
+    async with LivePlant(
+        load_scenario_text(THREE_STEPS), tmp_path, broker=BROKER, clock="accelerated", time_scale=40
+    ) as plant:
+        mill = plant.agent("mill-1").aas_id
+        url = f"{plant.registry_url}/shell-descriptors/{b64url_encode(mill)}"
+        async with httpx.AsyncClient(timeout=10) as http:
+            genuine = (await http.get(url)).json()  # reads stay open
+            endpoint = genuine["endpoints"][0]["protocolInformation"]["href"]
+            evil = json.loads(json.dumps(genuine).replace(endpoint, "http://127.0.0.1:9/evil"))
+            _assert_refused(await http.put(url, json=evil), 401)
+            _assert_refused(await http.delete(url), 401)
+            tokens = plant.node.tokens
+            for agent in ("mill-2", "gear-1"):
+                _assert_refused(await http.put(url, json=evil, headers=tokens.headers(agent)), 403)
+                _assert_refused(await http.delete(url, headers=tokens.headers(agent)), 403)
+            # re-pointing mill-1's id at another name is refused too, by name and in bulk
+            renamed = json.loads(json.dumps(evil).replace('"mill-1"', '"mill-2"'))
+            _assert_refused(await http.put(url, json=renamed, headers=tokens.headers("mill-2")), 403)
+            bulk = f"{plant.registry_url}/twinbid/bulk/shell-descriptors"
+            _assert_refused(await http.put(bulk, json=[evil], headers=tokens.headers("mill-2")), 403)
+            assert (await http.get(url)).json() == genuine
+        assert plant.registry.refused["401"] == 2 and plant.registry.refused["403"] == 6
+        await plant.until_done(90)  # the plant still finds mill-1 where it is
+
+
+ONE_MILL = """
+name: refused
+namespace: refused
+clock: {kind: accelerated, time_scale: 40}
+transport: {default_time: 0}
+bidding: {reply_window: 0.3}
+resources:
+  - {kind: workstation, name: mill-1, location: a, capabilities: [{name: milling, duration: 2, cost_rate: 1}]}
+product_types:
+  - {name: gear, plan: [{capability: milling}]}
+orders:
+  - {type: gear, quantity: 1, priority: 1, release: 1}
+"""
+
+
+async def test_a_resource_refused_for_good_stops_documenting_and_hands_the_step_back(tmp_path: Path) -> None:
+    """The resource runs in a process of its own whose AAS writes the product's server refuses
+    (401: it signs with a secret that is not the run's). It used to retry the write forever, its
+    work order `running` and its queue stalled; now it notes the refusal, fails the work order
+    and answers informFailure, so the product bids the step again and, refused each time, fails
+    it with the reason instead of hanging."""
+    sc = load_scenario_text(ONE_MILL)
+    async with LivePlant(
+        sc, tmp_path, broker=BROKER, clock="accelerated", time_scale=40, start_resources=False
+    ) as plant:
+        passwords = plant.credentials.passwords if plant.credentials else {}
+        config = NodeConfig(
+            sc.namespace, plant.broker.address, plant.registry_url, passwords=passwords,
+            http_secret=plant.node.tokens._secret,
+        )  # fmt: skip
+        other = Node(config, plant.node.clock, plant.node.db)
+        await other.start()
+        try:
+            await _start_resources(other, plant.plant, 0, 1)
+            other.tokens = RunTokens(new_secret(), sc.namespace)  # its AAS writes: a wrong secret
+            await plant.until_done(120)
+            mill = other.agents["mill-1"]
+            refusals = mill.counters["note:documentation-refused"]
+            with plant.node.db.session() as s:
+                orders = s.exec(select(WorkOrderRecord).where(WorkOrderRecord.resource == "mill-1")).all()
+            assert orders and {o.state for o in orders} == {"failed"}  # none left running
+            product = plant.agent("gear-1").role(ManufacturingDriver)
+            assert product.record["status"] == "failed"
+            assert "failed awards" in product.record["reason"]  # each award executed, refused, handed back
+            assert refusals == len(orders) >= 2
+            assert plant.node.server.refused["401"] == refusals  # one write each: no retrying
+            assert product.docs.outcome(1) != "completed"
+        finally:
+            await other.stop()

@@ -13,6 +13,7 @@ import httpx
 import pytest
 from conftest import SPEC_DIR, postgres_schema
 
+from protocol.tokens import NS_ENV, SECRET_ENV, RunTokens, new_secret
 from registry.client import BadRequest, HttpError, RegistryClient
 from registry.conformance import AAS_REGISTRY, SUBMODEL_REGISTRY, SpecValidator
 from registry.descriptors import (
@@ -32,6 +33,11 @@ from registry.store import RegistryStore
 MILLING = "https://twinbid.dev/capabilities/milling"
 DRILLING = "https://twinbid.dev/capabilities/drilling"
 
+#: The run's token secret: writes name the agents whose descriptors they write (protocol/tokens.py).
+SECRET = new_secret()
+TOKENS = RunTokens(SECRET, "test")
+WRITER = {"Authorization": f"Bearer {TOKENS.token_for(tuple(f'mill-{n}' for n in range(100)))}"}
+
 
 @pytest.fixture(scope="module")
 def validator() -> SpecValidator:
@@ -49,9 +55,9 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path):
 
 @pytest.fixture
 async def registry(db_url: str, validator: SpecValidator):
-    server = RegistryServer(db_url, purge_interval=0.1, max_body_bytes=32 * 1024)
+    server = RegistryServer(db_url, purge_interval=0.1, max_body_bytes=32 * 1024, tokens=TOKENS)
     url = await server.start(port=0)
-    http = httpx.AsyncClient(base_url=url, event_hooks={"response": [validator.hook]})
+    http = httpx.AsyncClient(base_url=url, event_hooks={"response": [validator.hook]}, headers=WRITER)
     server.http = http
     yield server
     await http.aclose()
@@ -285,7 +291,7 @@ async def test_bad_input(registry: RegistryServer) -> None:
 
 
 async def test_client(registry: RegistryServer) -> None:
-    async with RegistryClient(registry.base_url) as client:
+    async with RegistryClient(registry.base_url, tokens=TOKENS, agent="mill-1") as client:
         d1, d2 = mill(1, (MILLING,)), mill(2, (MILLING, DRILLING))
         assert await client.register(d1) is None
         expires = await client.register(d2, ttl=0.6)
@@ -320,7 +326,7 @@ async def test_client(registry: RegistryServer) -> None:
 
 
 async def test_many_agents_capability_lookup(registry: RegistryServer) -> None:
-    async with RegistryClient(registry.base_url) as client:
+    async with RegistryClient(registry.base_url, tokens=TOKENS) as client:
         caps = [f"https://twinbid.dev/capabilities/c{i}" for i in range(5)]
         await asyncio.gather(*(client.register(mill(n, (caps[n % 5], caps[(n + 1) % 5]))) for n in range(60)))
         found = await client.find_by_capability(caps[0], page_size=7)
@@ -349,7 +355,7 @@ async def test_client_retries_when_registry_starts_late(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = RegistryServer(f"sqlite:///{tmp_path / 'late.sqlite'}")
+    server = RegistryServer(f"sqlite:///{tmp_path / 'late.sqlite'}", tokens=TOKENS)
 
     async def start_later() -> None:
         await asyncio.sleep(0.2)
@@ -357,26 +363,29 @@ async def test_client_retries_when_registry_starts_late(tmp_path: Path) -> None:
 
     task = asyncio.create_task(start_later())
     try:
-        async with RegistryClient(f"http://127.0.0.1:{port}", attempts=10) as client:
+        async with RegistryClient(f"http://127.0.0.1:{port}", attempts=10, tokens=TOKENS) as client:
             await client.register(mill(1))
             assert (await client.get(mill(1)["id"]))["idShort"] == "Mill1"
     finally:
         await task
         await server.stop()
-    async with RegistryClient(f"http://127.0.0.1:{port}", attempts=2) as client:
+    async with RegistryClient(f"http://127.0.0.1:{port}", attempts=2, tokens=TOKENS) as client:
         with pytest.raises(httpx.ConnectError):
             await client.get(mill(1)["id"])
 
 
-async def test_serve_registry_runs_until_cancelled(tmp_path: Path) -> None:
+async def test_serve_registry_runs_until_cancelled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
+
+    monkeypatch.setenv(SECRET_ENV, SECRET)  # `twinbid registry serve` takes the run's secret from there
+    monkeypatch.setenv(NS_ENV, "test")
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     task = asyncio.create_task(serve_registry("127.0.0.1", port, f"sqlite:///{tmp_path / 'served.sqlite'}"))
     try:
-        async with RegistryClient(f"http://127.0.0.1:{port}", attempts=10) as client:
+        async with RegistryClient(f"http://127.0.0.1:{port}", attempts=10, tokens=TOKENS) as client:
             await client.register(mill(4))
             assert (await client.find_by_short_name("mill-4")) is not None
     finally:

@@ -17,6 +17,7 @@ import pytest
 from agents.runtime.directory import Directory
 from agents.runtime.registrar import Registrar
 from protocol.elements import capability_semantic_id
+from protocol.tokens import RunTokens, new_secret
 from registry.client import BULK_PATH, LOOKUP_PATH, HttpError, RegistryClient
 from registry.descriptors import EXPIRES_HEADER, LEASE_HEADER, shell_descriptor, short_name_of
 from registry.identifiers import b64url_encode as enc
@@ -26,6 +27,11 @@ from registry.service import RegistryServer
 
 MILLING = capability_semantic_id("milling")
 DRILLING = capability_semantic_id("drilling")
+
+#: The run's token secret: writes name the agents whose descriptors they write (protocol/tokens.py).
+SECRET = new_secret()
+TOKENS = RunTokens(SECRET, "test")
+WRITER = {"Authorization": f"Bearer {TOKENS.token_for(tuple(f'r{n}' for n in range(100)))}"}
 
 
 def agent(n: int, caps: tuple[str, ...] = (MILLING,)) -> dict[str, Any]:
@@ -43,7 +49,7 @@ def agent(n: int, caps: tuple[str, ...] = (MILLING,)) -> dict[str, Any]:
 
 @pytest.fixture
 async def registry(tmp_path: Path):
-    server = RegistryServer(f"sqlite:///{tmp_path / 'registry.db'}", purge_interval=0.1)
+    server = RegistryServer(f"sqlite:///{tmp_path / 'registry.db'}", purge_interval=0.1, tokens=TOKENS)
     await server.start(port=0)
     yield server
     await server.stop()
@@ -61,13 +67,13 @@ class Counting:
 
 def counted_client(url: str, counter: Counting) -> RegistryClient:
     http = httpx.AsyncClient(event_hooks={"request": [counter]}, timeout=5.0)
-    client = RegistryClient(url, client=http)
+    client = RegistryClient(url, client=http, tokens=TOKENS)
     client._own_http = http  # closed by the test
     return client
 
 
 async def test_bulk_put_creates_replaces_all_or_none_with_one_lease(registry: RegistryServer) -> None:
-    async with httpx.AsyncClient(base_url=registry.base_url) as h:
+    async with httpx.AsyncClient(base_url=registry.base_url, headers=WRITER) as h:
         batch = [agent(n) for n in range(3)]
         r = await h.put(BULK_PATH, json=batch, headers={LEASE_HEADER: "0.5"})
         assert r.status_code == 200 and r.json() == {"created": 3, "replaced": 0}
@@ -173,9 +179,9 @@ async def test_registrar_waits_for_a_registry_that_starts_late(tmp_path: Path) -
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    client = RegistryClient(f"http://127.0.0.1:{port}", attempts=1)
+    client = RegistryClient(f"http://127.0.0.1:{port}", attempts=1, tokens=TOKENS)
     registrar = Registrar(client, ttl=60, max_delay=0.2)
-    server = RegistryServer(f"sqlite:///{tmp_path / 'late.db'}")
+    server = RegistryServer(f"sqlite:///{tmp_path / 'late.db'}", tokens=TOKENS)
     try:
         waiting = asyncio.gather(*(registrar.register(agent(n)) for n in range(5)))
         await asyncio.sleep(0.5)
@@ -190,7 +196,7 @@ async def test_registrar_waits_for_a_registry_that_starts_late(tmp_path: Path) -
 
 
 async def test_registrar_reports_a_refused_descriptor_to_its_agent_only(registry: RegistryServer) -> None:
-    async with RegistryClient(registry.base_url) as client:
+    async with RegistryClient(registry.base_url, tokens=TOKENS) as client:
         registrar = Registrar(client, ttl=60)
         bad = {**agent(1), "endpoints": [{"interface": "AAS-3.0"}]}
         outcomes = await asyncio.gather(
@@ -207,13 +213,13 @@ async def test_registrar_reports_a_refused_descriptor_to_its_agent_only(registry
 
 
 async def test_registry_process_serves_ignores_ctrl_c_and_stops_with_its_parent(tmp_path: Path) -> None:
-    proc = RegistryProcess(f"sqlite:///{tmp_path / 'registry.db'}")
+    proc = RegistryProcess(f"sqlite:///{tmp_path / 'registry.db'}", http_secret=SECRET, ns="test")
     url = await proc.start()
     child = proc.process
     assert child is not None and proc.running
     try:
         os.kill(child.pid, signal.SIGINT)  # a Ctrl-C reaches the whole process group
-        async with RegistryClient(url) as client:
+        async with RegistryClient(url, tokens=TOKENS) as client:
             await client.register_many([agent(n) for n in range(3)], ttl=60)
             assert len(await client.find_by_capability(MILLING)) == 3
         # the launcher dying closes the child's standard input: it exits by itself
@@ -224,17 +230,19 @@ async def test_registry_process_serves_ignores_ctrl_c_and_stops_with_its_parent(
     finally:
         await proc.stop()
     assert not proc.running and (tmp_path / "registry.db").exists()
-    again = RegistryProcess(f"sqlite:///{tmp_path / 'registry.db'}")  # the data outlives the process
+    again = RegistryProcess(
+        f"sqlite:///{tmp_path / 'registry.db'}", http_secret=SECRET, ns="test"
+    )  # the data outlives the process
     url = await again.start()
     try:
-        async with RegistryClient(url) as client:
+        async with RegistryClient(url, tokens=TOKENS) as client:
             assert len(await client.find_by_capability(MILLING)) == 3
     finally:
         await again.stop()
 
 
 async def test_bulk_lookup_answers_ids_and_capabilities_in_one_request(registry: RegistryServer) -> None:
-    async with httpx.AsyncClient(base_url=registry.base_url) as h:
+    async with httpx.AsyncClient(base_url=registry.base_url, headers=WRITER) as h:
         await h.put(BULK_PATH, json=[agent(n, (MILLING,) if n < 3 else (DRILLING,)) for n in range(5)])
         await h.put(BULK_PATH, json=[agent(9)], headers={LEASE_HEADER: "0.2"})
         await asyncio.sleep(0.4)  # r9's lease ran out: invisible
@@ -251,7 +259,7 @@ async def test_bulk_lookup_answers_ids_and_capabilities_in_one_request(registry:
 
 
 async def test_directory_sends_the_lookups_its_agents_wait_for_together(registry: RegistryServer) -> None:
-    async with RegistryClient(registry.base_url) as client:
+    async with RegistryClient(registry.base_url, tokens=TOKENS) as client:
         await client.register_many([agent(n, (MILLING,) if n % 2 else (DRILLING,)) for n in range(40)])
         directory = Directory(client)
         ids = [agent(n)["id"] for n in range(40)] + ["urn:nobody"]
@@ -281,11 +289,11 @@ async def test_directory_lookups_fail_for_their_waiters_only_while_the_registry_
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    async with RegistryClient(f"http://127.0.0.1:{port}", attempts=1) as client:
+    async with RegistryClient(f"http://127.0.0.1:{port}", attempts=1, tokens=TOKENS) as client:
         directory = Directory(client)
         with pytest.raises(httpx.ConnectError):
             await directory.by_id(agent(1)["id"])
-        server = RegistryServer(f"sqlite:///{tmp_path / 'r.db'}")
+        server = RegistryServer(f"sqlite:///{tmp_path / 'r.db'}", tokens=TOKENS)
         await server.start(port=port)
         try:
             await client.register_many([agent(1)])
@@ -307,10 +315,12 @@ async def test_a_crashed_agent_stops_renewing_its_lease(
     from shopfloor.clock import make_clock
 
     db = open_database(sqlite_url(tmp_path / "run.db"))
-    config = NodeConfig("t", mosquitto.address, registry.base_url, registry_ttl=0.9)  # renewed every 0.3 s
+    config = NodeConfig(  # renewed every 0.3 s; the node's agents register with the run's tokens
+        "test", mosquitto.address, registry.base_url, registry_ttl=0.9, http_secret=SECRET
+    )
     node = Node(config, make_clock("real"), db)
     await node.start()
-    client = RegistryClient(registry.base_url)
+    client = RegistryClient(registry.base_url, tokens=TOKENS)
     try:
         for name in ("r1", "r2"):
             await node.add_agent(Agent(node, name, f"urn:{name}"), capabilities=("milling",))

@@ -31,7 +31,9 @@ from agents.aas import build
 from agents.aas.io import environment_json, write_aasx
 from agents.ordertaking import generate_api_key, hash_api_key
 from agents.ordertaking.auth import derive_webhook_secret
+from protocol.credentials import run_http_secret
 from protocol.mosquitto import free_port
+from protocol.tokens import SECRET_ENV
 from twinbid.vendor import app as vendor_app
 
 # An accelerated clock (50 wall ms per unit): the plant and the service must share its time base, or the
@@ -142,7 +144,7 @@ async def wait_for_status(client: httpx.AsyncClient, order_id: str, within: floa
 
 @pytest.mark.parametrize("join", ["explicit", "plant-accounts"])
 async def test_vendor_serve_takes_orders_into_another_process_s_plant(
-    tmp_path: Path, mosquitto, processes: Processes, join: str
+    tmp_path: Path, mosquitto, processes: Processes, join: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """explicit: the plant on the test's broker, joined with --broker/--registry/--clock-origin.
     plant-accounts: the plant starts its own broker with per-agent accounts (the default), joined
@@ -174,6 +176,8 @@ async def test_vendor_serve_takes_orders_into_another_process_s_plant(
         if join == "explicit":
             how = ["--broker", info["broker"], "--registry", info["registry"], "--no-resources",
                    "--clock-origin", str(origin)]  # fmt: skip
+            # the run's token secret: without it the plant's registry and AAS servers refuse our writes
+            monkeypatch.setenv(SECRET_ENV, run_http_secret(plant_out))
         else:
             assert (plant_out / "broker" / "credentials.json").exists()  # accounts are on
             how = ["--plant", str(plant_out)]

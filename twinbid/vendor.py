@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 import time
 import uuid
@@ -329,6 +330,15 @@ class PlantInfo:
         return folder if (folder / Credentials.FILE).exists() else None
 
 
+def _joined_secret(plant: Path | None) -> str | None:
+    """The token secret of the plant joined: ``TWINBID_HTTP_SECRET``, else the one its run saved.
+    Without it the plant's registry and AAS servers refuse our agents' writes (401)."""
+    from protocol.credentials import run_http_secret
+    from protocol.tokens import SECRET_ENV
+
+    return os.environ.get(SECRET_ENV) or (run_http_secret(plant) if plant is not None else None)
+
+
 class VendorPlant:
     """A plant of a scenario's resources with the order-taking service in front (one process).
 
@@ -352,8 +362,10 @@ class VendorPlant:
         resources: bool = True,
         clock: PlantClock | None = None,
         accounts: Path | None = None,
+        http_secret: str | None = None,
     ) -> None:
         self.scenario = scenario
+        self.http_secret = http_secret  # the joined run's AAS/registry token secret (protocol/tokens.py)
         # The joined run's broker accounts (OUT/broker, saved by `twinbid run`): our product twins
         # get theirs from it, issued on demand like the run's own vendor orders.
         self.accounts = accounts
@@ -381,6 +393,7 @@ class VendorPlant:
         from agents.resource.agent import start_resource
         from agents.runtime.node import Node, NodeConfig
         from protocol.broker import start_broker
+        from protocol.tokens import RunTokens, new_secret
         from registry.service import RegistryServer
         from scenarios import assembly
         from scenarios.intake import OrderIntake
@@ -390,21 +403,23 @@ class VendorPlant:
         self.out.mkdir(parents=True, exist_ok=True)
         # A broker started here ends with this process, however it ends (protocol.lifeline).
         self._broker = await asyncio.to_thread(start_broker, self.broker_url, self.out, die_with_parent=True)
-        if self.registry_url:
-            registry_url = self.registry_url
-        else:
-            self._registry = RegistryServer(sqlite_url(self.out / "registry.db"))
-            registry_url = await self._registry.start()
-        db = open_database(self.db_url or sqlite_url(self.out / "run.db"))
-        pc = self.plant_clock or PlantClock(sc.clock.kind, sc.clock.time_scale)
-        self.clock = make_clock(pc.kind, time_scale=pc.time_scale or 1.0, wall_origin_ms=pc.wall_origin_ms)
         passwords: dict[str, str] = {}
-        http_secret: str | None = None  # without a run's accounts: this node's own (one process)
+        # the joined run's token secret (given, or with its accounts); else this plant's own
+        http_secret = self.http_secret or new_secret()
         if self.accounts is not None:
             from protocol.credentials import Credentials
 
             joined = Credentials.load(self.accounts)
             passwords, http_secret = joined.passwords, joined.http_secret
+        if self.registry_url:
+            registry_url = self.registry_url
+        else:
+            tokens = RunTokens(http_secret, sc.namespace)
+            self._registry = RegistryServer(sqlite_url(self.out / "registry.db"), tokens=tokens)
+            registry_url = await self._registry.start()
+        db = open_database(self.db_url or sqlite_url(self.out / "run.db"))
+        pc = self.plant_clock or PlantClock(sc.clock.kind, sc.clock.time_scale)
+        self.clock = make_clock(pc.kind, time_scale=pc.time_scale or 1.0, wall_origin_ms=pc.wall_origin_ms)
         self.node = Node(
             NodeConfig(
                 sc.namespace, self._broker.address, registry_url, passwords=passwords, http_secret=http_secret
@@ -546,6 +561,7 @@ def serve(
         resources=resources,
         clock=clock,
         accounts=PlantInfo.accounts(plant) if plant is not None else None,
+        http_secret=_joined_secret(plant),
     )
 
     async def main() -> None:

@@ -59,6 +59,7 @@ from agents.aas.store import (
 )
 from agents.persistence.database import Database
 from agents.persistence.tables import EventRecord
+from protocol.tokens import RunTokens
 from registry.client import HttpError, RegistryClient
 from registry.descriptors import aas_server_base, shell_descriptor
 from registry.part2 import (
@@ -358,6 +359,8 @@ class OrderTakingService:
     * ``outbox`` — the :class:`WebhookOutbox` (one on ``db`` is made and run if not given).
     * ``registry_url`` — to find the product twins' AAS for ``GET /orders/{id}``, and to register the service.
     * ``aas_source`` — ``async (product short name) -> [shell, submodels...] | None``, instead of the registry.
+    * ``tokens`` — the run's token issuer (``protocol.tokens``): the registry takes the service's descriptor
+      only with a token naming the service.
     * ``clock`` — the plant clock (``now()``, ``from_epoch_ms()``): due dates as ISO date-times, no due in the past.
     """
 
@@ -373,8 +376,10 @@ class OrderTakingService:
         aas_source: AasSource | None = None,
         clock: Any = None,
         config: OrderTakingConfig | None = None,
+        tokens: RunTokens | None = None,
     ) -> None:
         self.db = db
+        self.tokens = tokens  # the run's: registers the service's own descriptor, nothing else
         create_tables(db)
         self.config = config or OrderTakingConfig()
         self.vendors = (
@@ -424,7 +429,7 @@ class OrderTakingService:
         with self.store.edit(self.submodel.id, "OrdersEndpoint") as sm:
             build.set_value(sm, "OrdersEndpoint", f"{self.base_url}/orders")
         if self.registry_url:
-            self._registry = RegistryClient(self.registry_url)
+            self._registry = RegistryClient(self.registry_url, tokens=self.tokens)
             try:
                 await self._registry.register(self._descriptor(), ttl=self.config.registry_ttl)
                 self._registry.keepalive(self.shell.id)

@@ -85,7 +85,9 @@ class Node:
         #: what the agents' Ed25519 keys are derived from (protocol/signing.py)
         self.signing_secret = config.signing_secret or secret
         self.server = AasServer(self.store, tokens=self.tokens, protect_reads=config.protect_reads)
-        self.registry = RegistryClient(config.registry_url) if config.registry_url else None
+        self.registry = (
+            RegistryClient(config.registry_url, tokens=self.tokens) if config.registry_url else None
+        )
         self.directory = Directory(self.registry)
         # Registrations in batches, leases renewed together (agents/runtime/registrar.py).
         self.registrar = Registrar(self.registry, config.registry_ttl) if self.registry else None
