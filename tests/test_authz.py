@@ -17,9 +17,12 @@ from conftest import HAVE_MOSQUITTO
 from fuzzing import LivePlant
 from sqlmodel import select
 
-from agents.aas import docjson
+from agents.aas import build, docjson
 from agents.aas.build import step_id_short
+from agents.aas.client import AasClient
 from agents.aas.ids import submodel_id
+from agents.aas.server import AasServer
+from agents.aas.store import AasStore
 from agents.persistence.tables import WorkOrderRecord
 from agents.product.driver import ManufacturingDriver
 from agents.runtime.node import Node, NodeConfig
@@ -223,3 +226,22 @@ async def test_a_resource_refused_for_good_stops_documenting_and_hands_the_step_
             assert product.docs.outcome(1) != "completed"
         finally:
             await other.stop()
+
+
+async def test_reads_can_be_closed_too() -> None:
+    """Reads are open by default; ``protect_reads`` makes them need a run's token as writes do."""
+    tokens = RunTokens(new_secret(), "closed")
+    store = AasStore()
+    store.add("mill-1", build.shell("urn:mill-1", "Mill1", global_asset_id="urn:asset:mill-1"))
+    async with AasServer(store, tokens=tokens, protect_reads=True) as server, httpx.AsyncClient() as http:
+        _assert_refused(await http.get(f"{server.base_url}/shells"), 401)
+        stranger = {"Authorization": f"Bearer {RunTokens(new_secret(), 'closed').token('mill-1')}"}
+        _assert_refused(await http.get(f"{server.base_url}/shells", headers=stranger), 401)
+        assert (await http.get(f"{server.base_url}/description")).status_code == 200
+        mine = await http.get(f"{server.base_url}/shells", headers=tokens.headers("mill-2"))
+        assert mine.status_code == 200 and mine.json()["result"][0]["id"] == "urn:mill-1"
+        client = AasClient(server.base_url, token=lambda: tokens.token("mill-2"))
+        assert (await client.get_shell("urn:mill-1")).id == "urn:mill-1"
+        await client.aclose()
+    async with AasServer(store, tokens=tokens) as server, httpx.AsyncClient() as http:
+        assert (await http.get(f"{server.base_url}/shells")).status_code == 200  # the default: open

@@ -29,9 +29,9 @@ from agents.product.notifier import Notifier
 from agents.product.order import PlannedStep, ProductOrder
 from agents.runtime.directory import Entry
 from agents.runtime.node import Node, NodeConfig
-from protocol.bidding.effects import Awarded, Scheduled
+from protocol.bidding.effects import Awarded, Completed, Scheduled
 from protocol.bidding.requester import Requester, RequesterConfig, RState
-from protocol.elements import Bid, Booking, Reason, StepCall
+from protocol.elements import Bid, Booking, Reason, StepCall, StepResult
 from protocol.frame import MessageType, make_message
 from protocol.frame import Role as FrameRole
 from protocol.selection import Offer, Ranked
@@ -134,6 +134,7 @@ async def test_a_late_re_confirmation_does_not_undo_a_done_step(tmp_path: Path) 
     the product's step row went back from 'done' to 'scheduled' (and its record's outcome too)."""
     agent, driver, _ = product(tmp_path, {"status": "running"})
     driver.docs.merge(1, docjson.step_record(b.StepRecord(1, "turning", outcome="scheduled")), "p1")
+    driver._save_step(1, status="scheduled", resource="lathe-1")  # the award the record agrees with
     driver.docs.merge(1, docjson.completion(1, 3.0, 8.5, "lathe-1"), "resource")
     await driver.advance()  # done, from its documentation
     late = Requester(
@@ -268,4 +269,46 @@ async def test_a_product_restarted_after_its_end_keeps_its_nameplate(tmp_path: P
     assert nameplate_id in {r.get_identifier() for r in store.get_shell(agent.aas_id).submodel}
     # dated by the plant's clock: the virtual clock starts 2026-01-01, completion one day later
     assert "2026-01-02" in to_json(nameplate)
+    agent.node.db.dispose()
+
+
+async def test_an_inform_that_contradicts_the_award_or_the_record_is_not_counted(tmp_path: Path) -> None:
+    """Step 1 awarded to lathe-1, which documented it (3.0-8.5). An inform naming another resource,
+    or other times, does not agree with award and record: noted, never acted on; the inform that
+    agrees completes the step."""
+    agent, driver, requester = product(tmp_path, {"status": "running"})
+    await driver.advance()
+    (r,) = requester.machines.values()
+    r.state = RState.CONFIRMED
+    r.winner = Offer(
+        "prop-1", "urn:lathe-1", Bid("lathe-1", "turning", 0.0, 8.5, 5.5, 0.0, 0.0, 1.0, 60.0, "")
+    )
+    driver._save_step(1, status="scheduled", resource="lathe-1")
+    driver.docs.merge(1, docjson.completion(1, 3.0, 8.5, "lathe-1"), "lathe-1")
+
+    for forged in (StepResult("lathe-2", 3.0, 8.5, "b"), StepResult("lathe-1", 1.0, 8.5, "a")):
+        await driver.on_outcome(r, Completed("urn:lathe-1", forged))
+    assert agent.counters["note:contradictory-record"] == 2
+    assert driver.steps[1]["status"] == "scheduled"
+    assert [x.call.step for x in requester.machines.values()] == [1]  # nothing moved on
+
+    await driver.on_outcome(r, Completed("urn:lathe-1", StepResult("lathe-1", 3.0, 8.5, "a")))
+    assert driver.steps[1]["status"] == "done"
+    assert driver.next_step().index == 2  # (called when the product is ready again, at 8.5)
+    agent.cancel_timers()
+    agent.node.db.dispose()
+
+
+async def test_a_completed_record_naming_another_resource_than_the_award_does_not_count(
+    tmp_path: Path,
+) -> None:
+    agent, driver, requester = product(tmp_path, {"status": "running"})
+    driver._save_step(1, status="scheduled", resource="lathe-1")
+    driver.docs.merge(1, docjson.completion(1, 3.0, 8.5, "lathe-9"), "lathe-9")
+
+    await driver.advance()
+
+    assert not driver.step_completed(1) and driver.steps[1]["status"] != "done"
+    assert [r.call.step for r in requester.machines.values()] == [1]  # step 1 is still to do
+    agent.cancel_timers()
     agent.node.db.dispose()

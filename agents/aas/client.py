@@ -78,7 +78,7 @@ class AasClient:
         return f"{self._sm(submodel_id)}/submodel-elements/{path}"
 
     async def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        if method != "GET" and self._token is not None:
+        if self._token is not None:  # writes need it; reads too where a server protects them
             kwargs["headers"] = {**kwargs.get("headers", {}), "Authorization": f"Bearer {self._token()}"}
         return await send(self._client, method, url, attempts=self.attempts, **kwargs)
 

@@ -142,11 +142,8 @@ class ManufacturingDriver(Role):
         """Step rows follow the documentation: a step the resource documented as completed is done,
         even if its inform never arrived (lost with a crash; the product went on from its AAS)."""
         for s in self.order.steps:
-            if (
-                self.docs.outcome(s.index) != "completed"
-                or self.steps.get(s.index, {}).get("status") == "done"
-            ):
-                continue
+            if self.steps.get(s.index, {}).get("status") == "done" or not self.step_completed(s.index):
+                continue  # (a record counts only when it names the resource awarded the step)
             record = self.docs.records[s.index]
             self._save_step(
                 s.index,
