@@ -57,9 +57,12 @@ async def aas() -> AsyncIterator[httpx.AsyncClient]:
 
 @pytest.fixture
 async def registry(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
-    server = RegistryServer(f"sqlite:///{tmp_path / 'registry.db'}", max_body_bytes=1024 * 1024)
+    tokens = RunTokens(new_secret(), "default")  # the registry takes writes of the run's agents only
+    server = RegistryServer(
+        f"sqlite:///{tmp_path / 'registry.db'}", max_body_bytes=1024 * 1024, tokens=tokens
+    )
     url = await server.start(port=0)
-    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=30, headers=tokens.headers("mill-1")) as client:
         yield client
     await server.stop()
 
