@@ -72,6 +72,9 @@ def wait_until(condition, within: float, what: str, proc: subprocess.Popen | Non
         if proc is not None and proc.poll() is not None:
             pytest.fail(f"{what}: the process exited ({proc.returncode}):\n{proc.stdout.read()}")
         if time.monotonic() > deadline:
+            if proc is not None:  # what the process said so far
+                proc.kill()
+                pytest.fail(f"not within {within} s: {what}\n{proc.stdout.read()}")
             pytest.fail(f"not within {within} s: {what}")
         time.sleep(0.1)
 
@@ -305,7 +308,7 @@ def test_a_run_survives_the_loss_of_its_broker_registry_and_recorder(tmp_path: P
             os.kill(pid, signal.SIGKILL)
             wait_until(
                 lambda r=role, p=pid: _service_pid(run.pid, r) not in (None, p),
-                30,
+                90,  # a loaded machine: each restart is a Python process that imports its service
                 f"the {role} is back",
                 run,
             )
