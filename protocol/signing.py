@@ -47,9 +47,12 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 __all__ = [
     "GENESIS",
     "KEYS_FILE",
+    "SECRET_ENV",
+    "SECRET_FILE",
     "SIGNED_CHILDREN",
     "canonical",
     "execution_payload",
+    "joined_signing_secret",
     "link_hash",
     "link_payload",
     "private_key",
@@ -69,6 +72,9 @@ SIGNED_CHILDREN = ("Signature", "SignerKey", "PreviousHash", "Seal", "SealKey")
 KEYS_FILE = "keys.json"
 #: The secret the run's keys derive from, in its output folder (mode 0600), kept across resumes.
 SECRET_FILE = "signing.secret"
+#: A process joining a run without its folder (``vendor serve --registry URL``) takes the run's
+#: signing secret from this variable, as it takes the token secret from ``TWINBID_HTTP_SECRET``.
+SECRET_ENV = "TWINBID_SIGNING_SECRET"
 _LABEL = b"twinbid step-record signing key v1:"
 
 
@@ -188,3 +194,15 @@ def run_signing_secret(folder: Path) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(secret)
     return secret
+
+
+def joined_signing_secret(plant: Path | None) -> str | None:
+    """The signing secret of a run another process joins: ``TWINBID_SIGNING_SECRET``, else the one
+    saved in its output folder (``plant`` is that folder or its ``plant.json``); None if neither."""
+    given = os.environ.get(SECRET_ENV)
+    if given:
+        return given
+    if plant is None:
+        return None
+    path = (plant if plant.is_dir() else plant.parent) / SECRET_FILE
+    return path.read_text().strip() if path.exists() else None

@@ -33,6 +33,8 @@ from agents.ordertaking import generate_api_key, hash_api_key
 from agents.ordertaking.auth import derive_webhook_secret
 from protocol.credentials import run_http_secret
 from protocol.mosquitto import free_port
+from protocol.signing import SECRET_ENV as SIGNING_SECRET_ENV
+from protocol.signing import SECRET_FILE as SIGNING_SECRET_FILE
 from protocol.tokens import SECRET_ENV
 from twinbid.vendor import app as vendor_app
 
@@ -178,6 +180,8 @@ async def test_vendor_serve_takes_orders_into_another_process_s_plant(
                    "--clock-origin", str(origin)]  # fmt: skip
             # the run's token secret: without it the plant's registry and AAS servers refuse our writes
             monkeypatch.setenv(SECRET_ENV, run_http_secret(plant_out))
+            # and its signing secret: our products check its resources' signatures (protocol/signing.py)
+            monkeypatch.setenv(SIGNING_SECRET_ENV, (plant_out / SIGNING_SECRET_FILE).read_text())
         else:
             assert (plant_out / "broker" / "credentials.json").exists()  # accounts are on
             how = ["--plant", str(plant_out)]

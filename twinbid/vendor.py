@@ -363,8 +363,12 @@ class VendorPlant:
         clock: PlantClock | None = None,
         accounts: Path | None = None,
         http_secret: str | None = None,
+        signing_secret: str | None = None,
     ) -> None:
         self.scenario = scenario
+        # the joined run's signing secret (protocol/signing.py): our products check its resources'
+        # signatures and seal their records with the run's keys
+        self.signing_secret = signing_secret
         self.http_secret = http_secret  # the joined run's AAS/registry token secret (protocol/tokens.py)
         # The joined run's broker accounts (OUT/broker, saved by `twinbid run`): our product twins
         # get theirs from it, issued on demand like the run's own vendor orders.
@@ -393,6 +397,8 @@ class VendorPlant:
         from agents.resource.agent import start_resource
         from agents.runtime.node import Node, NodeConfig
         from protocol.broker import start_broker
+        from protocol.signing import SECRET_ENV as SIGNING_SECRET_ENV
+        from protocol.signing import run_signing_secret
         from protocol.tokens import RunTokens, new_secret
         from registry.service import RegistryServer
         from scenarios import assembly
@@ -401,6 +407,14 @@ class VendorPlant:
 
         sc = self.scenario
         self.out.mkdir(parents=True, exist_ok=True)
+        signing_secret = self.signing_secret
+        if self.registry_url and signing_secret is None and not self.with_resources:
+            raise RuntimeError(
+                "joining a plant needs its signing secret (its resources sign the step records our "
+                f"products accept): give --plant OUT, or set {SIGNING_SECRET_ENV}"
+            )
+        if signing_secret is None:  # our own plant: its keys kept in our folder
+            signing_secret = run_signing_secret(self.out)
         # A broker started here ends with this process, however it ends (protocol.lifeline).
         self._broker = await asyncio.to_thread(start_broker, self.broker_url, self.out, die_with_parent=True)
         passwords: dict[str, str] = {}
@@ -422,7 +436,12 @@ class VendorPlant:
         self.clock = make_clock(pc.kind, time_scale=pc.time_scale or 1.0, wall_origin_ms=pc.wall_origin_ms)
         self.node = Node(
             NodeConfig(
-                sc.namespace, self._broker.address, registry_url, passwords=passwords, http_secret=http_secret
+                sc.namespace,
+                self._broker.address,
+                registry_url,
+                passwords=passwords,
+                http_secret=http_secret,
+                signing_secret=signing_secret,
             ),
             self.clock,
             db,
@@ -551,6 +570,15 @@ def serve(
     if resources is None:
         resources = not joining
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from protocol.signing import SECRET_ENV as SIGNING_SECRET_ENV
+    from protocol.signing import joined_signing_secret
+
+    if joining and not resources and joined_signing_secret(plant) is None:
+        _err(
+            "joining a plant needs its signing secret (its resources sign the step records our products "
+            f"accept): give --plant OUT, or set {SIGNING_SECRET_ENV} to the content of OUT/signing.secret"
+        )
+        raise typer.Exit(EXIT_USAGE)
     vendor_plant = VendorPlant(
         sc,
         directory,
@@ -562,6 +590,7 @@ def serve(
         clock=clock,
         accounts=PlantInfo.accounts(plant) if plant is not None else None,
         http_secret=_joined_secret(plant),
+        signing_secret=joined_signing_secret(plant),
     )
 
     async def main() -> None:
