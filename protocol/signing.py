@@ -102,10 +102,16 @@ def sign(secret: str, agent: str, payload: dict[str, Any]) -> str:
     return base64.b64encode(private_key(secret, agent).sign(canonical(payload))).decode()
 
 
+@lru_cache(maxsize=4096)
+def _public_key(key_text: str) -> Ed25519PublicKey:
+    """A key parsed once: a product checks every completion of the same few resources."""
+    return Ed25519PublicKey.from_public_bytes(base64.b64decode(key_text, validate=True))
+
+
 def verify_signature(key_text: str, signature: str, payload: dict[str, Any]) -> str | None:
     """None when ``signature`` is ``key_text``'s signature of ``payload``; otherwise why not."""
     try:
-        key = Ed25519PublicKey.from_public_bytes(base64.b64decode(key_text, validate=True))
+        key = _public_key(key_text)
         sig = base64.b64decode(signature, validate=True)
     except ValueError as exc:
         return f"malformed key or signature ({exc})"

@@ -157,13 +157,9 @@ def check_records(
         if str(child_text(record, "StepIndex")) != str(step):
             return BrokenLink(name, step, f"the record says it is step {child_text(record, 'StepIndex')}")
         resource = child_text(record, "Resource") or ""
-        known = None if keys is None else keys.get(resource, set())
-        expected = (
-            child_text(record, "SignerKey")
-            if known is None or child_text(record, "SignerKey") in known
-            else ""
-        )
-        why = signature_problem(name, step, record, expected)
+        if keys is not None and child_text(record, "SignerKey") not in keys.get(resource, set()):
+            return BrokenLink(name, step, f"signed with a key that is not {resource}'s")
+        why = signature_problem(name, step, record, None)
         if why is not None:
             return BrokenLink(name, step, why)
         if child_text(record, "PreviousHash") != previous:
