@@ -35,7 +35,7 @@ from agents.persistence.journal import Unstorable
 from agents.persistence.tables import ConversationRecord
 from agents.resource.timeline import Slot, Timeline
 from agents.runtime.role import Role
-from protocol.bidding.effects import Book, Count, Evaluate, Release
+from protocol.bidding.effects import Book, Count, Effect, Evaluate, Release
 from protocol.bidding.provider import Provider, ProviderRounds, PState
 from protocol.elements import Bid, Booking, StepCall
 from protocol.frame import Message, MessageType, new_id
@@ -231,20 +231,21 @@ class BiddingProvider(Role):
             return True
         return bool(bidders - {self.agent.aas_id})
 
-    async def _apply(self, p: Provider, effects: list[object]) -> None:
+    async def _apply(self, p: Provider, effects: list[Effect]) -> None:
         changed = False
         for e in effects:
-            if isinstance(e, Book):
-                slot = self.timeline.book(p.cfp_id)
-                if slot:
-                    self.orders.booked(p, slot)
-                    changed = True
-            elif isinstance(e, Release):
-                slot = self.timeline.release(p.cfp_id)
-                cap = slot.capability if slot else p.call.capability
-                self.asset.release(Job(job_id(p.call.product, p.call.step), cap, {}, p.call.product))
-                self.orders.released(p, slot, booked=e.booked)
-                changed = slot is not None
+            match e:
+                case Book():
+                    slot = self.timeline.book(p.cfp_id)
+                    if slot:
+                        self.orders.booked(p, slot)
+                        changed = True
+                case Release(booked=booked):
+                    slot = self.timeline.release(p.cfp_id)
+                    cap = slot.capability if slot else p.call.capability
+                    self.asset.release(Job(job_id(p.call.product, p.call.step), cap, {}, p.call.product))
+                    self.orders.released(p, slot, booked=booked)
+                    changed = slot is not None
         self.persist(p)
         await self.agent.carry_out(effects)
         self.rounds.index(p)
@@ -263,7 +264,7 @@ class BiddingProvider(Role):
         if p is not None:
             await self._apply(p, p.tick(self.agent.now_ms()))
 
-    async def complete_or_fail(self, p: Provider, effects: list[object]) -> None:
+    async def complete_or_fail(self, p: Provider, effects: list[Effect]) -> None:
         """Send the result of a booked step (called by the work queue)."""
         await self._apply(p, effects)
 

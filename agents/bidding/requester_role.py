@@ -15,7 +15,7 @@ import orjson
 
 from agents.persistence.tables import ConversationRecord
 from agents.runtime.role import Role
-from protocol.bidding.effects import Count
+from protocol.bidding.effects import Count, Effect
 from protocol.bidding.requester import Requester, RequesterConfig, RState
 from protocol.elements import StepCall
 from protocol.frame import Message, new_id
@@ -68,7 +68,7 @@ class BiddingRequester(Role):
         await self._step(r, r.start(self.agent.now_ms()))
         return r
 
-    async def _step(self, r: Requester, effects: list[object], *, persist: bool = True) -> None:
+    async def _step(self, r: Requester, effects: list[Effect], *, persist: bool = True) -> None:
         if persist:
             self._persist(r)  # staged before anything it implies is published
         for outcome in await self.agent.carry_out(effects):

@@ -30,6 +30,7 @@ from protocol.bidding.effects import (
     Awarded,
     CallIssued,
     Completed,
+    Effect,
     Failed,
     Note,
     Reawarded,
@@ -245,7 +246,7 @@ class ManufacturingDriver(Role):
 
     # --- bidding outcomes -------------------------------------------------------------------------
 
-    async def on_outcome(self, r: Requester, outcome: object) -> None:
+    async def on_outcome(self, r: Requester, outcome: Effect) -> None:
         step = r.call.step
         if not isinstance(outcome, Completed) and (
             self.steps.get(step, {}).get("status") == "done" or self.docs.outcome(step) == "completed"
@@ -257,86 +258,93 @@ class ManufacturingDriver(Role):
             # before the product has read its informConfirm, the usual order, not a fault.
             self.agent.counters["after-done"] += 1
             return
-        if isinstance(outcome, CallIssued):
-            self._save_step(step, rounds=outcome.round)
-        elif isinstance(outcome, Awarded):
-            bids = [
-                build.BidRecord(
-                    resource=x.offer.bid.resource,
-                    start=x.offer.bid.earliest_start,
-                    completion=x.offer.bid.completion,
-                    price=x.offer.bid.price,
-                    score=x.score,
-                    proposal_id=x.offer.proposal_id,
-                    reason=x.reason,
+        match outcome:
+            case CallIssued():
+                self._save_step(step, rounds=outcome.round)
+            case Awarded():
+                bids = [
+                    build.BidRecord(
+                        resource=x.offer.bid.resource,
+                        start=x.offer.bid.earliest_start,
+                        completion=x.offer.bid.completion,
+                        price=x.offer.bid.price,
+                        score=x.score,
+                        proposal_id=x.offer.proposal_id,
+                        reason=x.reason,
+                    )
+                    for x in outcome.ranking
+                ]
+                winner = outcome.winner.bid
+                self._document(
+                    step,
+                    call_for_proposal_id=r.cfp_id,
+                    bids=bids,
+                    winner=winner.resource,
+                    reason=outcome.ranking[0].reason,
+                    policy=policy_name(r.policy),
+                    outcome="negotiating",
+                    # Durable with the acceptance (same commit): with steps that take no time the
+                    # resource documents the finish before the product reads its confirmation, which
+                    # is then not documented; a crash in between lost the bids and the winner, and
+                    # the restarted product's record held only the resource's part (chaos soak).
                 )
-                for x in outcome.ranking
-            ]
-            winner = outcome.winner.bid
-            self._document(
-                step,
-                call_for_proposal_id=r.cfp_id,
-                bids=bids,
-                winner=winner.resource,
-                reason=outcome.ranking[0].reason,
-                policy=policy_name(r.policy),
-                outcome="negotiating",
-                # Durable with the acceptance (same commit): with steps that take no time the
-                # resource documents the finish before the product reads its confirmation, which
-                # is then not documented; a crash in between lost the bids and the winner, and
-                # the restarted product's record held only the resource's part (chaos soak).
-            )
-            self._save_step(step, resource=winner.resource, price=winner.price)
-        elif isinstance(outcome, Reawarded):
-            # The bids documented with the first award stay; the winner and the reason change.
-            winner = outcome.winner.offer.bid
-            reason = f"{outcome.reason}; runner-up: {outcome.winner.reason}"
-            self._document(step, winner=winner.resource, reason=reason, outcome="negotiating")
-            self._save_step(step, resource=winner.resource, price=winner.price)
-            self.notifier.notify("step-reawarded", step=step, resource=winner.resource, reason=outcome.reason)
-        elif isinstance(outcome, Scheduled):
-            b = outcome.booking
-            self._document(
-                step,
-                resource=b.resource,
-                scheduled_start=b.start,
-                scheduled_end=b.completion,
-                outcome="scheduled",
-            )
-            self._save_step(
-                step,
-                status="scheduled",
-                resource=b.resource,
-                scheduled_start=b.start,
-                scheduled_end=b.completion,
-            )
-            r.expect_completion(self.agent.clock.epoch_ms(b.completion))
-            self.notifier.notify(
-                "step-scheduled", step=step, resource=b.resource, start=b.start, end=b.completion
-            )
-        elif isinstance(outcome, Completed):
-            res = outcome.result
-            problem = self._disagreement(step, r, res)
-            if problem is not None:
-                self.agent.note(Note("contradictory-record", f"step {step}: {problem}; not counted as done"))
-                return
-            self._save_step(
-                step, status="done", started=res.started, finished=res.finished, resource=res.resource
-            )
-            self._save_product(location=res.location, ready_at=res.finished)
-            self.notifier.notify("step-completed", step=step, resource=res.resource, finished=res.finished)
-            await self.advance()
-        elif isinstance(outcome, Rebid):
-            self.notifier.notify("step-rebid", step=step, reason=outcome.reason)
-        elif isinstance(outcome, Failed):
-            self._document(step, outcome="failed", outcome_text=outcome.reason)
-            self._save_step(step, status="failed", reason=outcome.reason)
-            self._save_product(
-                status="failed", reason=f"step {step}: {outcome.reason}", completed_sim=self.agent.now()
-            )
-            self.notifier.notify("step-failed", step=step, reason=outcome.reason)
-            self.notifier.notify("manufacturing-failed", reason=outcome.reason)
-            self.agent.finish()
+                self._save_step(step, resource=winner.resource, price=winner.price)
+            case Reawarded():
+                # The bids documented with the first award stay; the winner and the reason change.
+                winner = outcome.winner.offer.bid
+                reason = f"{outcome.reason}; runner-up: {outcome.winner.reason}"
+                self._document(step, winner=winner.resource, reason=reason, outcome="negotiating")
+                self._save_step(step, resource=winner.resource, price=winner.price)
+                self.notifier.notify(
+                    "step-reawarded", step=step, resource=winner.resource, reason=outcome.reason
+                )
+            case Scheduled():
+                b = outcome.booking
+                self._document(
+                    step,
+                    resource=b.resource,
+                    scheduled_start=b.start,
+                    scheduled_end=b.completion,
+                    outcome="scheduled",
+                )
+                self._save_step(
+                    step,
+                    status="scheduled",
+                    resource=b.resource,
+                    scheduled_start=b.start,
+                    scheduled_end=b.completion,
+                )
+                r.expect_completion(self.agent.clock.epoch_ms(b.completion))
+                self.notifier.notify(
+                    "step-scheduled", step=step, resource=b.resource, start=b.start, end=b.completion
+                )
+            case Completed():
+                res = outcome.result
+                problem = self._disagreement(step, r, res)
+                if problem is not None:
+                    self.agent.note(
+                        Note("contradictory-record", f"step {step}: {problem}; not counted as done")
+                    )
+                    return
+                self._save_step(
+                    step, status="done", started=res.started, finished=res.finished, resource=res.resource
+                )
+                self._save_product(location=res.location, ready_at=res.finished)
+                self.notifier.notify(
+                    "step-completed", step=step, resource=res.resource, finished=res.finished
+                )
+                await self.advance()
+            case Rebid():
+                self.notifier.notify("step-rebid", step=step, reason=outcome.reason)
+            case Failed():
+                self._document(step, outcome="failed", outcome_text=outcome.reason)
+                self._save_step(step, status="failed", reason=outcome.reason)
+                self._save_product(
+                    status="failed", reason=f"step {step}: {outcome.reason}", completed_sim=self.agent.now()
+                )
+                self.notifier.notify("step-failed", step=step, reason=outcome.reason)
+                self.notifier.notify("manufacturing-failed", reason=outcome.reason)
+                self.agent.finish()
 
 
 def _number(text: str | None) -> float | None:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from agents.persistence.tables import EventRecord, InboxRecord, NoteRecord, OutboxRecord
 from agents.runtime.role import Role
-from protocol.bidding.effects import Count, Note, Send
+from protocol.bidding.effects import Count, Effect, Note, Send
 from protocol.elements import Reason
 from protocol.frame import FrameError, Message, MessageType, make_message
 from protocol.frame import Role as FrameRole
@@ -209,18 +209,19 @@ class Agent:
         self.counters[f"sent:{msg.type.value}"] += 1
         self.node.publish_after_commit(self, topic, payload, row)
 
-    async def carry_out(self, effects: list[object]) -> list[object]:
+    async def carry_out(self, effects: list[Effect]) -> list[Effect]:
         """Do the generic effects (send, note); return the rest for the role."""
         rest = []
         for e in effects:
-            if isinstance(e, Send):
-                await self.send(e.message, e.capability)
-            elif isinstance(e, Note):
-                self.note(e)
-            elif isinstance(e, Count):
-                self.counters[f"count:{e.kind}"] += 1
-            else:
-                rest.append(e)
+            match e:
+                case Send(message=message, capability=capability):
+                    await self.send(message, capability)
+                case Note():
+                    self.note(e)
+                case Count(kind=kind):
+                    self.counters[f"count:{kind}"] += 1
+                case _:
+                    rest.append(e)
         return rest
 
     def note(self, note: Note) -> None:

@@ -8,6 +8,7 @@ effects as plain data is what lets the protocol be tested without a broker.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from protocol.elements import Booking, StepCall, StepResult
 from protocol.frame import Message
@@ -121,3 +122,13 @@ class Release:
 
     reason: str
     booked: bool = False  # a booking (not just a hold) is being cancelled
+
+
+#: What a requester returns; the driver matches on the class (`match e: case Send(): ...`).
+RequesterEffect: TypeAlias = (
+    Send | Note | Count | CallIssued | Awarded | Scheduled | Completed | Reawarded | Rebid | Failed
+)
+#: What a provider returns.
+ProviderEffect: TypeAlias = Send | Note | Count | Evaluate | Book | Release
+#: Any effect of either machine.
+Effect: TypeAlias = RequesterEffect | ProviderEffect

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from protocol.bidding.effects import Book, Count, Evaluate, Note, Release, Send
+from protocol.bidding.effects import Book, Count, Evaluate, Note, ProviderEffect, Release, Send
 from protocol.bidding.flat import flat
 from protocol.bidding.snapshot import Codec, Field, sorted_set
 from protocol.bidding.table import Transition, dispatch, to
@@ -104,7 +104,7 @@ class Provider:
         *,
         caller: str | None = None,
         ids: Callable[[], str] = new_id,
-    ) -> tuple[Provider | None, list[object]]:
+    ) -> tuple[Provider | None, list[ProviderEffect]]:
         """Open a round for a call for proposal; returns (None, effects) if it cannot be read or
         is not the named product's own.
 
@@ -157,24 +157,24 @@ class Provider:
 
     # --- local decisions ----------------------------------------------------------------------------
 
-    def propose(self, bid: Bid, valid_until: int, now: int) -> list[object]:
+    def propose(self, bid: Bid, valid_until: int, now: int) -> list[ProviderEffect]:
         """Send a binding offer, valid until `valid_until` (epoch ms)."""
         return self._decide("propose", now, bid=bid, valid_until=valid_until)
 
-    def refuse(self, code: str, text: str, now: int) -> list[object]:
+    def refuse(self, code: str, text: str, now: int) -> list[ProviderEffect]:
         return self._decide("refuse", now, reason=Reason(code, text))
 
-    def complete(self, result: StepResult, now: int) -> list[object]:
+    def complete(self, result: StepResult, now: int) -> list[ProviderEffect]:
         return self._decide("complete", now, result=result)
 
-    def fail(self, code: str, text: str, now: int) -> list[object]:
+    def fail(self, code: str, text: str, now: int) -> list[ProviderEffect]:
         return self._decide("fail", now, reason=Reason(code, text))
 
-    def reschedule(self, booking: Booking, now: int) -> list[object]:
+    def reschedule(self, booking: Booking, now: int) -> list[ProviderEffect]:
         """The booked step's times changed: re-confirm them with the requester."""
         return self._decide("reschedule", now, booking=booking)
 
-    def _decide(self, event: str, now: int, **kw: Any) -> list[object]:
+    def _decide(self, event: str, now: int, **kw: Any) -> list[ProviderEffect]:
         transition = TABLE.get((self.state, event))
         if transition is None:
             if self.state is PState.RELEASED and event in ("complete", "fail"):
@@ -184,7 +184,7 @@ class Provider:
 
     # --- inputs -------------------------------------------------------------------------------------
 
-    def receive(self, msg: Message, now: int) -> list[object]:
+    def receive(self, msg: Message, now: int) -> list[ProviderEffect]:
         if msg.id in self.seen:
             last = self.answered_at.get(msg.id)
             if last is not None and 0 <= now - last < REPLAY_INTERVAL_MS:
@@ -202,7 +202,7 @@ class Provider:
             return self._unexpected(msg, now)
         return dispatch(self, transition, msg.type, msg, now)
 
-    def tick(self, now: int) -> list[object]:
+    def tick(self, now: int) -> list[ProviderEffect]:
         if self.deadline is None or now < self.deadline:
             return []
         transition = TABLE.get((self.state, DEADLINE))
@@ -215,7 +215,7 @@ class Provider:
 
     # --- handlers -----------------------------------------------------------------------------------
 
-    def _do_propose(self, now: int, *, bid: Bid, valid_until: int) -> list[object]:
+    def _do_propose(self, now: int, *, bid: Bid, valid_until: int) -> list[ProviderEffect]:
         """Local decision: send a binding offer, valid until its replyBy; the capacity stays held tentatively."""
         msg = _reply(
             self.me, self._cfp_stub(), M.PROPOSAL, bid.to_json_elements(), self.ids(), reply_by=valid_until
@@ -225,14 +225,14 @@ class Provider:
         self.replies[self.cfp_id] = msg
         return [Send(msg)]
 
-    def _do_refuse(self, now: int, *, reason: Reason) -> list[object]:
+    def _do_refuse(self, now: int, *, reason: Reason) -> list[ProviderEffect]:
         """Local decision: decline the call (capability, feasibility or capacity)."""
         msg = _reply(self.me, self._cfp_stub(), M.REFUSE_PROPOSAL, reason.to_json_elements(), self.ids())
         self.state = PState.REFUSED
         self.replies[self.cfp_id] = msg
         return [Send(msg)]
 
-    def _on_accept(self, msg: Message, now: int) -> list[object]:
+    def _on_accept(self, msg: Message, now: int) -> list[ProviderEffect]:
         """Accepted within validity: book the hold and confirm with the promised times; after validity: refuse and release."""
         if msg.in_reply_to != self.proposal_id:
             return self._not_understood(msg, "acceptProposal does not answer our proposal", "out-of-sequence")
@@ -245,53 +245,53 @@ class Provider:
         booking = Booking(self.bid.resource, self.bid.earliest_start, self.bid.completion)
         return [Book(booking), *self._answer(msg, M.INFORM_CONFIRM, booking)]
 
-    def _on_lapse(self, _msg: None, now: int) -> list[object]:
+    def _on_lapse(self, _msg: None, now: int) -> list[ProviderEffect]:
         """No decision before the call's replyBy: the requester has moved on."""
         self.state = PState.REFUSED
         return [Note("lapsed", f"call {self.cfp_id} not answered before its replyBy")]
 
-    def _on_reject(self, msg: Message, now: int) -> list[object]:
+    def _on_reject(self, msg: Message, now: int) -> list[ProviderEffect]:
         """Not selected: release the tentative hold."""
         self.state, self.deadline = PState.RELEASED, None
         return [Release("rejected")]
 
-    def _on_expiry(self, _msg: None, now: int) -> list[object]:
+    def _on_expiry(self, _msg: None, now: int) -> list[ProviderEffect]:
         """Validity passed without an answer: release the tentative hold."""
         self.state = PState.RELEASED
         return [Release("expired"), Note("expired", f"offer {self.proposal_id} expired unanswered")]
 
-    def _on_cancel(self, msg: Message, now: int) -> list[object]:
+    def _on_cancel(self, msg: Message, now: int) -> list[ProviderEffect]:
         """The requester withdrew an award it had made: cancel the booking."""
         self.state = PState.RELEASED
         return [Release("cancelled", booked=True)]
 
-    def _on_repeated_accept(self, msg: Message, now: int) -> list[object]:
+    def _on_repeated_accept(self, msg: Message, now: int) -> list[ProviderEffect]:
         """A new acceptance id for a booking we hold: re-send where we stand."""
         last = self.replies.get(self.accept_id)
         note = Note("repeated-accept", f"acceptProposal {msg.id} for a booked offer; status re-sent", msg.id)
         return [note, Send(last)] if last else [note]
 
-    def _on_late_reject(self, msg: Message, now: int) -> list[object]:
+    def _on_late_reject(self, msg: Message, now: int) -> list[ProviderEffect]:
         """A rejection for an offer already gone: noted only."""
         return [Note("out-of-sequence", f"rejectProposal {msg.id} in state {self.state}", msg.id)]
 
-    def _do_complete(self, now: int, *, result: StepResult) -> list[object]:
+    def _do_complete(self, now: int, *, result: StepResult) -> list[ProviderEffect]:
         """Local event: the asset finished the step: inform the requester with the result."""
         self.state = PState.DONE
         return self._answer_accept(M.INFORM, result)
 
-    def _do_reschedule(self, now: int, *, booking: Booking) -> list[object]:
+    def _do_reschedule(self, now: int, *, booking: Booking) -> list[ProviderEffect]:
         """Local event: the booked times moved (the queue changed): a new informConfirm with the new times."""
         return self._answer_accept(M.INFORM_CONFIRM, booking)
 
-    def _do_fail(self, now: int, *, reason: Reason) -> list[object]:
+    def _do_fail(self, now: int, *, reason: Reason) -> list[ProviderEffect]:
         """Local event: the step cannot be done: informFailure, the requester bids again."""
         self.state = PState.FAILED
         return self._answer_accept(M.INFORM_FAILURE, reason)
 
     # --- helpers ------------------------------------------------------------------------------------
 
-    def _answer_accept(self, kind: MessageType, content: Any) -> list[object]:
+    def _answer_accept(self, kind: MessageType, content: Any) -> list[ProviderEffect]:
         """Reply to the acceptance (inform / informFailure) and keep the reply for replays."""
         msg = make_message(
             kind,
@@ -306,19 +306,19 @@ class Provider:
         self.replies[self.accept_id] = msg
         return [Send(msg)]
 
-    def _answer(self, msg: Message, kind: MessageType, content: Any) -> list[object]:
+    def _answer(self, msg: Message, kind: MessageType, content: Any) -> list[ProviderEffect]:
         reply = _reply(self.me, msg, kind, content.to_json_elements(), self.ids())
         self.replies[msg.id] = reply
         return [Send(reply)]
 
-    def _unexpected(self, msg: Message, now: int) -> list[object]:
+    def _unexpected(self, msg: Message, now: int) -> list[ProviderEffect]:
         if msg.type is M.NOT_UNDERSTOOD:
             return [Note("not-understood-received", f"from {msg.sender}: in state {self.state}", msg.id)]
         if msg.type is M.ACCEPT_PROPOSAL and self.state in (PState.RELEASED, PState.REFUSED):
             return self._answer(msg, M.REFUSE_PROPOSAL, Reason("withdrawn", f"offer is {self.state}"))
         return self._not_understood(msg, f"{msg.type} does not fit state {self.state} of the provider")
 
-    def _not_understood(self, msg: Message, text: str, kind: str = "not-understood") -> list[object]:
+    def _not_understood(self, msg: Message, text: str, kind: str = "not-understood") -> list[ProviderEffect]:
         if msg.type is M.NOT_UNDERSTOOD:  # never answer a notUnderstood with one: no loops
             return [Note(kind, f"{msg.type} {msg.id} from {msg.sender}: {text}", msg.id)]
         reply = _reply(self.me, msg, M.NOT_UNDERSTOOD, Reason(kind, text).to_json_elements(), self.ids())

@@ -27,6 +27,7 @@ from protocol.bidding.effects import (
     Note,
     Reawarded,
     Rebid,
+    RequesterEffect,
     Scheduled,
     Send,
 )
@@ -145,13 +146,13 @@ class Requester:
 
     # --- inputs -------------------------------------------------------------------------------------
 
-    def start(self, now: int) -> list[object]:
+    def start(self, now: int) -> list[RequesterEffect]:
         """Issue the first call for proposals."""
         if self.round:
             raise RuntimeError("requester already started")
         return self._issue_call(now)
 
-    def receive(self, msg: Message, now: int) -> list[object]:
+    def receive(self, msg: Message, now: int) -> list[RequesterEffect]:
         """Handle one message of this conversation."""
         if msg.id in self.seen:
             if msg.id in self.repeated:  # noted once; further copies are only counted
@@ -164,7 +165,7 @@ class Requester:
             return self._unexpected(msg, now)
         return dispatch(self, transition, msg.type, msg, now)
 
-    def tick(self, now: int) -> list[object]:
+    def tick(self, now: int) -> list[RequesterEffect]:
         """Advance on time alone: replyBy passed, back-off over, confirmation overdue."""
         if self.deadline is None or now < self.deadline:
             return []
@@ -172,7 +173,7 @@ class Requester:
         self.deadline = None
         return dispatch(self, transition, DEADLINE, None, now) if transition else []
 
-    def documented(self, now: int) -> list[object]:
+    def documented(self, now: int) -> list[RequesterEffect]:
         """The product's own documentation records the step as completed: the procedure is over.
 
         Resources document a step in the product's AAS before they inform, and a product resumes
@@ -184,7 +185,7 @@ class Requester:
         transition = TABLE.get((self.state, DOCUMENTED))
         return dispatch(self, transition, DOCUMENTED, now) if transition else []
 
-    def resume(self, now: int) -> list[object]:
+    def resume(self, now: int) -> list[RequesterEffect]:
         """The agent restarted with this procedure open: whatever it waits for is due now.
 
         A confirmation that did not come while the agent was down is not the provider's fault,
@@ -208,9 +209,9 @@ class Requester:
 
     # --- handlers -----------------------------------------------------------------------------------
 
-    def _on_documented(self, now: int) -> list[object]:
+    def _on_documented(self, now: int) -> list[RequesterEffect]:
         """The product's documentation records the step as completed: reject the offers still held; the procedure ends."""
-        effects: list[object] = [
+        effects: list[RequesterEffect] = [
             Note("documented", f"step {self.call.step} is documented as completed; the procedure ends")
         ]
         if self.state is RState.COLLECTING:
@@ -222,18 +223,18 @@ class Requester:
         self.state, self.deadline, self.settled = RState.DONE, None, True
         return effects
 
-    def _on_resume(self, now: int) -> list[object]:
+    def _on_resume(self, now: int) -> list[RequesterEffect]:
         """The agent restarted: the deadline is due now; an award's re-sends count from zero."""
         if self.state in (RState.AWARDING, RState.CONFIRMED):
             self.retries = 0
         self.deadline = now
         return []
 
-    def _on_backoff_over(self, _msg: None, now: int) -> list[object]:
+    def _on_backoff_over(self, _msg: None, now: int) -> list[RequesterEffect]:
         """Back-off over: call for proposals again (new round, same conversation)."""
         return self._issue_call(now)
 
-    def _issue_call(self, now: int) -> list[object]:
+    def _issue_call(self, now: int) -> list[RequesterEffect]:
         if self.cfp_id:
             self.past_cfps.append(self.cfp_id)
         self.round += 1
@@ -260,7 +261,7 @@ class Requester:
         ]  # one call, every acceptable capability
         return [*sends, CallIssued(self.round, self.cfp_id, self.reply_by)]
 
-    def _on_proposal(self, msg: Message, now: int) -> list[object]:
+    def _on_proposal(self, msg: Message, now: int) -> list[RequesterEffect]:
         """Record a bid for the current call; late, second or unreadable bids are rejected; close early once every expected bidder answered."""
         if msg.in_reply_to != self.cfp_id:
             return self._unexpected(msg, now)
@@ -278,7 +279,7 @@ class Requester:
         self.answered.add(msg.sender)
         return self._maybe_close(now)
 
-    def _on_refusal(self, msg: Message, now: int) -> list[object]:
+    def _on_refusal(self, msg: Message, now: int) -> list[RequesterEffect]:
         """Count the bidder as answered; close early once every expected bidder answered."""
         if msg.in_reply_to != self.cfp_id:
             return [
@@ -287,18 +288,18 @@ class Requester:
         self.answered.add(msg.sender)
         return self._maybe_close(now)
 
-    def _maybe_close(self, now: int) -> list[object]:
+    def _maybe_close(self, now: int) -> list[RequesterEffect]:
         """Close the round early once every expected bidder has answered."""
         if self.expected and self.expected <= self.answered:
             return self._close(None, now)
         return []
 
-    def _close(self, _msg: Message | None, now: int) -> list[object]:
+    def _close(self, _msg: Message | None, now: int) -> list[RequesterEffect]:
         """replyBy passed (or all answered): rank valid bids by priority, accept the best, keep the rest open until it confirms; top priority with a choice whose best bid starts later: reject all, call again when it starts; none valid: back off, or fail after max_rounds."""
         valid, expired = [], []
         for offer in self.offers.values():
             (valid if self._valid(offer, now) else expired).append(offer)
-        effects: list[object] = []
+        effects: list[RequesterEffect] = []
         if not valid:
             self.empty_rounds += 1
             if self.empty_rounds >= self.config.max_rounds:
@@ -345,7 +346,7 @@ class Requester:
         self.retries = 0
         self.deadline = now + self.config.confirm_timeout_ms
 
-    def _release_reserve(self) -> list[object]:
+    def _release_reserve(self) -> list[RequesterEffect]:
         """Reject the runners-up still held open (the winner confirmed, or the award is over)."""
         reserve, self.reserve = self.reserve, []
         return [
@@ -364,7 +365,7 @@ class Requester:
         call_ms = start_ms - c.defer_lead_ms
         return call_ms if call_ms > now + 1 else None
 
-    def _on_confirm(self, msg: Message, now: int) -> list[object]:
+    def _on_confirm(self, msg: Message, now: int) -> list[RequesterEffect]:
         """The winner booked the step: scheduled, the runners-up rejected; a status query follows if it stays silent past the expected end."""
         if not self._from_winner(msg, self.accept_id):
             return self._stray(msg, now)
@@ -381,7 +382,7 @@ class Requester:
         self.state, self.deadline = RState.CONFIRMED, now + self.config.status_interval_ms
         return [Scheduled(msg.sender, booking), *self._release_reserve()]
 
-    def _on_repeated_confirm(self, msg: Message, now: int) -> list[object]:
+    def _on_repeated_confirm(self, msg: Message, now: int) -> list[RequesterEffect]:
         """A new confirmation from the winner: the booking's times moved; scheduled again with them."""
         if not self._from_winner(msg, self.accept_id):
             return self._stray(msg, now)
@@ -394,13 +395,13 @@ class Requester:
         note = Note("rescheduled", moved, msg.id)
         return [note, Scheduled(msg.sender, booking)]
 
-    def _on_withdrawn(self, msg: Message, now: int) -> list[object]:
+    def _on_withdrawn(self, msg: Message, now: int) -> list[RequesterEffect]:
         """The winner declined the acceptance (offer expired, cannot do it): award the best runner-up still valid, or bid the step again."""
         if not self._from_winner(msg, self.accept_id):
             return self._stray(msg, now)
         return self._rebid(now, f"{msg.sender} withdrew ({msg.type})")
 
-    def _on_confirm_timeout(self, _msg: Message | None, now: int) -> list[object]:
+    def _on_confirm_timeout(self, _msg: Message | None, now: int) -> list[RequesterEffect]:
         """No informConfirm in time: re-send the same acceptance (answered idempotently); after confirm_retries, cancel the award and award the best runner-up still valid, or bid again."""
         assert self.winner is not None
         if self.retries < self.config.confirm_retries:
@@ -413,19 +414,19 @@ class Requester:
         cancel = self._cancel(self.winner.provider, self.accept_id, "no informConfirm in time")
         return [cancel, *self._rebid(now, f"no informConfirm from {self.winner.provider} in time")]
 
-    def _on_late_confirm(self, msg: Message, now: int) -> list[object]:
+    def _on_late_confirm(self, msg: Message, now: int) -> list[RequesterEffect]:
         """The booking confirmation arrives after the result (reordered): nothing left to do."""
         if not self._from_winner(msg, self.accept_id):
             return self._stray(msg, now)
         return [Note("out-of-sequence", f"informConfirm {msg.id} after the result", msg.id)]
 
-    def _on_late_inform(self, msg: Message, now: int) -> list[object]:
+    def _on_late_inform(self, msg: Message, now: int) -> list[RequesterEffect]:
         """The winner's result after the procedure ended on the documentation: already known."""
         if self.settled and self._from_winner(msg, self.accept_id):
             return []
         return self._unexpected(msg, now)
 
-    def _on_status_due(self, _msg: Message | None, now: int) -> list[object]:
+    def _on_status_due(self, _msg: Message | None, now: int) -> list[RequesterEffect]:
         """Booked but silent past the expected end: re-send the acceptance, the provider replays its answer."""
         self.queries += 1
         self.deadline = now + self.config.status_interval_ms * 2 ** min(self.queries, 6)
@@ -452,7 +453,7 @@ class Requester:
     def _resend_accept(self) -> Send:
         return Send(self.accept_message())
 
-    def _on_inform(self, msg: Message, now: int) -> list[object]:
+    def _on_inform(self, msg: Message, now: int) -> list[RequesterEffect]:
         """The step is done: record the result; the conversation ends."""
         if not self._from_winner(msg, self.accept_id):
             return self._stray(msg, now)
@@ -466,7 +467,7 @@ class Requester:
         self.state, self.deadline = RState.DONE, None
         return [Completed(msg.sender, result), *self._release_reserve()]
 
-    def _on_step_failure(self, msg: Message, now: int) -> list[object]:
+    def _on_step_failure(self, msg: Message, now: int) -> list[RequesterEffect]:
         """The provider could not do the step: bid it again (up to max_failures)."""
         if not self._from_winner(msg, self.accept_id):
             return self._stray(msg, now)
@@ -474,7 +475,7 @@ class Requester:
 
     # --- helpers ------------------------------------------------------------------------------------
 
-    def _rebid(self, now: int, reason: str) -> list[object]:
+    def _rebid(self, now: int, reason: str) -> list[RequesterEffect]:
         """Count a failed award; award the best runner-up whose offer is still valid, or call again,
         or give the step up after max_failures."""
         self.failures += 1
@@ -485,7 +486,7 @@ class Requester:
                 *self._release_reserve(),
                 *self._fail(f"{reason}; gave up after {self.failures} failed awards"),
             ]
-        effects: list[object] = []
+        effects: list[RequesterEffect] = []
         while self.reserve:
             ranked = self.reserve.pop(0)
             o = ranked.offer
@@ -499,14 +500,14 @@ class Requester:
             return [*effects, note, Reawarded(self.round, ranked, reason), Send(self.accept_message())]
         return [*effects, Rebid(reason, self.round + 1), *self._issue_call(now)]
 
-    def _fail(self, reason: str) -> list[object]:
+    def _fail(self, reason: str) -> list[RequesterEffect]:
         self.state, self.deadline, self.reason = RState.FAILED, None, reason
         return [Failed(reason)]
 
     def _from_winner(self, msg: Message, accept_id: str) -> bool:
         return self.winner is not None and msg.sender == self.winner.provider and msg.in_reply_to == accept_id
 
-    def _unexpected(self, msg: Message, now: int) -> list[object]:
+    def _unexpected(self, msg: Message, now: int) -> list[RequesterEffect]:
         if msg.type is M.PROPOSAL:
             if msg.in_reply_to == self.cfp_id or msg.in_reply_to in self.past_cfps:
                 return self._reject(msg, "late", f"proposal arrived in state {self.state}")
@@ -517,7 +518,7 @@ class Requester:
             return [Note("out-of-sequence", f"{msg.type} from {msg.sender} in state {self.state}", msg.id)]
         return self._not_understood(msg, f"{msg.type} does not fit state {self.state} of the requester")
 
-    def _stray(self, msg: Message, now: int) -> list[object]:
+    def _stray(self, msg: Message, now: int) -> list[RequesterEffect]:
         """A booking or result from someone who is not (or no longer) the winner."""
         if msg.type is M.INFORM_CONFIRM:
             # A booking we do not (or no longer) want: cancel it so the provider frees the slot.
@@ -530,7 +531,7 @@ class Requester:
             *self._not_understood(msg, "sender is not the provider of this step"),
         ]
 
-    def _reject(self, msg: Message, code: str, text: str) -> list[object]:
+    def _reject(self, msg: Message, code: str, text: str) -> list[RequesterEffect]:
         return [
             Note(code, f"proposal {msg.id} from {msg.sender}: {text}", msg.id),
             self._reject_offer(msg.sender, msg.id, code, text),
@@ -565,7 +566,7 @@ class Requester:
             )
         )
 
-    def _not_understood(self, msg: Message, text: str) -> list[object]:
+    def _not_understood(self, msg: Message, text: str) -> list[RequesterEffect]:
         return [
             Note("not-understood", f"{msg.type} {msg.id} from {msg.sender}: {text}", msg.id),
             Send(

@@ -31,7 +31,7 @@ class TransitionError(RuntimeError):
     """A handler left its machine in a state its table entry does not allow: a bug in the machine."""
 
 
-def dispatch(machine: Any, transition: Transition, event: str, *args: Any, **kw: Any) -> list[object]:
+def dispatch(machine: Any, transition: Transition, event: str, *args: Any, **kw: Any) -> list[Any]:
     """Run `transition`'s handler on `machine` and check where it went."""
     before = machine.state
     effects = getattr(machine, transition.handler)(*args, **kw)
