@@ -36,7 +36,12 @@ DRILLING = "https://twinbid.dev/capabilities/drilling"
 #: The run's token secret: writes name the agents whose descriptors they write (protocol/tokens.py).
 SECRET = new_secret()
 TOKENS = RunTokens(SECRET, "test")
-WRITER = {"Authorization": f"Bearer {TOKENS.token_for(tuple(f'mill-{n}' for n in range(100)))}"}
+
+
+def writer() -> dict[str, str]:
+    """A write token of the run naming the test's agents, made when used: a token lives
+    LIFETIME seconds, and a module is imported long before its tests run in a full suite."""
+    return {"Authorization": f"Bearer {TOKENS.token_for(tuple(f'mill-{n}' for n in range(100)))}"}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +62,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path):
 async def registry(db_url: str, validator: SpecValidator):
     server = RegistryServer(db_url, purge_interval=0.1, max_body_bytes=32 * 1024, tokens=TOKENS)
     url = await server.start(port=0)
-    http = httpx.AsyncClient(base_url=url, event_hooks={"response": [validator.hook]}, headers=WRITER)
+    http = httpx.AsyncClient(base_url=url, event_hooks={"response": [validator.hook]}, headers=writer())
     server.http = http
     yield server
     await http.aclose()

@@ -31,7 +31,12 @@ DRILLING = capability_semantic_id("drilling")
 #: The run's token secret: writes name the agents whose descriptors they write (protocol/tokens.py).
 SECRET = new_secret()
 TOKENS = RunTokens(SECRET, "test")
-WRITER = {"Authorization": f"Bearer {TOKENS.token_for(tuple(f'r{n}' for n in range(100)))}"}
+
+
+def writer() -> dict[str, str]:
+    """A write token of the run naming the test's agents, made when used: a token lives
+    LIFETIME seconds, and a module is imported long before its tests run in a full suite."""
+    return {"Authorization": f"Bearer {TOKENS.token_for(tuple(f'r{n}' for n in range(100)))}"}
 
 
 def agent(n: int, caps: tuple[str, ...] = (MILLING,)) -> dict[str, Any]:
@@ -73,7 +78,7 @@ def counted_client(url: str, counter: Counting) -> RegistryClient:
 
 
 async def test_bulk_put_creates_replaces_all_or_none_with_one_lease(registry: RegistryServer) -> None:
-    async with httpx.AsyncClient(base_url=registry.base_url, headers=WRITER) as h:
+    async with httpx.AsyncClient(base_url=registry.base_url, headers=writer()) as h:
         batch = [agent(n) for n in range(3)]
         r = await h.put(BULK_PATH, json=batch, headers={LEASE_HEADER: "0.5"})
         assert r.status_code == 200 and r.json() == {"created": 3, "replaced": 0}
@@ -242,7 +247,7 @@ async def test_registry_process_serves_ignores_ctrl_c_and_stops_with_its_parent(
 
 
 async def test_bulk_lookup_answers_ids_and_capabilities_in_one_request(registry: RegistryServer) -> None:
-    async with httpx.AsyncClient(base_url=registry.base_url, headers=WRITER) as h:
+    async with httpx.AsyncClient(base_url=registry.base_url, headers=writer()) as h:
         await h.put(BULK_PATH, json=[agent(n, (MILLING,) if n < 3 else (DRILLING,)) for n in range(5)])
         await h.put(BULK_PATH, json=[agent(9)], headers={LEASE_HEADER: "0.2"})
         await asyncio.sleep(0.4)  # r9's lease ran out: invisible
