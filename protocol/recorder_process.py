@@ -152,7 +152,12 @@ def _main() -> None:
             settle, max_wait = float(parts[1]), float(parts[2])
             break
     recorder.stop(settle, max_wait)
-    print(f"STOPPED {recorder.count}", flush=True)
+    try:
+        print(f"STOPPED {recorder.count}", flush=True)
+    except BrokenPipeError:
+        # The launcher stopped listening (it is going away): the log is already closed and whole.
+        # Point stdout at nothing so the interpreter's own flush at exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

@@ -377,6 +377,28 @@ async def test_recorder_process_records_and_does_not_outlive_its_launcher(
     assert json.loads((tmp_path / "orphan.jsonl").read_text())["message"] == {"event": "last"}
 
 
+async def test_recorder_process_ends_quietly_when_its_launcher_stopped_listening(
+    mosquitto, make_transport, tmp_path: Path
+) -> None:
+    """A launcher interrupted by Ctrl-C stops reading the recorder's answers before the recorder
+    has said it stopped: the recorder still writes its whole log and exits 0, with no traceback."""
+    from protocol.recorder_process import RecorderProcess
+
+    out = tmp_path / "messages.jsonl"
+    gone = await asyncio.to_thread(
+        RecorderProcess(mosquitto.address, "child", out, client_id="unheard").start
+    )
+    child = gone.process
+    assert child is not None and child.stdin is not None and child.stdout is not None
+    pub = await make_transport("unheard-pub", mosquitto.address)
+    await pub.publish("i40/child/events/unheard-pub", b'{"event": "last"}')
+    await pub.flush(10)
+    child.stdout.close()  # nobody reads its "STOPPED n" any more
+    child.stdin.close()
+    assert await asyncio.to_thread(child.wait, 30) == 0
+    assert json.loads(out.read_text())["message"] == {"event": "last"}
+
+
 @pytest.mark.parametrize("version", ["5", "3.1.1"])
 async def test_recorder_session_survives_its_absence(
     mosquitto, make_transport, tmp_path: Path, version: str
