@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -66,15 +67,34 @@ def alive(pids: set[int], starts: dict[int, int | None]) -> set[int]:
     return {p for p in pids if process_start_ticks(p) is not None and process_start_ticks(p) == starts[p]}
 
 
+def drained(proc: subprocess.Popen) -> subprocess.Popen:
+    """Read ``proc``'s output as it comes. A pipe nobody reads holds 64 KiB; then every process of
+    the run that logs to it (launcher, services, workers) blocks in its write, its event loop with
+    it, and the run stalls for the test's sake: a registry outage logs that much."""
+    proc.said = []  # type: ignore[attr-defined]
+    proc.drainer = threading.Thread(target=lambda: proc.said.extend(proc.stdout), daemon=True)  # type: ignore[attr-defined]
+    proc.drainer.start()  # type: ignore[attr-defined]
+    return proc
+
+
+def output_of(proc: subprocess.Popen) -> str:
+    """What ``proc`` said (all of it once it has ended)."""
+    drainer = getattr(proc, "drainer", None)
+    if drainer is None:
+        return proc.stdout.read()
+    drainer.join(30)
+    return "".join(proc.said)  # type: ignore[attr-defined]
+
+
 def wait_until(condition, within: float, what: str, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + within
     while not condition():
         if proc is not None and proc.poll() is not None:
-            pytest.fail(f"{what}: the process exited ({proc.returncode}):\n{proc.stdout.read()}")
+            pytest.fail(f"{what}: the process exited ({proc.returncode}):\n{output_of(proc)}")
         if time.monotonic() > deadline:
             if proc is not None:  # what the process said so far
                 proc.kill()
-                pytest.fail(f"not within {within} s: {what}\n{proc.stdout.read()}")
+                pytest.fail(f"not within {within} s: {what}\n{output_of(proc)}")
             pytest.fail(f"not within {within} s: {what}")
         time.sleep(0.1)
 
@@ -298,7 +318,7 @@ def test_a_run_survives_the_loss_of_its_broker_registry_and_recorder(tmp_path: P
     """SIGKILL of the run's broker 4 s into the run (the workers are still starting), then of its
     registry and its recorder: each is started again and the plant finishes with kpis.json."""
     out = tmp_path / "run"
-    run = twinbid("run", str(CHAOS), "--processes", "2", "--broker", broker, "--out", str(out), "-q")
+    run = drained(twinbid("run", str(CHAOS), "--processes", "2", "--broker", broker, "--out", str(out), "-q"))
     try:
         wait_until(lambda: _service_pid(run.pid, "broker") is not None, 90, "the broker starts", run)
         time.sleep(4)
@@ -313,7 +333,8 @@ def test_a_run_survives_the_loss_of_its_broker_registry_and_recorder(tmp_path: P
                 run,
             )
             time.sleep(2)
-        output, _ = run.communicate(timeout=360)
+        run.wait(timeout=360)
+        output = output_of(run)
         assert run.returncode == 0, output
         figures = json.loads((out / "kpis.json").read_text())
         assert figures["products"]["completed"] == figures["products"]["total"] == 60
