@@ -312,6 +312,7 @@ def _service_pid(launcher: int, role: str) -> int | None:
     return None
 
 
+@pytest.mark.slow  # three kills and three restarts: 35-100 s a broker on this machine
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("broker", ["embedded", "mosquitto"])
 def test_a_run_survives_the_loss_of_its_broker_registry_and_recorder(tmp_path: Path, broker: str) -> None:
